@@ -1,0 +1,60 @@
+"""bandit_engine: decides which loyalty offer each member gets, and learns from redemptions.
+
+>>> from bandit_engine import Engine, Offer
+"""
+
+from .catalog import CHANNELS, ChannelConfig, MemberCap, Offer, PolicySpec, Rule
+from .clock import Clock, ManualClock, SystemClock
+from .engine import Engine, EngineConfig
+from .errors import (
+    BanditEngineError,
+    CapExceeded,
+    ChangeNotApproved,
+    Conflict,
+    CostAboveReservation,
+    Forbidden,
+    InvalidArgument,
+    RewardWindowClosed,
+    StorageError,
+    Unauthorized,
+    UnknownChannel,
+    UnknownEvent,
+    UnknownOffer,
+    UnknownPolicy,
+)
+from .ledger.records import Decision, Feedback, OfferState, RewardOutcome
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CHANNELS",
+    "BanditEngineError",
+    "CapExceeded",
+    "ChangeNotApproved",
+    "ChannelConfig",
+    "Clock",
+    "Conflict",
+    "CostAboveReservation",
+    "Decision",
+    "Engine",
+    "EngineConfig",
+    "Feedback",
+    "Forbidden",
+    "InvalidArgument",
+    "ManualClock",
+    "MemberCap",
+    "Offer",
+    "OfferState",
+    "PolicySpec",
+    "RewardOutcome",
+    "RewardWindowClosed",
+    "Rule",
+    "StorageError",
+    "SystemClock",
+    "Unauthorized",
+    "UnknownChannel",
+    "UnknownEvent",
+    "UnknownOffer",
+    "UnknownPolicy",
+    "__version__",
+]

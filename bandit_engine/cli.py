@@ -1,0 +1,104 @@
+"""``bandit-engine``: the command line. Core commands live here; the HTTP service
+(:mod:`bandit_engine.api.commands`) and the simulator/evaluation
+(:mod:`bandit_engine.simulation.commands`) register theirs in their own modules."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from .errors import BanditEngineError
+
+DEFAULT_DB = "sqlite:///bandit.db"
+
+
+def database_url(ctx: click.Context) -> str:
+    return ctx.obj["database_url"]
+
+
+@click.group()
+@click.option(
+    "--database-url",
+    envvar="BANDIT_ENGINE_DATABASE_URL",
+    default=DEFAULT_DB,
+    show_default=True,
+    help="Ledger URL: sqlite:///file.db or postgresql+psycopg://user@host/db.",
+)
+@click.pass_context
+def main(ctx: click.Context, database_url: str) -> None:
+    """bandit_engine: loyalty-offer decisions with contextual bandits."""
+    ctx.ensure_object(dict)
+    ctx.obj["database_url"] = database_url
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def db_upgrade(ctx: click.Context, revision: str) -> None:
+    """Create or upgrade the ledger schema (Alembic)."""
+    from .ledger.migrate import current_revision, upgrade_schema
+    from .ledger.sql import make_engine
+
+    engine = make_engine(database_url(ctx))
+    upgrade_schema(engine, revision)
+    click.echo(f"schema at revision {current_revision(engine)}")
+
+
+@main.command()
+@click.pass_context
+def expire(ctx: click.Context) -> None:
+    """Close decisions whose reward window has passed (default reward, release reservations)."""
+    from .engine import Engine
+
+    with Engine.open(database_url(ctx)) as engine:
+        n = engine.expire()
+    click.echo(f"expired {n} decisions")
+
+
+@main.command("export-dsjson")
+@click.option("--channel", default=None)
+@click.option("--output", type=click.File("w"), default="-")
+@click.pass_context
+def export_dsjson(ctx: click.Context, channel: str | None, output: click.utils.LazyFile) -> None:
+    """Write logged decisions as VW dsjson (one JSON object per line)."""
+    from .engine import Engine
+
+    engine = Engine.open(database_url(ctx))
+    try:
+        n = engine.export_dsjson(output, channel=channel)  # type: ignore[arg-type]
+    finally:
+        engine.ledger.close()
+    click.echo(f"exported {n} decisions", err=True)
+
+
+# Commands contributed by other rooms; a missing module simply contributes nothing.
+for _module in ("bandit_engine.api.commands", "bandit_engine.simulation.commands"):
+    try:
+        _mod = importlib.import_module(_module)
+    except ModuleNotFoundError as _exc:
+        if _exc.name != _module:
+            raise
+        continue
+    for _cmd in getattr(_mod, "COMMANDS", ()):
+        main.add_command(_cmd)
+
+
+def run() -> None:  # pragma: no cover - thin wrapper
+    try:
+        main(standalone_mode=True)
+    except BanditEngineError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run()

@@ -1,0 +1,549 @@
+"""The Engine: the one door. ``choose``, ``reward``, ``activate``, ``expire``, ``snapshot``.
+
+It wires the catalog, the ledger (source of truth), the constraints, pacing and one policy per
+channel. Policy state is a deterministic function of the ordered feedback log: a snapshot is a
+checkpoint, and opening an engine restores the latest snapshot and replays the log tail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from . import constraints, pacing
+from .catalog import (
+    CHANNELS,
+    ChannelConfig,
+    FeatureValue,
+    MemberCap,
+    Offer,
+    check_features,
+    check_id,
+    default_channels,
+    to_cents,
+)
+from .clock import MS_PER_DAY, Clock, SystemClock, iso
+from .errors import (
+    CapExceeded,
+    Conflict,
+    InvalidArgument,
+    UnknownChannel,
+    UnknownEvent,
+    UnknownOffer,
+)
+from .exploration import event_rng, sample
+from .features import HISTORY_DAYS, summarize_history
+from .ledger.base import Ledger
+from .ledger.records import Decision, Feedback, OfferState, RewardOutcome, Snapshot
+from .policies.base import Policy, Scoring
+from .policies.registry import make_policy
+
+MAX_CONTEXT_KEYS = 64
+MAX_RESERVE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings.
+
+    ``member_cap``: one exposure budget per member shared by every channel (None = no cap).
+    ``snapshot_every``: feedback events between policy checkpoints.
+    ``pacing_gain``: how hard the pacing price reacts to spend ahead of target.
+    """
+
+    seed: int = 0
+    member_cap: MemberCap | None = None
+    snapshot_every: int = 1000
+    pacing_gain: float = pacing.DEFAULT_GAIN
+    catalog_refresh_seconds: float = 1.0
+    learn_in_process: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.member_cap, Mapping):
+            object.__setattr__(self, "member_cap", MemberCap(**self.member_cap))
+        if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
+            raise InvalidArgument(f"snapshot_every must be an integer >= 1, got {self.snapshot_every!r}")
+        if not (0 < self.pacing_gain < 1e6):
+            raise InvalidArgument(f"pacing_gain must be > 0, got {self.pacing_gain!r}")
+
+
+@dataclass
+class _ChannelPolicy:
+    spec_key: str
+    policy: Policy
+    applied_seq: int = 0
+
+
+@dataclass
+class _Catalog:
+    version: int = -1
+    offers: dict[str, Offer] = field(default_factory=dict)
+    by_channel: dict[str, list[Offer]] = field(default_factory=dict)
+    channels: dict[str, ChannelConfig] = field(default_factory=dict)
+    checked_at: float = 0.0
+
+
+class Engine:
+    """Decides which offer each member gets on a channel, and learns from rewards.
+
+    >>> from bandit_engine import Engine, Offer
+    >>> engine = Engine.open("memory://")
+    >>> engine.add_offer(Offer("spring-home-10", channels=["email"], cost=5.00, budget=2000.00,
+    ...                        features={"category": "home", "discount": 0.10}))
+    >>> d = engine.choose(member_id="m-42", channel="email", context={"tier": "gold"})
+    >>> d.offer_id, d.probability
+    ('spring-home-10', 1.0)
+    >>> engine.reward(d.event_id, 1.0).status
+    'recorded'
+    >>> engine.offer_state("spring-home-10").spent_cents
+    500
+    """
+
+    def __init__(
+        self, ledger: Ledger, *, clock: Clock | None = None, config: EngineConfig | None = None
+    ) -> None:
+        self.ledger = ledger
+        self.clock: Clock = clock or SystemClock()
+        self.config = config or EngineConfig()
+        self._lock = threading.RLock()  # policies are not thread-safe (VW); one learner
+        self._catalog = _Catalog()
+        self._policies: dict[str, _ChannelPolicy] = {}
+        self._since_snapshot = 0
+        if not self.ledger.channels():
+            for ch in default_channels().values():
+                self.ledger.put_channel(ch)
+        self._refresh_catalog(force=True)
+
+    @classmethod
+    def open(
+        cls, url: str = "sqlite:///bandit.db", *, clock: Clock | None = None, **config: Any
+    ) -> Engine:
+        """Open an engine on a ledger URL: ``sqlite:///file.db`` (default), ``sqlite://``
+        (in-memory SQLite), ``postgresql+psycopg://...``, or ``memory://`` (the in-memory
+        ledger for simulations). Creates or upgrades the schema."""
+        if url == "memory://":
+            from .ledger.memory import MemoryLedger
+
+            ledger: Ledger = MemoryLedger()
+        else:
+            from .ledger.sql import SqlLedger
+
+            ledger = SqlLedger(url)
+        return cls(ledger, clock=clock, config=EngineConfig(**config))
+
+    def close(self) -> None:
+        self.snapshot()
+        self.ledger.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # catalog ---------------------------------------------------------------------------------
+    def _refresh_catalog(self, force: bool = False) -> _Catalog:
+        cat = self._catalog
+        now = time.monotonic()
+        if not force and now - cat.checked_at < self.config.catalog_refresh_seconds:
+            return cat
+        version = self.ledger.catalog_version()
+        if force or version != cat.version:
+            offers = {o.offer_id: o for o in self.ledger.offers()}
+            by_channel: dict[str, list[Offer]] = {}
+            for o in offers.values():
+                for c in o.channels:
+                    by_channel.setdefault(c, []).append(o)
+            self._catalog = cat = _Catalog(version, offers, by_channel, self.ledger.channels())
+        cat.checked_at = now
+        return cat
+
+    def offers(self) -> list[Offer]:
+        return list(self._refresh_catalog(force=True).offers.values())
+
+    def channels(self) -> dict[str, ChannelConfig]:
+        return dict(self._refresh_catalog(force=True).channels)
+
+    def get_offer(self, offer_id: str) -> Offer:
+        o = self._refresh_catalog(force=True).offers.get(offer_id)
+        if o is None:
+            raise UnknownOffer(f"unknown offer {offer_id!r}")
+        return o
+
+    def channel(self, name: str) -> ChannelConfig:
+        cfg = self._refresh_catalog().channels.get(name)
+        if cfg is None:
+            cfg = self._refresh_catalog(force=True).channels.get(name)
+        if cfg is None:
+            raise UnknownChannel(f"unknown channel {name!r}; known: {sorted(self._catalog.channels)}")
+        return cfg
+
+    def add_offer(self, offer: Offer) -> None:
+        """Add an offer, or update one (its features are immutable: a new offer id is a new arm).
+
+        A budgeted offer with an end and no start is paced from the moment it is added."""
+        if not isinstance(offer, Offer):
+            raise InvalidArgument(f"add_offer takes an Offer, got {type(offer).__name__}")
+        cat = self._refresh_catalog(force=True)
+        for c in offer.channels:
+            if c not in cat.channels:
+                raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
+        old = cat.offers.get(offer.offer_id)
+        if old is not None:
+            if dict(old.features) != dict(offer.features):
+                raise Conflict(
+                    f"offer {offer.offer_id!r} exists with other features; features are immutable "
+                    "(the learned model depends on them): create a new offer id"
+                )
+            st = self.ledger.offer_states([offer.offer_id]).get(offer.offer_id)
+            if st is not None and offer.budget_cents is not None and (
+                offer.budget_cents < st.spent_cents + st.committed_cents
+            ):
+                raise Conflict(
+                    f"budget {offer.budget_cents / 100:.2f} of {offer.offer_id!r} is below what is "
+                    f"already spent and committed ({(st.spent_cents + st.committed_cents) / 100:.2f})"
+                )
+        if pacing.is_paced(offer) and offer.starts_at is None:
+            start = old.starts_at if old is not None and old.starts_at is not None else self.clock.now_ms()
+            offer = Offer.from_dict({**offer.to_dict(), "starts_at": start})
+        self.ledger.put_offer(offer)
+        self._refresh_catalog(force=True)
+
+    def update_offer(self, offer_id: str, **changes: Any) -> Offer:
+        old = self.get_offer(offer_id)
+        new = Offer.from_dict({**old.to_dict(), **changes})
+        self.add_offer(new)
+        return self.get_offer(offer_id)
+
+    def set_channel(self, channel: ChannelConfig) -> None:
+        """Configure a channel. A new policy spec takes over by replaying the channel's log."""
+        if not isinstance(channel, ChannelConfig):
+            raise InvalidArgument(f"set_channel takes a ChannelConfig, got {type(channel).__name__}")
+        make_policy(channel.policy, seed=self.config.seed)  # validate before storing
+        self.ledger.put_channel(channel)
+        self._refresh_catalog(force=True)
+
+    def offer_state(self, offer_id: str) -> OfferState:
+        self.get_offer(offer_id)
+        return self.ledger.offer_states([offer_id])[offer_id]
+
+    def pacing_price(self, offer_id: str) -> float:
+        offer = self.get_offer(offer_id)
+        st = self.ledger.offer_states([offer_id]).get(offer_id)
+        return pacing.price(offer, st, self.clock.now_ms(), self.config.pacing_gain)
+
+    # policies --------------------------------------------------------------------------------
+    def _spec_key(self, cfg: ChannelConfig) -> str:
+        blob = json.dumps(cfg.policy.to_dict(), sort_keys=True, default=str)
+        return f"{cfg.policy.family}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+
+    def policy(self, channel: str) -> Policy:
+        """The channel's policy, restored from its latest snapshot plus the log tail."""
+        cfg = self.channel(channel)
+        key = self._spec_key(cfg)
+        cp = self._policies.get(channel)
+        if cp is not None and cp.spec_key == key:
+            return cp.policy
+        with self._lock:
+            pol = make_policy(cfg.policy, seed=self.config.seed)
+            applied = 0
+            snap = self.ledger.latest_snapshot(channel)
+            if snap is not None and snap.policy_name == key:
+                pol.restore(snap.data)
+                applied = snap.feedback_seq
+            cp = _ChannelPolicy(key, pol, applied)
+            self._policies[channel] = cp
+            self._replay(channel, cp)
+            return pol
+
+    def _replay(self, channel: str, cp: _ChannelPolicy) -> None:
+        while True:
+            batch = self.ledger.feedback_after(cp.applied_seq, 5000)
+            if not batch:
+                return
+            self._learn_batch([f for f in batch if f.channel == channel], {channel: cp})
+            cp.applied_seq = batch[-1].seq
+
+    def sync(self) -> int:
+        """Apply every feedback event not yet learned, in log order. Returns how many."""
+        with self._lock:
+            before = sum(cp.policy.version for cp in self._policies.values())
+            for ch in self.channels():
+                self.policy(ch)
+                self._replay(ch, self._policies[ch])
+            return sum(cp.policy.version for cp in self._policies.values()) - before
+
+    def _learn_batch(self, feedback: list[Feedback], policies: Mapping[str, _ChannelPolicy]) -> None:
+        learnable = [f for f in feedback if f.learn]
+        if not learnable:
+            return
+        decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
+        for f in learnable:
+            self._learn_one(policies[f.channel].policy, decisions[f.event_id], f.reward)
+
+    def _learn_one(self, pol: Policy, d: Decision, reward: float) -> None:
+        offers = self._catalog.offers
+        missing = [i for i in d.eligible if i not in offers]
+        if missing:
+            offers = self._refresh_catalog(force=True).offers
+        s = Scoring(
+            d.member_id,
+            d.context,
+            tuple(offers[i] for i in d.eligible),
+            tuple(d.offer_context.get(i, {}) for i in d.eligible),
+        )
+        pol.learn(s, d.eligible.index(d.offer_id), d.probability, reward)  # type: ignore[arg-type]
+
+    def _on_feedback(self, feedback: Iterable[Feedback]) -> None:
+        """Learn from feedback this process just wrote, in log order (embedded learner)."""
+        if not self.config.learn_in_process:
+            return
+        with self._lock:
+            for f in feedback:
+                cp = self._policies.get(f.channel)
+                if cp is None:
+                    self.policy(f.channel)  # restores and replays up to the log's end
+                    continue
+                if f.seq <= cp.applied_seq:
+                    continue
+                if f.seq != cp.applied_seq + 1:
+                    self._replay(f.channel, cp)  # another writer's feedback came first
+                    continue
+                if f.learn:
+                    d = self.ledger.get_decision(f.event_id)
+                    assert d is not None
+                    self._learn_one(cp.policy, d, f.reward)
+                cp.applied_seq = f.seq
+                self._since_snapshot += 1
+            if self._since_snapshot >= self.config.snapshot_every:
+                self.snapshot()
+
+    def snapshot(self) -> int:
+        """Checkpoint every loaded policy. Returns how many snapshots were written."""
+        with self._lock:
+            now = self.clock.now_ms()
+            n = 0
+            for channel, cp in self._policies.items():
+                self.ledger.save_snapshot(
+                    Snapshot(channel, cp.spec_key, cp.policy.version, cp.applied_seq,
+                             cp.policy.serialize(), now)  # fmt: skip
+                )
+                n += 1
+            self._since_snapshot = 0
+            return n
+
+    # choose ----------------------------------------------------------------------------------
+    def in_holdout(self, member_id: str, channel: str) -> bool:
+        cfg = self.channel(channel)
+        if cfg.holdout_fraction <= 0:
+            return False
+        h = hashlib.blake2b(f"{cfg.salt}\x00{member_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") / 2**64 < cfg.holdout_fraction
+
+    def choose(
+        self,
+        member_id: str,
+        channel: str,
+        context: Mapping[str, FeatureValue] | None = None,
+        *,
+        event_id: str | None = None,
+        active: bool = True,
+        consent: bool = True,
+    ) -> Decision:
+        """Pick an offer for a member on a channel and log the decision with its exact probability.
+
+        Re-sending an ``event_id`` returns the original decision. When nothing is eligible the
+        decision has ``offer_id=None`` and a ``reason`` (never an error, never a breach).
+        ``active=False`` creates a deferred decision (e.g. an email not opened yet): it is not
+        learned from unless activated (or rewarded) before its window closes."""
+        check_id("member_id", member_id)
+        cfg = self.channel(channel)
+        ctx = check_features("context", context)
+        if len(ctx) > MAX_CONTEXT_KEYS:
+            raise InvalidArgument(f"context has {len(ctx)} keys; at most {MAX_CONTEXT_KEYS}")
+        if not isinstance(active, bool) or not isinstance(consent, bool):
+            raise InvalidArgument("active and consent must be booleans")
+        if event_id is not None:
+            check_id("event_id", event_id)
+            existing = self.ledger.get_decision(event_id)
+            if existing is not None:
+                if existing.member_id != member_id or existing.channel != channel:
+                    raise Conflict(f"event {event_id!r} was logged for another member or channel")
+                return existing
+        else:
+            event_id = uuid.uuid4().hex
+        now = self.clock.now_ms()
+        pol = self.policy(channel)
+        group = "holdout" if self.in_holdout(member_id, channel) else "treatment"
+        base = Decision(
+            event_id=event_id, member_id=member_id, channel=channel, group=group,
+            offer_id=None, probability=None, policy_name=cfg.policy.family,
+            policy_version=pol.version, issued_at=now, deadline=now + cfg.reward_window_ms,
+            context=dict(ctx), active=active, status="none",
+        )  # fmt: skip
+        if group == "holdout" or not consent:
+            return self._serve_default(base, cfg, "holdout" if group == "holdout" else "no_consent")
+        cat = self._catalog
+        candidates = [o for o in cat.by_channel.get(channel, ()) if o.is_live(channel, now) and o.accepts(ctx)]
+        if not candidates:
+            return self._log_none(base, "no_live_offer")
+        window = max(HISTORY_DAYS * MS_PER_DAY, *(
+            o.member_cap.window_ms for o in candidates if o.member_cap is not None
+        ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
+        history = self.ledger.member_history(member_id, now - int(window))
+        if constraints.member_capped(history, now, self.config.member_cap):
+            return self._log_none(base, "member_cap")
+        states = self.ledger.offer_states([o.offer_id for o in candidates])
+        eligible, masked = constraints.mask(candidates, states, history, now)
+        category_of = {o.offer_id: o.category for o in cat.offers.values()}
+        for attempt in range(MAX_RESERVE_ATTEMPTS):
+            if not eligible:
+                return self._log_none(base, "capped:" + ",".join(sorted(set(masked.values()))))
+            shared, per_offer = summarize_history(history, eligible, category_of, now)
+            prices = pacing.prices(eligible, states, now, self.config.pacing_gain)
+            scoring = Scoring(member_id, {**ctx, **shared}, tuple(eligible), per_offer, prices)
+            rng = event_rng(self.config.seed, event_id, attempt)
+            with self._lock:
+                pmf = pol.pmf(scoring, rng, cfg.exploration_floor)
+            i = sample(pmf, rng)
+            offer = eligible[i]
+            d = base.with_(
+                offer_id=offer.offer_id, probability=float(pmf[i]),
+                eligible=tuple(o.offer_id for o in eligible), pmf=tuple(float(p) for p in pmf),
+                context=scoring.context,
+                offer_context={o.offer_id: f for o, f in zip(eligible, per_offer, strict=True) if f},
+                reserved_cents=offer.cost_cents, learnable=True, status="open",
+            )  # fmt: skip
+            try:
+                return self.ledger.log_decision(
+                    d, offer, constraints.member_caps(offer, self.config.member_cap)
+                )
+            except CapExceeded as exc:
+                if exc.cap == "member_all":
+                    return self._log_none(base, "member_cap")
+                masked[offer.offer_id] = exc.cap
+                eligible = [o for o in eligible if o.offer_id != offer.offer_id]
+                states = self.ledger.offer_states([o.offer_id for o in eligible])
+        return self._log_none(base, "contention")
+
+    def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
+        offer = self._catalog.offers.get(cfg.default_offer or "")
+        if offer is None or not offer.is_live(base.channel, base.issued_at):
+            return self._log_none(base, reason)
+        d = base.with_(
+            offer_id=offer.offer_id, probability=1.0, eligible=(offer.offer_id,), pmf=(1.0,),
+            reserved_cents=offer.cost_cents, status="open", reason=reason,
+        )  # fmt: skip
+        try:
+            return self.ledger.log_decision(
+                d, offer, constraints.member_caps(offer, self.config.member_cap)
+            )
+        except CapExceeded as exc:
+            return self._log_none(base, f"{reason}:capped:{exc.cap}")
+
+    def _log_none(self, base: Decision, reason: str) -> Decision:
+        return self.ledger.log_decision(base.with_(reason=reason, status="none"), None, {})
+
+    # reward ----------------------------------------------------------------------------------
+    def reward(
+        self,
+        event_id: str,
+        value: float,
+        cost: float | None = None,
+        *,
+        reward_id: str | None = None,
+    ) -> RewardOutcome:
+        """Record the outcome of a decision (idempotent: a duplicate is reported, not counted).
+
+        ``cost`` is money actually spent (<= the reservation); when omitted, a positive reward
+        books the offer's unit cost. Under ``aggregation="sum"`` several rewards with distinct
+        ``reward_id`` add up and are learned at window close."""
+        check_id("event_id", event_id)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+            raise InvalidArgument(f"reward must be a finite number, got {value!r}")
+        if abs(value) > 1e9:
+            raise InvalidArgument(f"reward is implausibly large: {value!r}")
+        cost_cents = None if cost is None else to_cents("cost", cost)
+        if reward_id is not None:
+            check_id("reward_id", reward_id)
+        d = self.ledger.get_decision(event_id)
+        if d is None:
+            raise UnknownEvent(f"unknown event {event_id!r}")
+        cfg = self.channel(d.channel)
+        out = self.ledger.record_reward(
+            event_id, float(value), cost_cents, self.clock.now_ms(),
+            reward_id=reward_id, aggregation=cfg.aggregation,
+        )  # fmt: skip
+        if out.feedback is not None:
+            self._on_feedback([out.feedback])
+        return out
+
+    def activate(self, event_id: str) -> Decision:
+        check_id("event_id", event_id)
+        return self.ledger.activate(event_id, self.clock.now_ms())
+
+    def expire(self, now_ms: int | None = None) -> int:
+        """Close every decision whose reward window has passed (default reward, reservation
+        released, learner fed). Returns how many were closed."""
+        now = self.clock.now_ms() if now_ms is None else int(now_ms)
+        defaults = {name: c.default_reward for name, c in self.channels().items()}
+        fb = self.ledger.expire(now, defaults)
+        self._on_feedback(fb)
+        return len(fb)
+
+    def get_decision(self, event_id: str) -> Decision:
+        d = self.ledger.get_decision(event_id)
+        if d is None:
+            raise UnknownEvent(f"unknown event {event_id!r}")
+        return d
+
+    # export ----------------------------------------------------------------------------------
+    def export_dsjson(self, out: IO[str], *, channel: str | None = None) -> int:
+        """Write treatment decisions as VW dsjson lines (``a``, ``p``, ``_label_cost``, ...)."""
+        offers = self._refresh_catalog(force=True).offers
+        n = 0
+        for d in self.ledger.decisions(channel=channel):
+            if d.offer_id is None or not d.learnable:
+                continue
+            out.write(json.dumps(to_dsjson(d, offers)) + "\n")
+            n += 1
+        return n
+
+
+def to_dsjson(d: Decision, offers: Mapping[str, Offer]) -> dict[str, Any]:
+    """One decision as a VW dsjson record. Actions are 1-based, the chosen one first in ``a``."""
+    chosen = d.eligible.index(d.offer_id)  # type: ignore[arg-type]
+    order = [chosen] + [i for i in range(len(d.eligible)) if i != chosen]
+    rec: dict[str, Any] = {
+        "EventId": d.event_id,
+        "Timestamp": iso(d.issued_at),
+        "Version": "1",
+        "a": [i + 1 for i in order],
+        "p": [d.pmf[i] for i in order],
+        "c": {
+            "U": {k: v for k, v in d.context.items()},
+            "_multi": [
+                {"A": {"offer": oid, **(dict(offers[oid].features) if oid in offers else {})}}
+                for oid in d.eligible
+            ],
+        },
+    }
+    if d.reward is not None and d.status in ("closed", "expired"):
+        rec.update({
+            "_label_cost": -float(d.reward), "_label_probability": d.probability,
+            "_label_Action": chosen + 1, "_labelIndex": chosen,
+        })  # fmt: skip
+    return rec
+
+
+__all__ = ["CHANNELS", "Engine", "EngineConfig", "to_dsjson"]

@@ -1,0 +1,108 @@
+"""One error root. Every error the engine raises on purpose derives from :class:`BanditEngineError`.
+
+Each class carries a stable snake_case ``code`` and an HTTP ``status`` so the API maps errors to
+responses in one place. Foreign errors (SQLAlchemy, VW) are translated at the edge.
+"""
+
+from __future__ import annotations
+
+
+class BanditEngineError(Exception):
+    """Root of every error raised by bandit_engine."""
+
+    code = "bandit_engine_error"
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(BanditEngineError, ValueError):
+    """An argument or configuration value is malformed or out of range."""
+
+    code = "invalid_argument"
+    status = 422
+
+
+class UnknownChannel(BanditEngineError, KeyError):
+    code = "unknown_channel"
+    status = 404
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
+
+
+class UnknownOffer(BanditEngineError, KeyError):
+    code = "unknown_offer"
+    status = 404
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnknownEvent(BanditEngineError, KeyError):
+    code = "unknown_event"
+    status = 404
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnknownPolicy(BanditEngineError, KeyError):
+    code = "unknown_policy"
+    status = 422
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RewardWindowClosed(BanditEngineError):
+    code = "reward_window_closed"
+    status = 409
+
+
+class CostAboveReservation(BanditEngineError):
+    code = "cost_above_reservation"
+    status = 422
+
+
+class Conflict(BanditEngineError):
+    """The request contradicts stored state (e.g. an offer id reused with other features)."""
+
+    code = "conflict"
+    status = 409
+
+
+class CapExceeded(BanditEngineError):
+    """A reservation would break a budget, impression or frequency cap (handled inside choose)."""
+
+    code = "cap_exceeded"
+    status = 409
+
+    def __init__(self, message: str, offer_id: str | None = None, cap: str = "") -> None:
+        super().__init__(message)
+        self.offer_id = offer_id
+        self.cap = cap
+
+
+class ChangeNotApproved(BanditEngineError):
+    code = "change_not_approved"
+    status = 409
+
+
+class Forbidden(BanditEngineError):
+    code = "forbidden"
+    status = 403
+
+
+class Unauthorized(BanditEngineError):
+    code = "unauthorized"
+    status = 401
+
+
+class StorageError(BanditEngineError):
+    """The ledger backend failed (connection lost, schema missing). Not the caller's fault."""
+
+    code = "storage_error"
+    status = 503

@@ -1,0 +1,86 @@
+"""Turn a policy's output into the pmf actually sampled from, and sample it reproducibly.
+
+Two kinds of policy output, one path to a pmf:
+
+* posterior draws (Thompson families): an ``(n_draws, K)`` array of sampled expected rewards.
+  The pmf is the frequency with which each offer wins the argmax. The engine then samples *from
+  that pmf*, so the logged probability is exact for the distribution used, and the number of
+  draws only controls how closely it tracks the ideal Thompson distribution.
+* a distribution (VW, baselines): a ``(K,)`` pmf.
+
+Pacing multiplies each offer's value by ``1 - rho`` (rho in [0, 1], the dual price times the
+unit cost), which is the Lagrangian ``mu * (1 - lambda * cost)`` for a cost paid on redemption.
+An exploration floor then mixes in ``floor / K`` so every eligible offer keeps p > 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from .errors import InvalidArgument
+
+
+def pmf_from_draws(draws: np.ndarray, pacing: np.ndarray | None = None) -> np.ndarray:
+    """Argmax frequencies of posterior draws (ties go to the lowest index).
+
+    >>> pmf_from_draws(np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]]))
+    array([0.25, 0.75])
+    """
+    if draws.ndim != 2 or draws.shape[1] == 0:
+        raise InvalidArgument(f"draws must be a non-empty (n_draws, K) array, got {draws.shape}")
+    if pacing is not None:
+        draws = draws * (1.0 - pacing)
+    k = draws.shape[1]
+    counts = np.bincount(draws.argmax(axis=1), minlength=k)
+    return counts / counts.sum()
+
+
+def apply_pacing(pmf: np.ndarray, pacing: np.ndarray | None) -> np.ndarray:
+    """Tilt a distribution by ``1 - rho``; if every offer is priced out, fall back to uniform."""
+    if pacing is None or not pacing.any():
+        return pmf
+    tilted = pmf * (1.0 - pacing)
+    total = tilted.sum()
+    if total <= 0.0:
+        return np.full(pmf.shape, 1.0 / pmf.size)
+    return tilted / total
+
+
+def apply_floor(pmf: np.ndarray, floor: float) -> np.ndarray:
+    """Mix in ``floor`` of the uniform distribution: every entry becomes >= floor / K.
+
+    >>> apply_floor(np.array([1.0, 0.0]), 0.1)
+    array([0.95, 0.05])
+    """
+    if not (0.0 < floor <= 1.0):
+        raise InvalidArgument(f"exploration floor must be in (0, 1], got {floor!r}")
+    k = pmf.size
+    out = (1.0 - floor) * pmf + floor / k
+    return out / out.sum()
+
+
+def check_pmf(pmf: np.ndarray, k: int) -> np.ndarray:
+    pmf = np.asarray(pmf, dtype=np.float64)
+    if pmf.shape != (k,):
+        raise InvalidArgument(f"policy returned a pmf of shape {pmf.shape}, expected ({k},)")
+    if not np.all(np.isfinite(pmf)) or np.any(pmf < 0):
+        raise InvalidArgument(f"policy returned an invalid pmf: {pmf!r}")
+    total = pmf.sum()
+    if not (abs(total - 1.0) < 1e-6):
+        raise InvalidArgument(f"policy pmf sums to {total}, not 1")
+    return pmf / total
+
+
+def sample(pmf: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF sampling with one uniform draw (stable across numpy versions)."""
+    u = rng.random()
+    idx = int(np.searchsorted(np.cumsum(pmf), u, side="right"))
+    return min(idx, pmf.size - 1)
+
+
+def event_rng(seed: int, event_id: str, attempt: int = 0) -> np.random.Generator:
+    """A generator seeded from the engine seed and the event id: same event, same draws."""
+    h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed & 0xFFFFFFFF, h & 0xFFFFFFFF, h >> 32, attempt])

@@ -1,0 +1,121 @@
+"""Context + member history -> features.
+
+The engine keeps each member's own history (exposures, redemptions, ignores per offer and
+category, recency), so two members with identical segment attributes get different offers
+once their behaviour differs. History enters as:
+
+* shared features (``member.*``): counts over the history window and days since the last offer;
+* member x offer features (one mapping per eligible offer): ``seen``, ``redeemed``,
+  ``ignored`` for this offer, ``cat_seen``/``cat_redeemed`` for its category.
+
+:class:`FeatureHasher` maps such mappings to fixed-size vectors for the linear policies.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .catalog import FeatureValue, Offer
+from .clock import MS_PER_DAY
+from .ledger.records import HistoryItem
+
+HISTORY_DAYS = 90.0
+
+
+def summarize_history(
+    history: Sequence[HistoryItem],
+    offers: Sequence[Offer],
+    category_of: Mapping[str, str | None],
+    now_ms: int,
+) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
+    """Shared ``member.*`` features and one member x offer mapping per offer (sparse)."""
+    shared: dict[str, float] = {}
+    if not history:
+        return shared, tuple({} for _ in offers)
+    per_offer: dict[str, list[float]] = {}
+    per_cat: dict[str, list[float]] = {}
+    redeemed = ignored = 0
+    last = 0
+    for h in history:
+        last = max(last, h.issued_at)
+        pos = h.reward is not None and h.reward > 0
+        ign = h.status == "expired" and not pos
+        redeemed += pos
+        ignored += ign
+        st = per_offer.setdefault(h.offer_id, [0.0, 0.0, 0.0])
+        st[0] += 1
+        st[1] += pos
+        st[2] += ign
+        cat = category_of.get(h.offer_id)
+        if cat is not None:
+            cs = per_cat.setdefault(cat, [0.0, 0.0])
+            cs[0] += 1
+            cs[1] += pos
+    shared["member.exposures"] = float(len(history))
+    shared["member.redemptions"] = float(redeemed)
+    shared["member.ignored"] = float(ignored)
+    shared["member.days_since_offer"] = round((now_ms - last) / MS_PER_DAY, 3)
+    out = []
+    for o in offers:
+        f: dict[str, float] = {}
+        st = per_offer.get(o.offer_id)
+        if st is not None:
+            f["seen"], f["redeemed"], f["ignored"] = st
+        cat = o.category
+        if cat is not None and cat in per_cat:
+            f["cat_seen"], f["cat_redeemed"] = per_cat[cat]
+        out.append(f)
+    return shared, tuple(out)
+
+
+def squash(x: float) -> float:
+    """Signed log1p: keeps counts and money on a scale a unit-variance prior can handle."""
+    return math.copysign(math.log1p(abs(x)), x)
+
+
+class FeatureHasher:
+    """Stable feature hashing into ``dim`` slots; slot 0 is the bias.
+
+    Numbers enter squashed (signed log1p) under their name; strings as ``name=value`` indicators;
+    bools as 0/1. The hash (CRC-32) is stable across processes and Python versions.
+
+    >>> h = FeatureHasher(8)
+    >>> v = h.vector({"tier": "gold", "recency_days": 12})
+    >>> v.shape, v[0]
+    ((8,), 1.0)
+    """
+
+    def __init__(self, dim: int) -> None:
+        if dim < 2:
+            raise ValueError(f"dim must be >= 2, got {dim}")
+        self.dim = dim
+        self._index: dict[str, int] = {}
+
+    def _slot(self, key: str) -> int:
+        i = self._index.get(key)
+        if i is None:
+            i = 1 + zlib.crc32(key.encode()) % (self.dim - 1)
+            if len(self._index) < 100_000:
+                self._index[key] = i
+        return i
+
+    def fill(self, out: np.ndarray, features: Mapping[str, FeatureValue], prefix: str = "") -> None:
+        for k, v in features.items():
+            if isinstance(v, str):
+                out[self._slot(f"{prefix}{k}={v}")] += 1.0
+            elif isinstance(v, bool):
+                out[self._slot(prefix + k)] += 1.0 if v else 0.0
+            else:
+                out[self._slot(prefix + k)] += squash(float(v))
+
+    def vector(self, *parts: Mapping[str, Any], prefixes: Sequence[str] = ()) -> np.ndarray:
+        out = np.zeros(self.dim)
+        out[0] = 1.0
+        for i, part in enumerate(parts):
+            self.fill(out, part, prefixes[i] if i < len(prefixes) else "")
+        return out

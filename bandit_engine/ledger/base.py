@@ -1,0 +1,73 @@
+"""The ledger protocol, implemented by :mod:`.sql` (SQLite/PostgreSQL) and :mod:`.memory`.
+
+Every method that changes state is atomic: it either applies completely or raises and changes
+nothing. Caps are checked *inside* the write (guarded updates), never by a read-then-write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
+
+from ..catalog import ChannelConfig, MemberCap, Offer
+from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
+
+
+class Ledger(Protocol):
+    # catalog ---------------------------------------------------------------------------------
+    def put_offer(self, offer: Offer) -> None: ...
+    def offers(self) -> list[Offer]: ...
+    def put_channel(self, channel: ChannelConfig) -> None: ...
+    def channels(self) -> dict[str, ChannelConfig]: ...
+    def catalog_version(self) -> int:
+        """A number that changes whenever an offer or channel changes (cache invalidation)."""
+        ...
+
+    # state -----------------------------------------------------------------------------------
+    def offer_states(self, offer_ids: Iterable[str] | None = None) -> dict[str, OfferState]: ...
+    def member_history(self, member_id: str, since_ms: int) -> list[HistoryItem]: ...
+    def get_decision(self, event_id: str) -> Decision | None: ...
+    def count_decisions(self) -> int: ...
+
+    # the atomic writes -----------------------------------------------------------------------
+    def log_decision(
+        self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
+    ) -> Decision:
+        """Reserve ``decision.reserved_cents`` on the offer, count the exposure and write the
+        decision, all or nothing. ``member_caps`` maps an offer id (or ``"*"`` for all offers
+        across channels) to a cap checked against this member's exposures. Raises
+        :class:`~bandit_engine.errors.CapExceeded` if any cap would break. If the event id is
+        already logged, returns the stored decision unchanged."""
+        ...
+
+    def record_reward(
+        self,
+        event_id: str,
+        value: float,
+        cost_cents: int | None,
+        now_ms: int,
+        *,
+        reward_id: str | None = None,
+        aggregation: str = "first",
+    ) -> RewardOutcome: ...
+
+    def activate(self, event_id: str, now_ms: int) -> Decision: ...
+
+    def expire(self, now_ms: int, default_rewards: Mapping[str, float]) -> list[Feedback]:
+        """Close every open decision whose deadline has passed: release its reservation, give it
+        its channel's default reward (or its accumulated sum) and emit its feedback."""
+        ...
+
+    # the log ---------------------------------------------------------------------------------
+    def feedback_after(self, seq: int, limit: int = 10_000) -> list[Feedback]: ...
+    def last_feedback_seq(self) -> int: ...
+    def decisions(
+        self, *, channel: str | None = None, after_seq: int = 0, limit: int | None = None
+    ) -> Iterator[Decision]: ...
+    def decisions_by_event(self, event_ids: Iterable[str]) -> dict[str, Decision]: ...
+
+    # checkpoints -----------------------------------------------------------------------------
+    def save_snapshot(self, snapshot: Snapshot) -> None: ...
+    def latest_snapshot(self, channel: str) -> Snapshot | None: ...
+
+    def close(self) -> None: ...

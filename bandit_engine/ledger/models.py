@@ -1,0 +1,116 @@
+"""SQLAlchemy 2 typed ORM rows. They never leave :mod:`.sql`; callers get frozen records."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class OfferRow(Base):
+    __tablename__ = "offers"
+
+    offer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    budget_cents: Mapped[int | None] = mapped_column(BigInteger)
+    max_impressions: Mapped[int | None] = mapped_column(BigInteger)
+    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    committed_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    impressions: Mapped[int] = mapped_column(BigInteger, default=0)
+    settled_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ChannelRow(Base):
+    __tablename__ = "channels"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class CatalogVersionRow(Base):
+    __tablename__ = "catalog_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class MemberRow(Base):
+    """One row per member with capped exposures: its update serializes that member's
+    frequency-cap checks (a row lock on PostgreSQL, the write lock on SQLite)."""
+
+    __tablename__ = "members"
+
+    member_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    touches: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class DecisionRow(Base):
+    __tablename__ = "decisions"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(128), unique=True)
+    member_id: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(128))
+    group: Mapped[str] = mapped_column("grp", String(16))
+    offer_id: Mapped[str | None] = mapped_column(String(128))
+    probability: Mapped[float | None] = mapped_column(Float)
+    policy_name: Mapped[str] = mapped_column(String(64))
+    policy_version: Mapped[int] = mapped_column(BigInteger)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    deadline: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reserved_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    learnable: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16))
+    reward: Mapped[float | None] = mapped_column(Float)
+    reward_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_decisions_member_issued", "member_id", "issued_at"),
+        Index("ix_decisions_status_deadline", "status", "deadline"),
+        Index("ix_decisions_channel_seq", "channel", "seq"),
+    )
+
+
+class RewardRow(Base):
+    __tablename__ = "rewards"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(128))
+    reward_id: Mapped[str] = mapped_column(String(128))
+    value: Mapped[float] = mapped_column(Float)
+    cost_cents: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ux_rewards_event_reward", "event_id", "reward_id", unique=True),)
+
+
+class FeedbackRow(Base):
+    __tablename__ = "feedback"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(128))
+    reward: Mapped[float] = mapped_column(Float)
+    learn: Mapped[bool] = mapped_column(Boolean)
+
+
+class SnapshotRow(Base):
+    __tablename__ = "snapshots"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    channel: Mapped[str] = mapped_column(String(128))
+    policy_name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(BigInteger)
+    feedback_seq: Mapped[int] = mapped_column(BigInteger)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_snapshots_channel_id", "channel", "id"),)

@@ -1,0 +1,122 @@
+"""Frozen records: what leaves the ledger. ORM rows never do."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+Group = Literal["treatment", "holdout"]
+# open: reservation held, waiting for a reward; closed: rewarded and settled;
+# expired: window closed (default reward applied); none: no offer was served.
+Status = Literal["open", "closed", "expired", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class OfferState:
+    """Live counters of one offer. ``committed`` is the liability of issued, unsettled offers."""
+
+    offer_id: str
+    spent_cents: int = 0
+    committed_cents: int = 0
+    impressions: int = 0
+    settled_cents: int = 0  # reservations of decisions that have settled (rewarded or expired)
+
+    def remaining_cents(self, budget_cents: int | None) -> int | None:
+        if budget_cents is None:
+            return None
+        return budget_cents - self.spent_cents - self.committed_cents
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One choose call, as logged. ``probability`` is the exact probability the served offer was
+    chosen with under the distribution actually used (after masking, pacing and the floor)."""
+
+    event_id: str
+    member_id: str
+    channel: str
+    group: Group
+    offer_id: str | None
+    probability: float | None
+    policy_name: str
+    policy_version: int
+    issued_at: int
+    deadline: int
+    eligible: tuple[str, ...] = ()
+    pmf: tuple[float, ...] = ()
+    context: Mapping[str, Any] = field(default_factory=dict)
+    offer_context: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    reason: str | None = None
+    reserved_cents: int = 0
+    active: bool = True
+    learnable: bool = False
+    status: Status = "open"
+    reward: float | None = None
+    reward_count: int = 0
+    spent_cents: int = 0
+    seq: int = 0
+
+    def with_(self, **changes: Any) -> Decision:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "member_id": self.member_id,
+            "channel": self.channel,
+            "group": self.group,
+            "offer_id": self.offer_id,
+            "probability": self.probability,
+            "policy": {"name": self.policy_name, "version": self.policy_version},
+            "issued_at": self.issued_at,
+            "deadline": self.deadline,
+            "eligible": list(self.eligible),
+            "pmf": list(self.pmf),
+            "reason": self.reason,
+            "active": self.active,
+            "status": self.status,
+            "reward": self.reward,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A learning event, in log order (``seq``). The learner applies these and nothing else."""
+
+    seq: int
+    event_id: str
+    channel: str
+    reward: float
+    learn: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RewardOutcome:
+    event_id: str
+    status: Literal["recorded", "duplicate"]
+    reward: float | None
+    spent_cents: int
+    feedback: Feedback | None = None
+    decision: Decision | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryItem:
+    """One past exposure of a member (for frequency caps and member features)."""
+
+    offer_id: str
+    channel: str
+    issued_at: int
+    reward: float | None
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    channel: str
+    policy_name: str
+    version: int
+    feedback_seq: int
+    data: bytes
+    created_at: int

@@ -1,0 +1,79 @@
+"""Settlement rules shared by every ledger backend: what a reward or an expiry does to a
+decision. Backends apply the result atomically; the rules live here once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalog import Offer
+from ..errors import CostAboveReservation, InvalidArgument, RewardWindowClosed
+from .records import Decision
+
+
+@dataclass(frozen=True, slots=True)
+class OfferDelta:
+    """What a settlement does to the offer's counters."""
+
+    spent: int = 0
+    committed: int = 0
+    settled: int = 0
+
+
+def _delta(old: Decision, new: Decision) -> OfferDelta:
+    held_before = old.reserved_cents - old.spent_cents
+    held_after = new.reserved_cents - new.spent_cents
+    return OfferDelta(
+        spent=new.spent_cents - old.spent_cents,
+        committed=held_after - held_before,
+        settled=old.reserved_cents if new.status != "open" else 0,
+    )
+
+
+def settle_reward(
+    d: Decision,
+    offer: Offer | None,
+    value: float,
+    cost_cents: int | None,
+    now_ms: int,
+    aggregation: str,
+) -> tuple[Decision, OfferDelta, float | None]:
+    """Apply one (non-duplicate) reward. Returns (new decision, offer delta, feedback reward or
+    None). Raises without side effects if the reward is not acceptable."""
+    if d.status in ("closed", "expired") or now_ms > d.deadline:
+        raise RewardWindowClosed(
+            f"the reward window of event {d.event_id!r} closed at {d.deadline} (now {now_ms})"
+        )
+    if d.status == "none":
+        raise InvalidArgument(f"event {d.event_id!r} served no offer; there is nothing to reward")
+    held = d.reserved_cents - d.spent_cents
+    if cost_cents is None:
+        cost_cents = min(offer.cost_cents, held) if (offer is not None and value > 0) else 0
+    if cost_cents < 0:
+        raise InvalidArgument(f"cost must be >= 0, got {cost_cents / 100}")
+    if cost_cents > held:
+        raise CostAboveReservation(
+            f"cost {cost_cents / 100:.2f} exceeds the {held / 100:.2f} still reserved for "
+            f"event {d.event_id!r}"
+        )
+    total = value if d.reward is None else d.reward + value
+    spent = d.spent_cents + cost_cents
+    if aggregation == "first":
+        # settle now: book the cost, release the rest, learn from this reward
+        new = d.with_(
+            reward=total, reward_count=d.reward_count + 1, spent_cents=spent,
+            reserved_cents=spent, status="closed", active=True,
+        )  # fmt: skip
+        return new, _delta(d, new), total
+    # sum: keep the reservation open until the window closes; learn from the total at expiry
+    new = d.with_(reward=total, reward_count=d.reward_count + 1, spent_cents=spent, active=True)
+    return new, _delta(d, new), None
+
+
+def settle_expiry(
+    d: Decision, default_reward: float
+) -> tuple[Decision, OfferDelta, float | None]:
+    """Close an open decision whose window passed. Releases what is still reserved.
+    Returns (new decision, feedback reward or None when nothing is to be learned)."""
+    reward = d.reward if d.reward is not None else default_reward
+    new = d.with_(status="expired", reserved_cents=d.spent_cents, reward=reward)
+    return new, _delta(d, new), reward

@@ -1,0 +1,140 @@
+"""The policy protocol: a public template that validates and a private hook per family.
+
+Policies are asked to choose among the eligible offers passed in on *every* call (arms on every
+call): caps and catalog changes never mutate a policy. A policy keeps per-offer state keyed by
+offer id, so offers can come and go.
+
+A family implements either ``_draws`` (posterior samples of expected reward, ``(n, K)``) or
+``_distribution`` (a pmf, ``(K,)``), plus ``_learn`` and ``_get_state``/``_set_state``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from abc import ABC
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..catalog import FeatureValue, Offer
+from ..errors import InvalidArgument
+from ..exploration import apply_floor, apply_pacing, check_pmf, pmf_from_draws
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a policy sees for one decision.
+
+    ``context``: shared features as scored (request context plus the member's history summary).
+    ``offer_context``: member x offer features, one mapping per eligible offer (e.g. how often
+    this member saw or redeemed this offer / its category). ``pacing``: rho in [0, 1] per offer.
+    """
+
+    member_id: str
+    context: Mapping[str, FeatureValue]
+    offers: tuple[Offer, ...]
+    offer_context: tuple[Mapping[str, float], ...] = ()
+    pacing: np.ndarray | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.offers:
+            raise InvalidArgument("a policy needs at least one eligible offer")
+        if not self.offer_context:
+            object.__setattr__(self, "offer_context", tuple({} for _ in self.offers))
+        if len(self.offer_context) != len(self.offers):
+            raise InvalidArgument("offer_context must have one entry per offer")
+        if self.pacing is not None and self.pacing.shape != (len(self.offers),):
+            raise InvalidArgument("pacing must have one entry per offer")
+
+    @property
+    def offer_ids(self) -> tuple[str, ...]:
+        return tuple(o.offer_id for o in self.offers)
+
+
+class Policy(ABC):
+    """Base of every policy family. Subclasses set ``family`` and register in the registry."""
+
+    family: ClassVar[str]
+    paced: ClassVar[bool] = True  # False for business-as-usual baselines
+    # number of posterior draws used to compute Thompson propensities (documented default)
+    propensity_draws: int = 0
+
+    def __init__(self, *, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidArgument(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.version = 0  # number of feedback events learned
+
+    # public template -------------------------------------------------------------------------
+    def pmf(self, s: Scoring, rng: np.random.Generator, floor: float) -> np.ndarray:
+        """The distribution over ``s.offers`` to sample from: family output, paced, floored."""
+        k = len(s.offers)
+        pacing = s.pacing if self.paced else None
+        draws = self._draws(s, rng)
+        if draws is not None:
+            if draws.shape[1] != k:
+                raise InvalidArgument(f"{self.family}: draws have {draws.shape[1]} columns, not {k}")
+            p = pmf_from_draws(draws, pacing)
+        else:
+            p = apply_pacing(check_pmf(self._distribution(s), k), pacing)
+        return apply_floor(p, floor)
+
+    def learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        if not (0 <= chosen < len(s.offers)):
+            raise InvalidArgument(f"chosen index {chosen} outside 0..{len(s.offers) - 1}")
+        if not (0.0 < probability <= 1.0):
+            raise InvalidArgument(f"probability must be in (0, 1], got {probability!r}")
+        if not np.isfinite(reward):
+            raise InvalidArgument(f"reward must be finite, got {reward!r}")
+        self._learn(s, chosen, float(probability), float(reward))
+        self.version += 1
+
+    def serialize(self) -> bytes:
+        """State as bytes (no pickle): a JSON header and numpy arrays / raw blobs."""
+        state = self._get_state()
+        arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+        blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
+        meta = {k: v for k, v in state.items() if k not in arrays and k not in blobs}
+        buf = io.BytesIO()
+        payload = {f"a_{k}": v for k, v in arrays.items()}
+        payload.update({f"b_{k}": np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()})
+        header = {"family": self.family, "version": self.version, "seed": self.seed, "meta": meta}
+        payload["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+        np.savez(buf, **payload)  # type: ignore[arg-type]
+        return buf.getvalue()
+
+    def restore(self, data: bytes) -> None:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            header = json.loads(z["__header__"].tobytes().decode())
+            if header["family"] != self.family:
+                raise InvalidArgument(
+                    f"snapshot is of family {header['family']!r}, not {self.family!r}"
+                )
+            state: dict[str, Any] = dict(header["meta"])
+            for key in z.files:
+                if key.startswith("a_"):
+                    state[key[2:]] = z[key]
+                elif key.startswith("b_"):
+                    state[key[2:]] = z[key].tobytes()
+        self.version = int(header["version"])
+        self._set_state(state)
+
+    # hooks -----------------------------------------------------------------------------------
+    def _draws(self, s: Scoring, rng: np.random.Generator) -> np.ndarray | None:
+        return None
+
+    def _distribution(self, s: Scoring) -> np.ndarray:
+        raise NotImplementedError
+
+    def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        raise NotImplementedError
+
+    def _get_state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_state(self, state: Mapping[str, Any]) -> None:
+        return None

@@ -1,0 +1,51 @@
+"""One registry of policy families: adding a family is one module plus one entry here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..catalog import PolicySpec
+from ..errors import InvalidArgument, UnknownPolicy
+from .base import Policy
+
+_FAMILIES: dict[str, Callable[..., Policy]] = {}
+
+
+def register(family: str, factory: Callable[..., Policy]) -> None:
+    if family in _FAMILIES:
+        raise ValueError(f"policy family {family!r} is already registered")
+    _FAMILIES[family] = factory
+
+
+def families() -> list[str]:
+    _load_builtin()
+    return sorted(_FAMILIES)
+
+
+def make_policy(spec: PolicySpec | Mapping[str, Any], *, seed: int = 0) -> Policy:
+    _load_builtin()
+    if isinstance(spec, Mapping):
+        spec = PolicySpec(**spec)
+    factory = _FAMILIES.get(spec.family)
+    if factory is None:
+        raise UnknownPolicy(f"unknown policy family {spec.family!r}; known: {sorted(_FAMILIES)}")
+    try:
+        return factory(seed=seed, **dict(spec.params))
+    except TypeError as exc:  # unexpected keyword -> a clear configuration error
+        raise InvalidArgument(f"bad parameters for policy {spec.family!r}: {exc}") from None
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import baselines, linear, thompson, vw
+
+    for mod in (baselines, thompson, linear, vw):
+        for family, factory in mod.FAMILIES.items():
+            register(family, factory)
