@@ -1,0 +1,187 @@
+"""In-process choose+reward throughput per policy family, 50 offers, ~30 context features,
+on the in-memory and SQLite ledgers, against floors measured in the same run:
+
+* Thompson (Beta-Bernoulli): a bare numpy loop that samples one Beta draw per offer, takes the
+  argmax and updates the winner (the textbook decision, no propensity, no ledger).
+* lin_ts: a bare numpy linear-Gaussian TS on the same hashed features (one score-space draw,
+  Sherman–Morrison update).
+* VW: bare ``vowpal_wabbit_next`` parse + predict_one + learn_one on the same example text.
+* Peer: mabwiser LinTS, one decision at a time (predict + partial_fit), as a data scientist
+  would otherwise run it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+
+from bandit_engine import ChannelConfig, Engine, ManualClock, Offer, PolicySpec
+from bandit_engine.features import FeatureHasher
+
+K = 50
+CATS = ["home", "beauty", "grocery", "fashion", "toys", "garden", "sports", "books"]
+
+
+def offers() -> list[Offer]:
+    return [
+        Offer(f"o{i:02d}", ["email"], cost=1.0 + i % 7,
+              features={"category": CATS[i % len(CATS)], "discount": 0.05 * (1 + i % 6),
+                        "kind": ["pct", "points", "shipping"][i % 3]})
+        for i in range(K)
+    ]  # fmt: skip
+
+
+def contexts(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        c: dict = {f"x{j}": round(float(rng.normal()), 3) for j in range(22)}
+        c.update({
+            "tier": ["bronze", "silver", "gold"][rng.integers(3)],
+            "lifecycle": ["new", "active", "lapsing", "reactivated"][rng.integers(4)],
+            "channel_pref": ["email", "push", "sms"][rng.integers(3)],
+            "recency_days": int(rng.integers(0, 365)), "frequency": int(rng.integers(0, 50)),
+            "monetary": round(float(rng.gamma(2, 50)), 2), "consent_marketing": True,
+            "affinity": CATS[rng.integers(len(CATS))],
+        })  # fmt: skip
+        out.append(c)
+    return out
+
+
+FAMILIES = {
+    "thompson": PolicySpec("thompson"),
+    "lin_ts": PolicySpec("lin_ts"),
+    "vw": PolicySpec("vw"),
+}
+
+
+def engine_loop(family: str, url: str, n: int) -> float:
+    eng = Engine.open(url, clock=ManualClock(), seed=1)
+    eng.set_channel(ChannelConfig("email", policy=FAMILIES[family]))
+    for o in offers():
+        eng.add_offer(o)
+    ctxs = contexts(n)
+    coins = np.random.default_rng(2).random(n)
+    members = [f"m{i % 5000}" for i in range(n)]
+    for i in range(min(200, n)):  # warm-up
+        d = eng.choose(members[i], "email", ctxs[i])
+        eng.reward(d.event_id, float(coins[i] < 0.1))
+    t = time.perf_counter()
+    for i in range(n):
+        d = eng.choose(members[i], "email", ctxs[i])
+        eng.reward(d.event_id, float(coins[i] < 0.1))
+    dt = time.perf_counter() - t
+    eng.ledger.close()
+    return n / dt
+
+
+def floor_thompson(n: int) -> float:
+    rng = np.random.default_rng(0)
+    a, b = np.ones(K), np.ones(K)
+    coins = rng.random(n)
+    t = time.perf_counter()
+    for i in range(n):
+        k = int(rng.beta(a, b).argmax())
+        r = coins[i] < 0.1
+        a[k] += r
+        b[k] += 1 - r
+    return n / (time.perf_counter() - t)
+
+
+def floor_lin_ts(n: int, dim: int = 64) -> float:
+    rng = np.random.default_rng(0)
+    h = FeatureHasher(dim)
+    X = [h.vector(c) for c in contexts(n)]
+    A_inv = np.tile(np.eye(dim), (K, 1, 1))
+    b = np.zeros((K, dim))
+    theta = np.zeros((K, dim))
+    coins = rng.random(n)
+    t = time.perf_counter()
+    for i in range(n):
+        x = X[i]
+        mean = theta @ x
+        var = np.einsum("i,kij,j->k", x, A_inv, x)
+        k = int((mean + np.sqrt(var) * rng.standard_normal(K)).argmax())
+        r = float(coins[i] < 0.1)
+        Ax = A_inv[k] @ x
+        A_inv[k] -= np.outer(Ax, Ax) / (1 + x @ Ax)
+        b[k] += r * x
+        theta[k] = A_inv[k] @ b[k]
+    return n / (time.perf_counter() - t)
+
+
+def floor_vw(n: int) -> float:
+    from vowpal_wabbit_next import TextFormatParser, Workspace
+
+    ws = Workspace(["--cb_explore_adf", "--squarecb", "-q", "UA", "--quiet"])
+    parser = TextFormatParser(ws)
+    acts = [
+        "|A " + " ".join(f"{k}={v}" if isinstance(v, str) else f"{k}:{v}" for k, v in o.features.items())
+        for o in offers()
+    ]
+    ctxs = contexts(n)
+    shared = [
+        "shared |U " + " ".join(f"{k}={v}" if isinstance(v, str) else f"{k}:{float(v)}" for k, v in c.items())
+        for c in ctxs
+    ]
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for i in range(n):
+        ex = [parser.parse_line(shared[i])] + [parser.parse_line(a) for a in acts]
+        pmf = ws.predict_one(ex)
+        a, p = pmf[0]
+        cost = -float(rng.random() < 0.1)
+        ex = [parser.parse_line(shared[i])] + [
+            parser.parse_line((f"{a}:{cost}:{p} " if j == a else "") + line) for j, line in enumerate(acts)
+        ]
+        ws.learn_one(ex)
+    return n / (time.perf_counter() - t)
+
+
+def peer_mabwiser(n: int) -> float | None:
+    try:
+        from mabwiser.mab import MAB, LearningPolicy
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    ctx = np.array([[v for v in c.values() if isinstance(v, int | float)] for c in contexts(n + 100)], float)
+    mab = MAB(arms=list(range(K)), learning_policy=LearningPolicy.LinTS(), seed=0)
+    mab.fit(decisions=rng.integers(0, K, 100), rewards=rng.random(100) < 0.1, contexts=ctx[:100])
+    t = time.perf_counter()
+    for i in range(n):
+        x = ctx[100 + i : 101 + i]
+        a = mab.predict(x)
+        mab.partial_fit([a], [float(rng.random() < 0.1)], x)
+    return n / (time.perf_counter() - t)
+
+
+def run(quick: bool = False) -> list[dict]:
+    n = {"thompson": 3000, "lin_ts": 2000, "vw": 1000} if quick else {"thompson": 20000, "lin_ts": 10000, "vw": 4000}
+    floors = {
+        "thompson": ("bare numpy Beta-TS", floor_thompson(n["thompson"])),
+        "lin_ts": ("bare numpy LinTS", floor_lin_ts(n["lin_ts"])),
+        "vw": ("bare VW parse+predict+learn", floor_vw(n["vw"])),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fam in FAMILIES:
+            fname, fval = floors[fam]
+            for ledger, url in (("memory", "memory://"), ("sqlite", f"sqlite:///{tmp}/{fam}.db")):
+                m = n[fam] if ledger == "memory" else max(500, n[fam] // 10)
+                rate = engine_loop(fam, url, m)
+                rows.append({
+                    "policy": fam, "ledger": ledger, "decisions": m, "decisions_per_s": rate,
+                    "floor": fname, "floor_per_s": fval, "ratio_to_floor": rate / fval,
+                })  # fmt: skip
+    peer_n = 300 if quick else 1500
+    peer = peer_mabwiser(peer_n)
+    if peer is not None:
+        ours = next(r["decisions_per_s"] for r in rows if r["policy"] == "lin_ts" and r["ledger"] == "memory")
+        rows.append({
+            "policy": "mabwiser LinTS (peer)", "ledger": "-", "decisions": peer_n,
+            "decisions_per_s": peer, "floor": "ours lin_ts memory / peer",
+            "floor_per_s": ours, "ratio_to_floor": ours / peer,
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,149 @@
+"""Governance and the decision flow over HTTP: changes need another key's approval, pending
+changes have no effect, everything is audited; choose/reward semantics."""
+
+from __future__ import annotations
+
+import pytest
+
+from bandit_engine import Offer
+from bandit_engine.errors import Forbidden
+from tests.api_fixtures import Api, api, make_api  # noqa: F401  (fixture)
+
+
+def choose(api: Api, member: str, channel: str = "email", **kw: object) -> dict:
+    r = api.call("POST", "/v1/choose", "decide", json={"member_id": member, "channel": channel, **kw})
+    assert r.status_code == 200, r.json
+    return r.json
+
+
+def test_proposer_can_never_approve(api: Api) -> None:
+    r = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 80.0})
+    assert r.status_code == 202
+    cid = r.json["change_id"]
+    admin = api.gov.authenticate(api.keys["admin"])
+    with pytest.raises(Forbidden):  # even if a proposer somehow reached the approve step
+        api.gov.decide(cid, admin, approve=True)
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "admin").status_code == 403
+    # an approver key that proposes (through the governance layer) cannot approve its own change
+    approver = api.gov.authenticate(api.keys["approver"])
+    own = api.gov.propose("offer", "capped", {"budget": 90.0}, approver)
+    r = api.call("POST", f"/v1/changes/{own.change_id}/approve", "approver")
+    assert r.status_code == 403 and r.json["error"]["code"] == "forbidden"
+    assert api.gov.get_change(own.change_id).status == "pending"
+    assert api.engine.get_offer("capped").budget == 50.0
+
+
+def test_pending_budget_change_has_no_effect_until_approved(tmp_path) -> None:
+    api = make_api(tmp_path)
+    try:
+        r = api.call("POST", "/v1/offers", "admin",
+                     json={"offer_id": "tight", "channels": ["push"], "cost": 1.0, "budget": 2.0})  # fmt: skip
+        assert r.status_code == 202 and r.json["status"] == "pending"
+        cid = r.json["change_id"]
+        got = api.call("GET", "/v1/offers/tight", "analyst").json
+        assert got["active"] is False and got["budget"] is None and got["pending_changes"] == [cid]
+        assert choose(api, "m-0", "push")["offer_id"] is None  # created inactive
+        r = api.call("POST", f"/v1/changes/{cid}/approve", "approver", json={"reason": "ok"})
+        assert r.status_code == 200 and r.json["status"] == "approved"
+        got = api.call("GET", "/v1/offers/tight", "analyst").json
+        assert got["active"] is True and got["budget"] == 2.0
+        served = [choose(api, f"m-{i}", "push")["offer_id"] for i in range(4)]
+        assert served == ["tight", "tight", None, None]  # budget of 2 at cost 1
+        # raising the budget is governed: pending -> still capped
+        r = api.call("PATCH", "/v1/offers/tight", "admin", json={"budget": 5.0})
+        assert r.status_code == 202
+        cid2 = r.json["change_id"]
+        assert choose(api, "m-9", "push")["offer_id"] is None
+        assert api.call("GET", "/v1/offers/tight", "analyst").json["budget"] == 2.0
+        assert api.call("POST", f"/v1/changes/{cid2}/approve", "approver").status_code == 200
+        assert choose(api, "m-10", "push")["offer_id"] == "tight"
+        # a decided change cannot be decided again
+        r = api.call("POST", f"/v1/changes/{cid2}/reject", "approver")
+        assert r.status_code == 409 and r.json["error"]["code"] == "change_not_approved"
+        st = api.call("GET", "/v1/offers/tight", "analyst").json
+        assert st["committed"] == 3.0 and st["impressions"] == 3 and st["remaining_budget"] == 2.0
+        actions = [e["action"] for e in api.call("GET", "/v1/audit", "analyst").json["entries"]]
+        for a in ("offer.create", "change.propose", "change.approve"):
+            assert a in actions
+    finally:
+        api.engine.ledger.close()
+
+
+def test_rejected_change_and_pending_offer_cannot_be_activated(api: Api) -> None:
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "gated", "channels": ["email"], "cost": 1, "max_impressions": 3})
+    cid = r.json["change_id"]
+    r = api.call("PATCH", "/v1/offers/gated", "admin", json={"active": True})
+    assert r.status_code == 409  # activation waits for the approval
+    assert api.call("POST", f"/v1/changes/{cid}/reject", "approver").status_code == 200
+    got = api.call("GET", "/v1/offers/gated", "analyst").json
+    assert got["active"] is False and got["max_impressions"] is None and got["pending_changes"] == []
+    pending = api.call("GET", "/v1/changes?status=pending", "analyst").json["changes"]
+    assert cid not in [c["change_id"] for c in pending]
+    entries = api.call("GET", "/v1/audit", "approver").json["entries"]
+    assert any(e["action"] == "change.reject" and e["detail"]["change_id"] == cid for e in entries)
+
+
+def test_channel_holdout_is_governed(api: Api) -> None:
+    r = api.call("PUT", "/v1/channels/email", "admin",
+                 json={"holdout_fraction": 1.0, "exploration_floor": 0.02})  # fmt: skip
+    assert r.status_code == 202
+    ch = {c["name"]: c for c in api.call("GET", "/v1/channels", "admin").json["channels"]}["email"]
+    assert ch["holdout_fraction"] == 0.0 and ch["exploration_floor"] == 0.02  # ungoverned applied
+    assert choose(api, "m-h1")["group"] == "treatment"
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
+    d = choose(api, "m-h2")
+    assert d["group"] == "holdout" and d["offer_id"] is None
+
+
+def test_choose_reward_flow_and_idempotency(api: Api) -> None:
+    d = choose(api, "m-5", event_id="evt-5", context={"tier": "gold", "visits": 3, "app": True})
+    assert d["offer_id"] in ("plain-a", "plain-b", "capped") and 0 < d["probability"] <= 1
+    again = choose(api, "m-5", event_id="evt-5", context={"tier": "silver"})
+    assert again["offer_id"] == d["offer_id"] and again["probability"] == d["probability"]
+    before = api.engine.ledger.count_decisions()
+    r = api.call("POST", "/v1/reward", "decide", json={"event_id": "evt-5", "reward": 1})
+    assert r.status_code == 200 and r.json["status"] == "recorded"
+    r = api.call("POST", "/v1/reward", "decide", json={"event_id": "evt-5", "reward": 1})
+    assert r.json["status"] == "duplicate"
+    assert api.engine.ledger.count_decisions() == before
+    unit = api.engine.get_offer(d["offer_id"]).cost
+    assert api.call("GET", f"/v1/offers/{d['offer_id']}", "analyst").json["spent"] == unit
+
+
+def test_policy_version_moves_after_reward(api: Api) -> None:
+    v0 = choose(api, "m-v0")["policy"]["version"]
+    for i in range(3):
+        e = choose(api, f"m-v{i + 1}")["event_id"]
+        assert api.call("POST", "/v1/reward", "decide", json={"event_id": e, "reward": 1}).status_code == 200
+    assert choose(api, "m-v9")["policy"]["version"] >= v0 + 3
+
+
+def test_window_closed_and_activation(api: Api) -> None:
+    d = choose(api, "m-w", activate=False)
+    r = api.call("POST", f"/v1/events/{d['event_id']}/activate", "decide")
+    assert r.status_code == 200 and r.json["active"] is True
+    api.clock.advance(days=8)
+    before = api.state()
+    r = api.call("POST", "/v1/reward", "decide", json={"event_id": d["event_id"], "reward": 1})
+    assert r.status_code == 409 and r.json["error"]["code"] == "reward_window_closed"
+    assert api.state() == before
+
+
+def test_reports(api: Api) -> None:
+    api.engine.add_offer(Offer("paced", ["site"], cost=1.0, budget=10.0,
+                               ends_at=api.clock.now_ms() + 10 * 86_400_000))  # fmt: skip
+    api.clock.advance(days=1)
+    for i in range(4):
+        e = choose(api, f"m-s{i}", "site")["event_id"]
+        api.call("POST", "/v1/reward", "decide", json={"event_id": e, "reward": i % 2})
+    rows = {r["offer_id"]: r for r in api.call("GET", "/v1/reports/spend", "analyst").json["offers"]}
+    paced = rows["paced"]
+    # two redemptions booked at unit cost; the two zero rewards released their reservations
+    assert paced["budget"] == 10.0 and paced["spent"] == 2.0 and paced["committed"] == 0.0
+    assert paced["remaining_budget"] == 8.0
+    assert paced["spend_per_day"] == pytest.approx(2.0) and paced["projected_exhaustion"] is not None
+    lift = api.call("GET", "/v1/reports/lift?channel=site", "analyst").json["channels"][0]
+    assert lift["treatment"]["n"] == 4 and lift["treatment"]["rate"] == 0.5
+    lo, hi = lift["treatment"]["ci95"]
+    assert lo < 0.5 < hi and lift["holdout"]["n"] == 0 and lift["lift"] is None
