@@ -304,11 +304,16 @@ class Engine:
         )
         pol.learn(s, d.eligible.index(d.offer_id), d.probability, reward)  # type: ignore[arg-type]
 
-    def _on_feedback(self, feedback: Iterable[Feedback]) -> None:
+    def _on_feedback(
+        self, feedback: Iterable[Feedback], known: Mapping[str, Decision] | None = None
+    ) -> None:
         """Learn from feedback this process just wrote, in log order (embedded learner)."""
         if not self.config.learn_in_process:
             return
+        feedback = list(feedback)
         with self._lock:
+            if known is None:
+                known = self.ledger.decisions_by_event(f.event_id for f in feedback if f.learn)
             for f in feedback:
                 cp = self._policies.get(f.channel)
                 if cp is None:
@@ -320,9 +325,7 @@ class Engine:
                     self._replay(f.channel, cp)  # another writer's feedback came first
                     continue
                 if f.learn:
-                    d = self.ledger.get_decision(f.event_id)
-                    assert d is not None
-                    self._learn_one(cp.policy, d, f.reward)
+                    self._learn_one(cp.policy, known[f.event_id], f.reward)
                 cp.applied_seq = f.seq
                 self._since_snapshot += 1
             if self._since_snapshot >= self.config.snapshot_every:
@@ -400,10 +403,11 @@ class Engine:
         window = max(HISTORY_DAYS * MS_PER_DAY, *(
             o.member_cap.window_ms for o in candidates if o.member_cap is not None
         ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
-        history = self.ledger.member_history(member_id, now - int(window))
+        history, states = self.ledger.read_state(
+            member_id, now - int(window), [o.offer_id for o in candidates]
+        )
         if constraints.member_capped(history, now, self.config.member_cap):
             return self._log_none(base, "member_cap")
-        states = self.ledger.offer_states([o.offer_id for o in candidates])
         eligible, masked = constraints.mask(candidates, states, history, now)
         category_of = {o.offer_id: o.category for o in cat.offers.values()}
         for attempt in range(MAX_RESERVE_ATTEMPTS):
@@ -476,16 +480,13 @@ class Engine:
         cost_cents = None if cost is None else to_cents("cost", cost)
         if reward_id is not None:
             check_id("reward_id", reward_id)
-        d = self.ledger.get_decision(event_id)
-        if d is None:
-            raise UnknownEvent(f"unknown event {event_id!r}")
-        cfg = self.channel(d.channel)
+        aggregation = {name: c.aggregation for name, c in self._refresh_catalog().channels.items()}
         out = self.ledger.record_reward(
             event_id, float(value), cost_cents, self.clock.now_ms(),
-            reward_id=reward_id, aggregation=cfg.aggregation,
+            reward_id=reward_id, aggregation=aggregation,
         )  # fmt: skip
         if out.feedback is not None:
-            self._on_feedback([out.feedback])
+            self._on_feedback([out.feedback], {event_id: out.decision} if out.decision else None)
         return out
 
     def activate(self, event_id: str) -> Decision:

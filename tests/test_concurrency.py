@@ -37,20 +37,25 @@ def _setup(url: str) -> None:
     eng.ledger.close()
 
 
-def _run(url: str, same_member: bool) -> Counter:
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(WORKERS, mp_context=ctx) as pool:
-        futures = [pool.submit(_race, url, w, same_member) for w in range(WORKERS)]
-        results = [f.result(timeout=300) for f in futures]
+@pytest.fixture(scope="module")
+def pool():
+    """One pool of 8 spawned processes for the module (spawning costs seconds each time)."""
+    with ProcessPoolExecutor(WORKERS, mp_context=mp.get_context("spawn")) as p:
+        yield p
+
+
+def _run(pool: ProcessPoolExecutor, url: str, same_member: bool) -> Counter:
+    futures = [pool.submit(_race, url, w, same_member) for w in range(WORKERS)]
+    results = [f.result(timeout=300) for f in futures]
     return Counter(o for r in results for o in r)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_racing_processes_never_breach_caps(backend, request, tmp_path) -> None:
+def test_racing_processes_never_breach_caps(backend, request, tmp_path, pool) -> None:
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'race.db'}"
     _setup(url)
-    served = _run(url, same_member=False)
+    served = _run(pool, url, same_member=False)
     assert served["budget"] == 10
     assert served["impressions"] == 7
     assert served[None] == WORKERS * CALLS - 17
@@ -66,11 +71,11 @@ def test_racing_processes_never_breach_caps(backend, request, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_racing_processes_respect_one_members_frequency_cap(backend, request, tmp_path) -> None:
+def test_racing_processes_respect_one_members_frequency_cap(backend, request, tmp_path, pool) -> None:
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'race.db'}"
     eng = Engine.open(url)
     eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
     eng.add_offer(Offer("free", ["email"], cost=0.0))
     eng.ledger.close()
-    served = _run(url, same_member=True)
+    served = _run(pool, url, same_member=True)
     assert served["free"] == 3  # the member cap (3 per day across channels), exactly

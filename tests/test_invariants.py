@@ -62,7 +62,9 @@ def make_machine(url_factory, max_examples: int, steps: int):
 
         @rule(member=st.sampled_from(MEMBERS), channel=st.sampled_from(CHANNELS), active=st.booleans())
         def choose(self, member: str, channel: str, active: bool) -> None:
-            d = self.engine.choose(member, channel, {"tier": "gold"}, active=active)
+            # deterministic event ids: the engine's sampling is seeded from them
+            self.n = getattr(self, "n", 0) + 1
+            d = self.engine.choose(member, channel, {"tier": "gold"}, active=active, event_id=f"e{self.n}")
             if d.offer_id is not None:
                 assert 0 < d.probability <= 1
                 assert abs(sum(d.pmf) - 1) < 1e-9 and min(d.pmf) > 0

@@ -71,6 +71,12 @@ class MemoryLedger:
             out.reverse()
             return out
 
+    def read_state(
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+    ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
+        with self._lock:
+            return self.member_history(member_id, since_ms), self.offer_states(offer_ids)
+
     def get_decision(self, event_id: str) -> Decision | None:
         return self._decisions.get(event_id)
 
@@ -140,18 +146,17 @@ class MemoryLedger:
         now_ms: int,
         *,
         reward_id: str | None = None,
-        aggregation: str = "first",
+        aggregation: str | Mapping[str, str] = "first",
     ) -> RewardOutcome:
         with self._lock:
             d = self._decisions.get(event_id)
             if d is None:
                 raise UnknownEvent(f"unknown event {event_id!r}")
+            agg = aggregation if isinstance(aggregation, str) else aggregation.get(d.channel, "first")
             rid = reward_id or event_id
-            if (event_id, rid) in self._rewards or (aggregation == "first" and d.reward_count):
-                return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents)
-            new, delta, feedback_reward = settle_reward(
-                d, self._offers.get(d.offer_id or ""), value, cost_cents, now_ms, aggregation
-            )
+            if (event_id, rid) in self._rewards or (agg == "first" and d.reward_count):
+                return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents, None, d)
+            new, delta, feedback_reward = settle_reward(d, value, cost_cents, now_ms, agg)
             self._rewards.add((event_id, rid))
             self._replace(new)
             self._apply(new.offer_id, delta)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..catalog import Offer
 from ..errors import CostAboveReservation, InvalidArgument, RewardWindowClosed
 from .records import Decision
 
@@ -31,7 +30,6 @@ def _delta(old: Decision, new: Decision) -> OfferDelta:
 
 def settle_reward(
     d: Decision,
-    offer: Offer | None,
     value: float,
     cost_cents: int | None,
     now_ms: int,
@@ -47,7 +45,8 @@ def settle_reward(
         raise InvalidArgument(f"event {d.event_id!r} served no offer; there is nothing to reward")
     held = d.reserved_cents - d.spent_cents
     if cost_cents is None:
-        cost_cents = min(offer.cost_cents, held) if (offer is not None and value > 0) else 0
+        # the reservation is the unit cost at issuance: a redemption books it (what is left of it)
+        cost_cents = min(d.reserved_cents, held) if value > 0 else 0
     if cost_cents < 0:
         raise InvalidArgument(f"cost must be >= 0, got {cost_cents / 100}")
     if cost_cents > held:

@@ -14,7 +14,17 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
@@ -34,6 +44,61 @@ from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome,
 from .settle import OfferDelta, settle_expiry, settle_reward
 
 T = TypeVar("T")
+
+# Hot-path statements, built once: SQLAlchemy then only binds parameters (building a statement
+# per call cost more than the database round trip on SQLite).
+_O = OfferRow.__table__.c
+_D = DecisionRow.__table__.c
+_R = RewardRow.__table__.c
+_F = FeedbackRow.__table__.c
+_M = MemberRow.__table__.c
+_STATES = select(_O.offer_id, _O.spent_cents, _O.committed_cents, _O.impressions, _O.settled_cents)
+_STATES_IN = _STATES.where(_O.offer_id.in_(bindparam("ids", expanding=True)))
+_HISTORY = (
+    select(_D.offer_id, _D.channel, _D.issued_at, _D.reward, _D.status)
+    .where(_D.member_id == bindparam("member"), _D.issued_at >= bindparam("since"),
+           _D.offer_id.is_not(None))
+    .order_by(_D.seq)
+)  # fmt: skip
+_DECISION = select(DecisionRow.__table__).where(_D.event_id == bindparam("eid"))
+_DECISION_LOCK = _DECISION.with_for_update()
+_INSERT_DECISION = insert(DecisionRow.__table__).returning(_D.seq)
+_RESERVE = (
+    update(OfferRow.__table__)
+    .where(_O.offer_id == bindparam("oid"))
+    .where(_O.budget_cents.is_(None) | (_O.spent_cents + _O.committed_cents + bindparam("cost") <= _O.budget_cents))
+    .where(_O.max_impressions.is_(None) | (_O.impressions < _O.max_impressions))
+    .values(committed_cents=_O.committed_cents + bindparam("cost"), impressions=_O.impressions + 1)
+    .returning(_O.offer_id)
+)
+_APPLY = (
+    update(OfferRow.__table__)
+    .where(_O.offer_id == bindparam("oid"))
+    .values(
+        spent_cents=_O.spent_cents + bindparam("d_spent"),
+        committed_cents=_O.committed_cents + bindparam("d_committed"),
+        settled_cents=_O.settled_cents + bindparam("d_settled"),
+    )
+)
+_SETTLE_DECISION = (
+    update(DecisionRow.__table__)
+    .where(_D.seq == bindparam("b_seq"))
+    .values(
+        status=bindparam("b_status"), reward=bindparam("b_reward"),
+        reward_count=bindparam("b_reward_count"), spent_cents=bindparam("b_spent"),
+        reserved_cents=bindparam("b_reserved"), active=bindparam("b_active"),
+    )
+)  # fmt: skip
+_REWARD_SEEN = select(_R.id).where(_R.event_id == bindparam("eid"), _R.reward_id == bindparam("rid"))
+_INSERT_REWARD = insert(RewardRow.__table__)
+_INSERT_FEEDBACK = insert(FeedbackRow.__table__).returning(_F.seq)
+_TOUCH_MEMBER = update(MemberRow.__table__).where(_M.member_id == bindparam("member")).values(
+    touches=_M.touches + 1
+)
+_COUNT_EXPOSURES = select(func.count()).where(
+    _D.member_id == bindparam("member"), _D.issued_at > bindparam("since"), _D.offer_id.is_not(None)
+)
+_COUNT_OFFER_EXPOSURES = _COUNT_EXPOSURES.where(_D.offer_id == bindparam("oid"))
 
 
 def make_engine(url: str) -> Engine:
@@ -161,38 +226,36 @@ class SqlLedger:
 
     # state -----------------------------------------------------------------------------------
     def offer_states(self, offer_ids: Iterable[str] | None = None) -> dict[str, OfferState]:
-        o = OfferRow
-        q = select(o.offer_id, o.spent_cents, o.committed_cents, o.impressions, o.settled_cents)
-        if offer_ids is not None:
+        with self._tx() as c:
+            return self._states(c, offer_ids)
+
+    def _states(self, c: Connection, offer_ids: Iterable[str] | None) -> dict[str, OfferState]:
+        if offer_ids is None:
+            rows = c.execute(_STATES)
+        else:
             ids = list(offer_ids)
             if not ids:
                 return {}
-            q = q.where(OfferRow.offer_id.in_(ids))
-        with self._tx() as c:
-            return {
-                r[0]: OfferState(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]))
-                for r in c.execute(q)
-            }
+            rows = c.execute(_STATES_IN, {"ids": ids})
+        return {r[0]: OfferState(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
 
     def member_history(self, member_id: str, since_ms: int) -> list[HistoryItem]:
-        q = (
-            select(
-                DecisionRow.offer_id, DecisionRow.channel, DecisionRow.issued_at,
-                DecisionRow.reward, DecisionRow.status,
-            )
-            .where(
-                DecisionRow.member_id == member_id,
-                DecisionRow.issued_at >= since_ms,
-                DecisionRow.offer_id.is_not(None),
-            )
-            .order_by(DecisionRow.seq)
-        )  # fmt: skip
         with self._tx() as c:
-            return [HistoryItem(r[0], r[1], int(r[2]), r[3], r[4]) for r in c.execute(q)]
+            return self._history(c, member_id, since_ms)
+
+    def _history(self, c: Connection, member_id: str, since_ms: int) -> list[HistoryItem]:
+        rows = c.execute(_HISTORY, {"member": member_id, "since": since_ms})
+        return [HistoryItem(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows]
+
+    def read_state(
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+    ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
+        with self._tx() as c:
+            return self._history(c, member_id, since_ms), self._states(c, offer_ids)
 
     def get_decision(self, event_id: str) -> Decision | None:
         with self._tx() as c:
-            row = c.execute(select(DecisionRow).where(DecisionRow.event_id == event_id)).first()
+            row = c.execute(_DECISION, {"eid": event_id}).first()
         return None if row is None else _decision(row)
 
     def count_decisions(self) -> int:
@@ -209,9 +272,7 @@ class SqlLedger:
                     if member_caps:
                         self._check_member_caps(c, decision, member_caps)
                     self._reserve(c, offer, decision.reserved_cents)
-                seq = c.execute(
-                    insert(DecisionRow).values(**_row_values(decision)).returning(DecisionRow.seq)
-                ).scalar_one()
+                seq = c.execute(_INSERT_DECISION, _row_values(decision)).scalar_one()
         except IntegrityError:
             existing = self.get_decision(decision.event_id)
             if existing is None:
@@ -223,19 +284,14 @@ class SqlLedger:
         self, c: Connection, d: Decision, caps: Mapping[str, MemberCap]
     ) -> None:
         c.execute(_insert_ignore(self._dialect, MemberRow).values(member_id=d.member_id, touches=0))
-        c.execute(
-            update(MemberRow).where(MemberRow.member_id == d.member_id)
-            .values(touches=MemberRow.touches + 1)
-        )  # fmt: skip  (this update is the per-member lock)
+        c.execute(_TOUCH_MEMBER, {"member": d.member_id})  # the per-member lock
         for key, cap in caps.items():
-            q = select(func.count()).select_from(DecisionRow).where(
-                DecisionRow.member_id == d.member_id,
-                DecisionRow.issued_at > d.issued_at - cap.window_ms,
-                DecisionRow.offer_id.is_not(None),
-            )
-            if key != "*":
-                q = q.where(DecisionRow.offer_id == key)
-            if int(c.execute(q).scalar() or 0) >= cap.max:
+            params = {"member": d.member_id, "since": d.issued_at - cap.window_ms}
+            if key == "*":
+                n = c.execute(_COUNT_EXPOSURES, params).scalar()
+            else:
+                n = c.execute(_COUNT_OFFER_EXPOSURES, {**params, "oid": key}).scalar()
+            if int(n or 0) >= cap.max:
                 scope = "all offers" if key == "*" else repr(key)
                 raise CapExceeded(
                     f"member frequency cap on {scope} reached ({cap.max} per {cap.window_days} days)",
@@ -244,22 +300,11 @@ class SqlLedger:
                 )
 
     def _reserve(self, c: Connection, offer: Offer, cost: int) -> None:
-        o = OfferRow
-        guarded = (
-            update(o)
-            .where(o.offer_id == offer.offer_id)
-            .where((o.budget_cents.is_(None)) | (o.spent_cents + o.committed_cents + cost <= o.budget_cents))
-            .where((o.max_impressions.is_(None)) | (o.impressions < o.max_impressions))
-            .values(committed_cents=o.committed_cents + cost, impressions=o.impressions + 1)
-            .returning(o.offer_id)
-        )
-        if c.execute(guarded).first() is not None:
+        if c.execute(_RESERVE, {"oid": offer.offer_id, "cost": cost}).first() is not None:
             return
-        row = c.execute(
-            select(o.budget_cents, o.spent_cents, o.committed_cents, o.max_impressions, o.impressions)
-            .where(o.offer_id == offer.offer_id)
-        ).first()  # fmt: skip
-        if row is not None and row[3] is not None and row[4] >= row[3]:
+        st = self._states(c, [offer.offer_id]).get(offer.offer_id)
+        row = c.execute(select(_O.max_impressions).where(_O.offer_id == offer.offer_id)).first()
+        if st is not None and row is not None and row[0] is not None and st.impressions >= row[0]:
             raise CapExceeded(f"impression cap of {offer.offer_id!r} reached", offer.offer_id, "impressions")
         raise CapExceeded(f"budget of {offer.offer_id!r} exhausted", offer.offer_id, "budget")
 
@@ -271,25 +316,21 @@ class SqlLedger:
         now_ms: int,
         *,
         reward_id: str | None = None,
-        aggregation: str = "first",
+        aggregation: str | Mapping[str, str] = "first",
     ) -> RewardOutcome:
         rid = reward_id or event_id
         with self._tx(write=True) as c:
-            row = c.execute(
-                select(DecisionRow).where(DecisionRow.event_id == event_id).with_for_update()
-            ).first()
+            row = c.execute(_DECISION_LOCK, {"eid": event_id}).first()
             if row is None:
                 raise UnknownEvent(f"unknown event {event_id!r}")
             d = _decision(row)
-            seen = c.execute(
-                select(RewardRow.id).where(RewardRow.event_id == event_id, RewardRow.reward_id == rid)
-            ).first()
-            if seen is not None or (aggregation == "first" and d.reward_count):
-                return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents)
-            offer = self._offer(c, d.offer_id)
-            new, delta, fb_reward = settle_reward(d, offer, value, cost_cents, now_ms, aggregation)
-            c.execute(insert(RewardRow).values(
-                event_id=event_id, reward_id=rid, value=value, cost_cents=delta.spent, at=now_ms))  # fmt: skip
+            agg = aggregation if isinstance(aggregation, str) else aggregation.get(d.channel, "first")
+            seen = c.execute(_REWARD_SEEN, {"eid": event_id, "rid": rid}).first()
+            if seen is not None or (agg == "first" and d.reward_count):
+                return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents, None, d)
+            new, delta, fb_reward = settle_reward(d, value, cost_cents, now_ms, agg)
+            c.execute(_INSERT_REWARD, {"event_id": event_id, "reward_id": rid, "value": value,
+                                       "cost_cents": delta.spent, "at": now_ms})  # fmt: skip
             self._update_decision(c, new)
             self._apply(c, new.offer_id, delta)
             fb = self._emit(c, new, fb_reward) if fb_reward is not None else None
@@ -298,44 +339,27 @@ class SqlLedger:
     def _apply(self, c: Connection, offer_id: str | None, delta: OfferDelta) -> None:
         if offer_id is None or delta == OfferDelta():
             return
-        o = OfferRow
-        c.execute(
-            update(o).where(o.offer_id == offer_id).values(
-                spent_cents=o.spent_cents + delta.spent,
-                committed_cents=o.committed_cents + delta.committed,
-                settled_cents=o.settled_cents + delta.settled,
-            )
-        )  # fmt: skip
-
-    def _offer(self, c: Connection, offer_id: str | None) -> Offer | None:
-        if offer_id is None:
-            return None
-        spec = c.execute(select(OfferRow.spec).where(OfferRow.offer_id == offer_id)).scalar()
-        return None if spec is None else Offer.from_dict(spec)
+        c.execute(_APPLY, {"oid": offer_id, "d_spent": delta.spent,
+                           "d_committed": delta.committed, "d_settled": delta.settled})  # fmt: skip
 
     def _update_decision(self, c: Connection, d: Decision) -> None:
-        c.execute(
-            update(DecisionRow).where(DecisionRow.seq == d.seq).values(
-                status=d.status, reward=d.reward, reward_count=d.reward_count,
-                spent_cents=d.spent_cents, reserved_cents=d.reserved_cents, active=d.active,
-            )
-        )  # fmt: skip
+        c.execute(_SETTLE_DECISION, {
+            "b_seq": d.seq, "b_status": d.status, "b_reward": d.reward,
+            "b_reward_count": d.reward_count, "b_spent": d.spent_cents,
+            "b_reserved": d.reserved_cents, "b_active": d.active,
+        })  # fmt: skip
 
     def _emit(self, c: Connection, d: Decision, reward: float) -> Feedback:
         learn = d.learnable and d.active
-        seq = c.execute(
-            insert(FeedbackRow).values(event_id=d.event_id, channel=d.channel, reward=reward, learn=learn)
-            .returning(FeedbackRow.seq)
-        ).scalar_one()  # fmt: skip
+        seq = c.execute(_INSERT_FEEDBACK, {"event_id": d.event_id, "channel": d.channel,
+                                           "reward": reward, "learn": learn}).scalar_one()  # fmt: skip
         return Feedback(int(seq), d.event_id, d.channel, reward, learn)
 
     def activate(self, event_id: str, now_ms: int) -> Decision:
         from ..errors import RewardWindowClosed
 
         with self._tx(write=True) as c:
-            row = c.execute(
-                select(DecisionRow).where(DecisionRow.event_id == event_id).with_for_update()
-            ).first()
+            row = c.execute(_DECISION_LOCK, {"eid": event_id}).first()
             if row is None:
                 raise UnknownEvent(f"unknown event {event_id!r}")
             d = _decision(row)
@@ -442,7 +466,7 @@ class SqlLedger:
 def _row_values(d: Decision) -> dict[str, Any]:
     return {
         "event_id": d.event_id, "member_id": d.member_id, "channel": d.channel,
-        "group": d.group, "offer_id": d.offer_id, "probability": d.probability,
+        "grp": d.group, "offer_id": d.offer_id, "probability": d.probability,
         "policy_name": d.policy_name, "policy_version": d.policy_version,
         "issued_at": d.issued_at, "deadline": d.deadline,
         "payload": {

@@ -10,7 +10,6 @@ A family implements either ``_draws`` (posterior samples of expected reward, ``(
 
 from __future__ import annotations
 
-import io
 import json
 from abc import ABC
 from collections.abc import Mapping
@@ -55,6 +54,9 @@ class Scoring:
         return tuple(o.offer_id for o in self.offers)
 
 
+_MAGIC = b"BEPOLICY1"
+
+
 class Policy(ABC):
     """Base of every policy family. Subclasses set ``family`` and register in the registry."""
 
@@ -94,32 +96,51 @@ class Policy(ABC):
         self.version += 1
 
     def serialize(self) -> bytes:
-        """State as bytes (no pickle): a JSON header and numpy arrays / raw blobs."""
+        """State as deterministic bytes (no pickle): a JSON header, then raw array/blob bytes.
+
+        The same state always gives the same bytes, so snapshots can be compared."""
         state = self._get_state()
-        arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
-        blobs = {k: v for k, v in state.items() if isinstance(v, bytes)}
-        meta = {k: v for k, v in state.items() if k not in arrays and k not in blobs}
-        buf = io.BytesIO()
-        payload = {f"a_{k}": v for k, v in arrays.items()}
-        payload.update({f"b_{k}": np.frombuffer(v, dtype=np.uint8) for k, v in blobs.items()})
-        header = {"family": self.family, "version": self.version, "seed": self.seed, "meta": meta}
-        payload["__header__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-        np.savez(buf, **payload)  # type: ignore[arg-type]
-        return buf.getvalue()
+        meta: dict[str, Any] = {}
+        parts: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
+        offset = 0
+        for key in sorted(state):
+            v = state[key]
+            if isinstance(v, np.ndarray):
+                raw = np.ascontiguousarray(v).tobytes()
+                parts.append({"key": key, "dtype": v.dtype.str, "shape": list(v.shape),
+                              "offset": offset, "size": len(raw)})  # fmt: skip
+            elif isinstance(v, bytes):
+                raw = v
+                parts.append({"key": key, "dtype": None, "offset": offset, "size": len(raw)})
+            else:
+                meta[key] = v
+                continue
+            chunks.append(raw)
+            offset += len(raw)
+        header = json.dumps(
+            {"family": self.family, "version": self.version, "seed": self.seed,
+             "meta": meta, "parts": parts},
+            sort_keys=True,
+        ).encode()  # fmt: skip
+        return _MAGIC + len(header).to_bytes(8, "little") + header + b"".join(chunks)
 
     def restore(self, data: bytes) -> None:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            header = json.loads(z["__header__"].tobytes().decode())
-            if header["family"] != self.family:
-                raise InvalidArgument(
-                    f"snapshot is of family {header['family']!r}, not {self.family!r}"
-                )
-            state: dict[str, Any] = dict(header["meta"])
-            for key in z.files:
-                if key.startswith("a_"):
-                    state[key[2:]] = z[key]
-                elif key.startswith("b_"):
-                    state[key[2:]] = z[key].tobytes()
+        if not data.startswith(_MAGIC):
+            raise InvalidArgument("not a bandit_engine policy snapshot")
+        n = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 8], "little")
+        start = len(_MAGIC) + 8
+        header = json.loads(data[start : start + n].decode())
+        body = memoryview(data)[start + n :]
+        if header["family"] != self.family:
+            raise InvalidArgument(f"snapshot is of family {header['family']!r}, not {self.family!r}")
+        state: dict[str, Any] = dict(header["meta"])
+        for p in header["parts"]:
+            raw = bytes(body[p["offset"] : p["offset"] + p["size"]])
+            if p["dtype"] is None:
+                state[p["key"]] = raw
+            else:
+                state[p["key"]] = np.frombuffer(raw, dtype=np.dtype(p["dtype"])).reshape(p["shape"]).copy()
         self.version = int(header["version"])
         self._set_state(state)
 
