@@ -343,9 +343,24 @@ def test_restart_decides_exactly_like_no_restart(ledger_url, clock, family) -> N
     try:
         got += stream(b2, 80, 150)
         assert got == ref
-        assert b2.policy("email").serialize() == ref_model
+        assert probe(b2) == probe(ref_engine)
+        if family != "vw":  # VW's predict bumps reporting counters (not the model) in its bytes
+            assert b2.policy("email").serialize() == ref_model
     finally:
         b2.ledger.close()
+
+
+def probe(e: Engine) -> list[list[float]]:
+    """The learned model seen through its pmfs on fixed probe contexts."""
+    from bandit_engine.exploration import event_rng
+    from bandit_engine.policies.base import Scoring
+
+    offers = tuple(e.get_offer(o.offer_id) for o in catalog(4))
+    out = []
+    for i, tier in enumerate(["gold", "silver", "bronze"]):
+        s = Scoring(f"probe-{i}", {"tier": tier}, offers)
+        out.append([round(p, 12) for p in e.policy("email").pmf(s, event_rng(0, f"p{i}"), 0.01)])
+    return out
 
 
 def test_replay_from_scratch_gives_the_same_model(ledger_url, clock) -> None:
