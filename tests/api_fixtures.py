@@ -89,8 +89,8 @@ def seed(api: Api) -> None:
     assert r.status_code == 200 and r.json["offer_id"] is not None, r.json
 
 
-@pytest.fixture
-def api(tmp_path: Any) -> Iterator[Api]:
+@pytest.fixture(name="api")
+def api_fixture(tmp_path: Any) -> Iterator[Api]:
     a = make_api(tmp_path)
     seed(a)
     try:

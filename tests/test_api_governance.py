@@ -7,7 +7,7 @@ import pytest
 
 from bandit_engine import Offer
 from bandit_engine.errors import Forbidden
-from tests.api_fixtures import Api, api, make_api  # noqa: F401  (fixture)
+from tests.api_fixtures import Api, api_fixture, make_api  # noqa: F401  (fixture)
 
 
 def choose(api: Api, member: str, channel: str = "email", **kw: object) -> dict:
@@ -147,3 +147,17 @@ def test_reports(api: Api) -> None:
     assert lift["treatment"]["n"] == 4 and lift["treatment"]["rate"] == 0.5
     lo, hi = lift["treatment"]["ci95"]
     assert lo < 0.5 < hi and lift["holdout"]["n"] == 0 and lift["lift"] is None
+
+
+def test_approval_that_cannot_apply_changes_nothing(api: Api) -> None:
+    r = api.call("PATCH", "/v1/offers/solo", "admin", json={"budget": 3.0})
+    assert r.status_code == 202
+    cid = r.json["change_id"]
+    for i in range(3):  # commitments grow past the proposed budget while it waits
+        assert choose(api, f"m-sms-{i}", "sms")["offer_id"] == "solo"
+    before = api.state()
+    r = api.call("POST", f"/v1/changes/{cid}/approve", "approver")
+    assert r.status_code == 409 and r.json["error"]["code"] == "conflict"
+    assert api.state() == before  # still pending, budget unchanged, nothing audited
+    assert api.gov.get_change(cid).status == "pending"
+    assert api.call("POST", f"/v1/changes/{cid}/reject", "approver").status_code == 200

@@ -1,0 +1,108 @@
+"""The HTTP service: a Flask app factory with one Engine in ``app.extensions``.
+
+>>> app = create_app({"DATABASE_URL": "sqlite://"})
+>>> app.test_client().get("/healthz").json["status"]
+'ok'
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, current_app, g, request
+
+from ..engine import Engine, EngineConfig
+from ..governance import Governance
+from .errors import register_error_handlers
+from .metrics import Metrics
+from .sync import DEFAULT_GAP_GRACE, DEFAULT_SYNC_INTERVAL, GapSafeLedger, Syncer
+from .validate import MAX_BODY_BYTES
+
+DEFAULTS: dict[str, Any] = {
+    "DATABASE_URL": "sqlite:///bandit.db",
+    "SEED": 0,
+    "SYNC_INTERVAL": DEFAULT_SYNC_INTERVAL,  # seconds between policy syncs per worker
+    "GAP_GRACE": DEFAULT_GAP_GRACE,
+    "CLOCK": None,  # an injected Clock (tests, simulations)
+}
+
+
+def open_engine(url: str, *, seed: int = 0, clock: Any = None, gap_grace: float = DEFAULT_GAP_GRACE) -> Engine:
+    """An Engine for a serving worker: learning happens by replaying the ordered feedback log
+    (``sync``), never from this process's own writes, so every worker and the learner agree."""
+    if url == "memory://":
+        from ..ledger.memory import MemoryLedger
+
+        inner: Any = MemoryLedger()
+    else:
+        from ..ledger.sql import SqlLedger
+
+        inner = SqlLedger(url)
+    ledger = GapSafeLedger(inner, gap_grace=gap_grace)
+    return Engine(ledger, clock=clock, config=EngineConfig(seed=seed, learn_in_process=False))  # type: ignore[arg-type]
+
+
+def open_governance(engine: Engine) -> Governance:
+    inner = getattr(engine.ledger, "inner", engine.ledger)
+    sa_engine = getattr(inner, "engine", None)
+    if sa_engine is None:
+        return Governance.in_memory(clock=engine.clock)
+    return Governance(sa_engine, clock=engine.clock)
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the app. ``config`` keys: DATABASE_URL, SEED, SYNC_INTERVAL, GAP_GRACE, CLOCK,
+    or ENGINE (a ready Engine, for tests)."""
+    app = Flask(__name__)
+    app.config.update(DEFAULTS)
+    app.config.update(config or {})
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    eng = app.config.get("ENGINE") or open_engine(
+        app.config["DATABASE_URL"], seed=int(app.config["SEED"]), clock=app.config["CLOCK"],
+        gap_grace=float(app.config["GAP_GRACE"]),
+    )  # fmt: skip
+    app.extensions["bandit_engine"] = eng
+    app.extensions["bandit_engine.governance"] = open_governance(eng)
+    app.extensions["bandit_engine.metrics"] = Metrics(eng)
+    app.extensions["bandit_engine.syncer"] = Syncer(eng, float(app.config["SYNC_INTERVAL"]))
+    register_error_handlers(app)
+
+    from .openapi import openapi_document
+    from .views import bp
+
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _observe(resp: Response) -> Response:
+        t0 = g.get("t0")
+        if t0 is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            current_app.extensions["bandit_engine.metrics"].latency.labels(
+                rule, request.method).observe(time.perf_counter() - t0)  # fmt: skip
+        return resp
+
+    @app.get("/healthz")
+    def healthz() -> Any:
+        eng.ledger.catalog_version()  # the database answers
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body = current_app.extensions["bandit_engine.metrics"].render()
+        return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/openapi.json")
+    def openapi() -> Any:
+        return openapi_document()
+
+    return app
+
+
+__all__ = ["create_app", "open_engine", "open_governance"]

@@ -1,0 +1,178 @@
+"""CLI commands of the HTTP service: ``serve``, ``keys``, ``demo``, ``learner``.
+
+They are registered on the ``bandit-engine`` group by :mod:`bandit_engine.cli` (``COMMANDS``).
+The database URL comes from the group's ``--database-url`` / ``BANDIT_ENGINE_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+DEMO_OFFERS: list[dict[str, Any]] = [
+    {"offer_id": "welcome-5", "channels": ["email", "push"], "cost": 5.0,
+     "features": {"category": "grocery", "discount": 0.05}},
+    {"offer_id": "home-10", "channels": ["email", "site"], "cost": 10.0,
+     "features": {"category": "home", "discount": 0.10}},
+    {"offer_id": "beauty-2x", "channels": ["push", "in_app"], "cost": 3.0,
+     "features": {"category": "beauty", "points_multiplier": 2}},
+    {"offer_id": "fashion-15", "channels": ["email", "in_app", "site"], "cost": 15.0,
+     "features": {"category": "fashion", "discount": 0.15}},
+    {"offer_id": "toys-bundle", "channels": ["site", "push"], "cost": 8.0,
+     "features": {"category": "toys", "discount": 0.20}},
+]  # fmt: skip
+DEMO_BUDGET = 500.0
+
+
+def _url(ctx: click.Context) -> str:
+    return ctx.find_root().obj["database_url"]
+
+
+def _gov(url: str) -> Any:
+    from ..governance import Governance
+    from ..ledger.migrate import upgrade_schema
+    from ..ledger.sql import make_engine
+
+    engine = make_engine(url)
+    upgrade_schema(engine)
+    return Governance(engine)
+
+
+def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **options: Any) -> None:
+    """Serve ``create_app(config)`` with gunicorn sync workers; each worker builds its own app
+    (no preload), so no database connection is shared across a fork."""
+    from gunicorn.app.base import BaseApplication
+
+    class _App(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            opts = {"bind": f"{host}:{port}", "workers": workers, "worker_class": "sync",
+                    "preload_app": False, "accesslog": None, "timeout": 60,
+                    "keepalive": 5, **options}  # fmt: skip
+            for k, v in opts.items():
+                self.cfg.set(k, v)
+
+        def load(self) -> Any:
+            from . import create_app
+
+            return create_app(config)
+
+    _App().run()
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--sync-interval", default=1.0, show_default=True, type=float,
+              help="Seconds between policy syncs from the feedback log, per worker.")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float) -> None:
+    """Serve the HTTP API with gunicorn."""
+    from . import open_engine
+
+    url = _url(ctx)
+    _gov(url)  # create or upgrade the schema once, before the workers start
+    open_engine(url).ledger.close()  # and the default channels, so workers never race on them
+    serve_app({"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval}, host, port, workers)
+
+
+@click.group()
+def keys() -> None:
+    """API keys (only their hashes are stored)."""
+
+
+@keys.command("create")
+@click.option("--role", required=True, type=click.Choice(["decide", "analyst", "admin", "approver"]))
+@click.option("--name", default="", help="A label for the key.")
+@click.pass_context
+def keys_create(ctx: click.Context, role: str, name: str) -> None:
+    """Create a key and print it alone on stdout (it is not shown again)."""
+    key, _ = _gov(_url(ctx)).create_key(role, name=name)
+    click.echo(key)
+
+
+@keys.command("list")
+@click.pass_context
+def keys_list(ctx: click.Context) -> None:
+    """List keys: id, role, name, prefix, revoked."""
+    for k in _gov(_url(ctx)).list_keys():
+        state = "revoked" if k.revoked_at else "active"
+        click.echo(f"{k.key_id}\t{k.role}\t{k.name}\t{k.prefix}…\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+@click.pass_context
+def keys_revoke(ctx: click.Context, key_id: int) -> None:
+    """Revoke a key by id (effective on every worker within a second)."""
+    _gov(_url(ctx)).revoke_key(key_id)
+    click.echo(f"revoked key {key_id}")
+
+
+def seed_demo(url: str) -> list[str]:
+    """Seed the demo catalog when the database has no offer. Returns the offers added."""
+    from ..catalog import Offer
+    from . import open_engine
+
+    eng = open_engine(url)
+    try:
+        if eng.offers():
+            return []
+        for spec in DEMO_OFFERS:
+            eng.add_offer(Offer.from_dict({**spec, "budget": DEMO_BUDGET}))
+        return [s["offer_id"] for s in DEMO_OFFERS]
+    finally:
+        eng.ledger.close()
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.pass_context
+def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """Seed a demo catalog (if empty), create one key per role (printed once), and serve."""
+    url = _url(ctx)
+    gov = _gov(url)
+    added = seed_demo(url)
+    if added:
+        click.echo(f"seeded demo offers: {', '.join(added)} (budget {DEMO_BUDGET:.2f} each)")
+    click.echo("demo API keys (shown once; only hashes are stored):")
+    for role in ("decide", "analyst", "admin", "approver"):
+        key, rec = gov.create_key(role, name=f"demo-{role}")
+        click.echo(f"  {role:9s} {key}")
+    click.echo(f"serving on http://{host}:{port}  (try: curl -s http://{host}:{port}/healthz)")
+    serve_app({"DATABASE_URL": url}, host, port, workers)
+
+
+@click.command()
+@click.option("--every", default=5.0, show_default=True, type=float,
+              help="Seconds between snapshots (only when something was learned).")
+@click.option("--poll", default=0.5, show_default=True, type=float, help="Seconds between log reads.")
+@click.option("--once", is_flag=True, help="Sync and snapshot once, then exit.")
+@click.pass_context
+def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
+    """Apply rewards in log order and publish versioned policy snapshots."""
+    from . import open_engine
+
+    eng = open_engine(_url(ctx))
+    learned, last = 0, time.monotonic()
+    try:
+        while True:
+            learned += eng.sync()
+            if learned and (once or time.monotonic() - last >= every):
+                n = eng.snapshot()
+                click.echo(f"snapshot of {n} policies after {learned} updates", err=True)
+                learned, last = 0, time.monotonic()
+            if once:
+                return
+            time.sleep(poll)
+    except KeyboardInterrupt:  # pragma: no cover - interactive stop
+        pass
+    finally:
+        eng.ledger.close()
+
+
+COMMANDS = [serve, keys, demo, learner]

@@ -1,0 +1,104 @@
+"""Request parsing: strict JSON (no NaN/Infinity), typed fields, no unknown fields.
+
+Syntax problems are 400 (``invalid_json``, ``invalid_body``); well-formed JSON with wrong types
+or values is 422 (``invalid_argument``, ``unknown_field``, ``missing_field``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flask import request
+
+from ..errors import InvalidArgument
+from .errors import ApiError
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object (413 over 64 KiB is raised by Werkzeug)."""
+    raw = request.get_data(cache=True)
+    if not raw:
+        raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "invalid_json", f"malformed JSON body: {exc}"[:300]) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def fields(body: Mapping[str, Any], *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise ApiError(422, "unknown_field", f"unknown fields: {unknown[:10]}")
+    missing = [f for f in required if f not in body]
+    if missing:
+        raise ApiError(422, "missing_field", f"missing required fields: {missing}")
+
+
+def string(body: Mapping[str, Any], name: str, *, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise InvalidArgument(f"{name} must be a string, got {type(v).__name__}")
+    return v
+
+
+def number(body: Mapping[str, Any], name: str, *, default: Any = None, nullable: bool = True) -> Any:
+    if name not in body:
+        return default
+    v = body[name]
+    if v is None and nullable:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise InvalidArgument(f"{name} must be a finite number, got {v!r}"[:200])
+    return v
+
+
+def boolean(body: Mapping[str, Any], name: str, *, default: bool) -> bool:
+    v = body.get(name, default)
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"{name} must be a boolean, got {v!r}"[:200])
+    return v
+
+
+def obj(body: Mapping[str, Any], name: str, *, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise InvalidArgument(f"{name} must be a JSON object, got {type(v).__name__}")
+    return v
+
+
+def array(body: Mapping[str, Any], name: str, *, default: Any = None) -> Any:
+    v = body.get(name, default)
+    if v is None:
+        return None
+    if not isinstance(v, list):
+        raise InvalidArgument(f"{name} must be a JSON array, got {type(v).__name__}")
+    return v
+
+
+def query_int(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"query parameter {name} must be an integer, got {raw!r}"[:200]) from None
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"query parameter {name} must be in [{lo}, {hi}], got {v}")
+    return v

@@ -1,0 +1,392 @@
+"""The /v1 routes: thin views. Parse, call the engine (or governance), return a dict."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import Blueprint, current_app, request
+
+from .. import pacing
+from ..catalog import ChannelConfig, Offer, check_id
+from ..clock import MS_PER_DAY
+from ..engine import Engine
+from ..errors import Conflict, InvalidArgument, UnknownChannel
+from ..governance import CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
+from . import validate as v
+from .auth import READERS, principal, requires
+
+bp = Blueprint("v1", __name__, url_prefix="/v1")
+Z95 = 1.959963984540054
+OFFER_FIELDS = ("offer_id", "channels", "features", "cost", "budget", "max_impressions",
+                "member_cap", "starts_at", "ends_at", "active", "rules")  # fmt: skip
+CHANNEL_FIELDS = tuple(f for f in ChannelConfig.__dataclass_fields__ if f != "name")
+
+
+def engine() -> Engine:
+    return current_app.extensions["bandit_engine"]  # type: ignore[no-any-return]
+
+
+def gov() -> Governance:
+    return current_app.extensions["bandit_engine.governance"]  # type: ignore[no-any-return]
+
+
+def metrics() -> Any:
+    return current_app.extensions["bandit_engine.metrics"]
+
+
+# decide ------------------------------------------------------------------------------------------
+@bp.post("/choose")
+@requires("decide")
+def choose() -> Any:
+    body = v.json_body()
+    v.fields(body, required=("member_id", "channel"), optional=("context", "event_id", "activate"))
+    member_id = v.string(body, "member_id")
+    channel = v.string(body, "channel")
+    context = v.obj(body, "context", default={})
+    event_id = v.string(body, "event_id")
+    active = v.boolean(body, "activate", default=True)
+    check_id("member_id", member_id)
+    check_id("channel", channel)
+    eng = engine()
+    eng.channel(channel)  # 404 before anything else
+    current_app.extensions["bandit_engine.syncer"].maybe_sync()
+    d = eng.choose(member_id, channel, context, event_id=event_id, active=active)
+    metrics().observe_decision(d)
+    out: dict[str, Any] = {
+        "event_id": d.event_id, "offer_id": d.offer_id, "probability": d.probability,
+        "group": d.group, "policy": {"name": d.policy_name, "version": d.policy_version},
+        "active": d.active, "deadline": d.deadline,
+    }  # fmt: skip
+    if d.reason:
+        out["reason"] = d.reason
+    return out
+
+
+@bp.post("/reward")
+@requires("decide")
+def reward() -> Any:
+    body = v.json_body()
+    v.fields(body, required=("event_id", "reward"), optional=("cost", "reward_id"))
+    event_id = v.string(body, "event_id")
+    value = v.number(body, "reward", nullable=False)
+    cost = v.number(body, "cost")
+    reward_id = v.string(body, "reward_id")
+    out = engine().reward(event_id, value, cost, reward_id=reward_id)
+    metrics().rewards.labels(out.status).inc()
+    return {"event_id": out.event_id, "status": out.status, "reward": out.reward,
+            "spent": out.spent_cents / 100}  # fmt: skip
+
+
+@bp.post("/events/<event_id>/activate")
+@requires("decide")
+def activate(event_id: str) -> Any:
+    if request.content_length:
+        body = v.json_body()
+        v.fields(body)
+    d = engine().activate(event_id)
+    return {"event_id": d.event_id, "active": d.active, "status": d.status}
+
+
+# offers --------------------------------------------------------------------------------------
+def _pending_offer_changes(offer_id: str) -> list[Change]:
+    return gov().changes("pending", kind="offer", target=offer_id)
+
+
+def offer_view(o: Offer, st: Any, now: int, pending: list[Change]) -> dict[str, Any]:
+    remaining = st.remaining_cents(o.budget_cents)
+    return {
+        **o.to_dict(),
+        "spent": st.spent_cents / 100, "committed": st.committed_cents / 100,
+        "impressions": st.impressions,
+        "remaining_budget": None if remaining is None else remaining / 100,
+        "pacing_price": pacing.price(o, st, now, engine().config.pacing_gain),
+        "pending_changes": [c.change_id for c in pending],
+    }  # fmt: skip
+
+
+def _offer_from_body(body: dict[str, Any]) -> Offer:
+    for name in ("cost", "budget"):
+        v.number(body, name)
+    for name in ("features", "member_cap"):
+        v.obj(body, name)
+    for name in ("channels", "rules"):
+        v.array(body, name)
+    if "max_impressions" in body and body["max_impressions"] is not None and (
+        isinstance(body["max_impressions"], bool) or not isinstance(body["max_impressions"], int)
+    ):
+        raise InvalidArgument("max_impressions must be an integer")
+    for name in ("starts_at", "ends_at"):
+        x = body.get(name)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, int | str)):
+            raise InvalidArgument(f"{name} must be epoch milliseconds or an ISO-8601 string")
+    v.boolean(body, "active", default=True)
+    if not all(isinstance(c, str) for c in body.get("channels") or []):
+        raise InvalidArgument("channels must be a list of strings")
+    if body.get("rules") and not all(isinstance(r, dict) for r in body["rules"]):
+        raise InvalidArgument("rules must be a list of objects {field, op, value}")
+    try:
+        return Offer.from_dict(body)
+    except (TypeError, ValueError, OverflowError) as exc:
+        if isinstance(exc, InvalidArgument):
+            raise
+        raise InvalidArgument(f"invalid offer: {exc}"[:300]) from None
+
+
+def _governed_offer_settings(o: Offer) -> dict[str, Any]:
+    d = o.to_dict()
+    return {k: d[k] for k in OFFER_GOVERNED}
+
+
+@bp.post("/offers")
+@requires("admin")
+def create_offer() -> Any:
+    body = v.json_body()
+    v.fields(body, required=("offer_id", "channels", "cost"), optional=OFFER_FIELDS)
+    offer = _offer_from_body(body)  # validates everything, governed settings included
+    eng = engine()
+    channels = eng.channels()
+    for c in offer.channels:
+        if c not in channels:
+            raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
+    if offer.offer_id in {o.offer_id for o in eng.offers()}:
+        raise Conflict(f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}")
+    governed = {k: val for k, val in _governed_offer_settings(offer).items() if val is not None}
+    if not governed:
+        eng.add_offer(offer)
+        gov().audit(principal().actor, "offer.create", f"offer:{offer.offer_id}", offer.to_dict())
+        return _offer_get(offer.offer_id), 201
+    ungoverned = {**offer.to_dict(), **{k: None for k in OFFER_GOVERNED}, "active": False}
+    eng.add_offer(Offer.from_dict(ungoverned))
+    gov().audit(principal().actor, "offer.create", f"offer:{offer.offer_id}",
+                {**ungoverned, "pending": governed})  # fmt: skip
+    ch = gov().propose("offer", offer.offer_id, governed, principal(), activate=offer.active)
+    return {"offer_id": offer.offer_id, "change_id": ch.change_id, "status": "pending"}, 202
+
+
+def _offer_get(offer_id: str) -> dict[str, Any]:
+    eng = engine()
+    o = eng.get_offer(offer_id)
+    st = eng.ledger.offer_states([offer_id])[offer_id]
+    return offer_view(o, st, eng.clock.now_ms(), _pending_offer_changes(offer_id))
+
+
+@bp.get("/offers")
+@requires(*READERS)
+def list_offers() -> Any:
+    eng = engine()
+    offers = eng.offers()
+    states = eng.ledger.offer_states([o.offer_id for o in offers])
+    pending: dict[str, list[Change]] = {}
+    for c in gov().changes("pending", kind="offer"):
+        pending.setdefault(c.target, []).append(c)
+    now = eng.clock.now_ms()
+    return {"offers": [offer_view(o, states[o.offer_id], now, pending.get(o.offer_id, []))
+                       for o in offers]}  # fmt: skip
+
+
+@bp.get("/offers/<offer_id>")
+@requires(*READERS)
+def get_offer(offer_id: str) -> Any:
+    return _offer_get(offer_id)
+
+
+@bp.patch("/offers/<offer_id>")
+@requires("admin")
+def patch_offer(offer_id: str) -> Any:
+    body = v.json_body()
+    v.fields(body, optional=tuple(f for f in OFFER_FIELDS if f != "offer_id"))
+    eng = engine()
+    old = eng.get_offer(offer_id)
+    new = _offer_from_body({**old.to_dict(), **body})  # validate the result before any write
+    if dict(new.features) != dict(old.features):
+        raise Conflict(f"features of {offer_id!r} are immutable; create a new offer id")
+    old_gov, new_gov = _governed_offer_settings(old), _governed_offer_settings(new)
+    governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}
+    pending_create = [c for c in _pending_offer_changes(offer_id) if c.activate]
+    if new.active and not old.active and pending_create:
+        raise Conflict(f"offer {offer_id!r} awaits approval of change "
+                       f"{pending_create[0].change_id}; it is activated when that is approved")  # fmt: skip
+    ungoverned = {**new.to_dict(), **old_gov}
+    if governed:  # validate the proposal against the live state before applying anything
+        _check_offer_budget(eng, new)
+    if ungoverned != old.to_dict():
+        eng.add_offer(Offer.from_dict(ungoverned))
+        gov().audit(principal().actor, "offer.update", f"offer:{offer_id}",
+                    {k: val for k, val in body.items() if k not in OFFER_GOVERNED})  # fmt: skip
+    if not governed:
+        return _offer_get(offer_id), 200
+    ch = gov().propose("offer", offer_id, governed, principal())
+    return {"offer_id": offer_id, "change_id": ch.change_id, "status": "pending"}, 202
+
+
+def _check_offer_budget(eng: Engine, offer: Offer) -> None:
+    st = eng.ledger.offer_states([offer.offer_id]).get(offer.offer_id)
+    if st is not None and offer.budget_cents is not None and (
+        offer.budget_cents < st.spent_cents + st.committed_cents
+    ):
+        raise Conflict(f"budget {offer.budget_cents / 100:.2f} of {offer.offer_id!r} is below "
+                       f"what is already spent and committed")  # fmt: skip
+
+
+# channels ------------------------------------------------------------------------------------
+@bp.get("/channels")
+@requires(*READERS)
+def list_channels() -> Any:
+    return {"channels": [c.to_dict() for c in engine().channels().values()]}
+
+
+@bp.put("/channels/<name>")
+@requires("admin")
+def put_channel(name: str) -> Any:
+    body = v.json_body()
+    v.fields(body, optional=(*CHANNEL_FIELDS, "name"))
+    if "name" in body and body["name"] != name:
+        raise InvalidArgument("name in the body must match the URL")
+    v.obj(body, "policy")
+    if body.get("default_offer") is not None:
+        engine().get_offer(v.string(body, "default_offer"))
+    eng = engine()
+    old = eng.channel(name)
+    try:
+        new = ChannelConfig.from_dict({**old.to_dict(), **body, "name": name})
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidArgument):
+            raise
+        raise InvalidArgument(f"invalid channel settings: {exc}"[:300]) from None
+    od, nd = old.to_dict(), new.to_dict()
+    governed = {k: nd[k] for k in CHANNEL_GOVERNED if nd[k] != od[k]}
+    ungoverned = ChannelConfig.from_dict({**nd, **{k: od[k] for k in CHANNEL_GOVERNED}})
+    if ungoverned != old:
+        eng.set_channel(ungoverned)
+        gov().audit(principal().actor, "channel.update", f"channel:{name}",
+                    {k: val for k, val in body.items() if k not in CHANNEL_GOVERNED})  # fmt: skip
+    out = eng.channel(name).to_dict()
+    if not governed:
+        return out, 200
+    ch = gov().propose("channel", name, governed, principal())
+    return {**out, "change_id": ch.change_id, "status": "pending"}, 202
+
+
+# changes -------------------------------------------------------------------------------------
+@bp.get("/changes")
+@requires(*READERS)
+def list_changes() -> Any:
+    status = request.args.get("status")
+    if status is not None and status not in ("pending", "approved", "rejected"):
+        raise InvalidArgument(f"status must be pending, approved or rejected, got {status!r}"[:200])
+    return {"changes": [c.to_dict() for c in gov().changes(status)]}
+
+
+def _apply_change(ch: Change) -> None:
+    eng = engine()
+    if ch.kind == "offer":
+        changes = dict(ch.settings)
+        if ch.activate:
+            changes["active"] = True
+        eng.update_offer(ch.target, **changes)
+    else:
+        old = eng.channel(ch.target)
+        eng.set_channel(ChannelConfig.from_dict({**old.to_dict(), **ch.settings}))
+
+
+def _decision_body() -> str | None:
+    if not request.content_length:
+        return None
+    body = v.json_body()
+    v.fields(body, optional=("reason",))
+    reason = v.string(body, "reason")
+    if reason is not None and len(reason) > 1000:
+        raise InvalidArgument("reason is longer than 1000 characters")
+    return reason
+
+
+@bp.post("/changes/<int:change_id>/approve")
+@requires("approver")
+def approve(change_id: int) -> Any:
+    reason = _decision_body()
+    return gov().decide(change_id, principal(), approve=True, apply=_apply_change, reason=reason).to_dict()
+
+
+@bp.post("/changes/<int:change_id>/reject")
+@requires("approver")
+def reject(change_id: int) -> Any:
+    reason = _decision_body()
+    return gov().decide(change_id, principal(), approve=False, reason=reason).to_dict()
+
+
+@bp.get("/audit")
+@requires(*READERS)
+def audit() -> Any:
+    after = v.query_int("after", 0, 0, 2**62)
+    limit = v.query_int("limit", 500, 1, 5000)
+    return {"entries": [e.to_dict() for e in gov().audit_log(after=after, limit=limit)]}
+
+
+# reports -------------------------------------------------------------------------------------
+def _rate(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "rate": None, "ci95": None}
+    m = sum(values) / n
+    var = sum((x - m) ** 2 for x in values) / (n - 1) if n > 1 else 0.0
+    half = Z95 * math.sqrt(var / n)
+    return {"n": n, "rate": m, "ci95": [m - half, m + half], "_var": var}
+
+
+@bp.get("/reports/lift")
+@requires("analyst")
+def lift() -> Any:
+    """Treatment vs hold-out mean reward over settled decisions, with normal 95 % intervals."""
+    eng = engine()
+    name = request.args.get("channel")
+    names = [eng.channel(name).name] if name is not None else sorted(eng.channels())
+    out = []
+    for ch in names:
+        groups: dict[str, list[float]] = {"treatment": [], "holdout": []}
+        for d in eng.ledger.decisions(channel=ch):
+            if d.reward is not None and d.status in ("closed", "expired"):
+                groups[d.group].append(float(d.reward))
+        t, h = _rate(groups["treatment"]), _rate(groups["holdout"])
+        lift_ = None
+        if t["n"] and h["n"]:
+            diff = t["rate"] - h["rate"]
+            half = Z95 * math.sqrt(t["_var"] / t["n"] + h["_var"] / h["n"])
+            lift_ = {"difference": diff, "ci95": [diff - half, diff + half]}
+        for g_ in (t, h):
+            g_.pop("_var", None)
+        out.append({"channel": ch, "treatment": t, "holdout": h, "lift": lift_})
+    return {"channels": out}
+
+
+@bp.get("/reports/spend")
+@requires("analyst")
+def spend() -> Any:
+    eng = engine()
+    offers = eng.offers()
+    states = eng.ledger.offer_states([o.offer_id for o in offers])
+    now = eng.clock.now_ms()
+    rows = []
+    for o in offers:
+        st = states[o.offer_id]
+        used = st.spent_cents + st.committed_cents
+        remaining = st.remaining_cents(o.budget_cents)
+        exhaustion = None
+        per_day = None
+        if o.starts_at is not None and now > o.starts_at:
+            per_day = used / ((now - o.starts_at) / MS_PER_DAY) / 100
+            if remaining is not None and used > 0:
+                exhaustion = now + int(remaining / (used / (now - o.starts_at)))
+        rows.append({
+            "offer_id": o.offer_id, "active": o.active,
+            "budget": None if o.budget_cents is None else o.budget_cents / 100,
+            "spent": st.spent_cents / 100, "committed": st.committed_cents / 100,
+            "remaining_budget": None if remaining is None else remaining / 100,
+            "impressions": st.impressions,
+            "pacing_price": pacing.price(o, st, now, eng.config.pacing_gain),
+            "spend_per_day": per_day, "projected_exhaustion": exhaustion,
+        })  # fmt: skip
+    return {"offers": rows, "now": now}
+
+
+__all__ = ["bp"]

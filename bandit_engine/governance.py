@@ -1,0 +1,328 @@
+"""Governance: roles, API keys (stored as hashes), change requests, approvals, audit log.
+
+Governed settings — an offer's budget and caps, a channel's objective (default reward and
+aggregation, i.e. the reward definition) and hold-out fraction — change only through a change
+request that a *different* key approves. Nothing else (pacing included) ever changes them.
+
+The tables live in the ledger database (Alembic revision ``0002``), so one URL holds everything.
+
+>>> gov = Governance.in_memory()
+>>> key, rec = gov.create_key("admin", name="ops")
+>>> gov.authenticate(key).role, gov.authenticate("nope") is None
+('admin', True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy import Connection, Engine, insert, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+
+from .clock import Clock, SystemClock
+from .errors import (
+    BanditEngineError,
+    ChangeNotApproved,
+    Forbidden,
+    InvalidArgument,
+    StorageError,
+)
+from .governance_models import ApiKeyRow, AuditRow, ChangeRow
+
+T = TypeVar("T")
+Role = Literal["decide", "analyst", "admin", "approver"]
+ROLES: tuple[str, ...] = ("admin", "analyst", "approver", "decide")
+OFFER_GOVERNED: tuple[str, ...] = ("budget", "max_impressions", "member_cap")
+CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction")
+KEY_PREFIX = "bek_"
+AUTH_CACHE_SECONDS = 1.0  # a revoked key stops working within this delay on every worker
+
+
+class UnknownChange(BanditEngineError, KeyError):
+    code = "unknown_change"
+    status = 404
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UnknownKey(BanditEngineError, KeyError):
+    code = "unknown_key"
+    status = 404
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an API key's id, name and role (never the key itself)."""
+
+    key_id: int
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        return f"key:{self.key_id}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: int
+    name: str
+    role: str
+    prefix: str
+    created_at: int
+    revoked_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key_id": self.key_id, "name": self.name, "role": self.role,
+                "prefix": self.prefix, "created_at": self.created_at,
+                "revoked_at": self.revoked_at}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    change_id: int
+    kind: str
+    target: str
+    settings: Mapping[str, Any]
+    activate: bool
+    status: str
+    proposed_by: int
+    decided_by: int | None
+    reason: str | None
+    created_at: int
+    decided_at: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "change_id": self.change_id, "kind": self.kind, "target": self.target,
+            "settings": dict(self.settings), "activate": self.activate, "status": self.status,
+            "proposed_by": self.proposed_by, "decided_by": self.decided_by,
+            "reason": self.reason, "created_at": self.created_at, "decided_at": self.decided_at,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    audit_id: int
+    at: int
+    actor: str
+    action: str
+    target: str
+    detail: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"audit_id": self.audit_id, "at": self.at, "actor": self.actor,
+                "action": self.action, "target": self.target, "detail": dict(self.detail)}  # fmt: skip
+
+
+def hash_key(key: str) -> str:
+    """Keys are 256-bit random tokens, so an unsalted SHA-256 is enough to store them."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_role(role: object) -> str:
+    if role not in ROLES:
+        raise InvalidArgument(f"role must be one of {list(ROLES)}, got {role!r}")
+    return role  # type: ignore[return-value]
+
+
+class Governance:
+    """Keys, change requests and the audit log over a SQLAlchemy engine (the ledger's)."""
+
+    def __init__(self, engine: Engine, *, clock: Clock | None = None) -> None:
+        self._engine = engine
+        self.clock: Clock = clock or SystemClock()
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._cache_lock = threading.Lock()
+
+    @classmethod
+    def in_memory(cls, *, clock: Clock | None = None) -> Governance:
+        """A private in-memory SQLite store (for the ``memory://`` ledger and doctests)."""
+        from .ledger.migrate import upgrade_schema
+        from .ledger.sql import make_engine
+
+        engine = make_engine("sqlite://")
+        upgrade_schema(engine)
+        return cls(engine, clock=clock)
+
+    # plumbing --------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Connection]:
+        try:
+            with self._engine.connect() as conn:
+                if write:
+                    conn = conn.execution_options(ledger_write=True)
+                with conn.begin():
+                    yield conn
+        except IntegrityError:
+            raise
+        except (OperationalError, DBAPIError) as exc:
+            raise StorageError(f"governance database error: {exc.__class__.__name__}") from exc
+
+    def _audit(self, c: Connection, actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
+        c.execute(insert(AuditRow).values(
+            at=self.clock.now_ms(), actor=actor, action=action, target=target, detail=dict(detail)))  # fmt: skip
+
+    def audit(self, actor: str, action: str, target: str, detail: Mapping[str, Any] | None = None) -> None:
+        """Append one entry to the audit log."""
+        with self._tx(write=True) as c:
+            self._audit(c, actor, action, target, detail or {})
+
+    # keys ------------------------------------------------------------------------------------
+    def create_key(self, role: str, *, name: str = "", actor: str = "cli") -> tuple[str, KeyRecord]:
+        """Create a key; returns ``(plaintext, record)``. Only the hash is stored."""
+        check_role(role)
+        if not isinstance(name, str) or len(name) > 128:
+            raise InvalidArgument(f"key name must be a string of <= 128 characters, got {name!r}")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        now = self.clock.now_ms()
+        with self._tx(write=True) as c:
+            kid = c.execute(
+                insert(ApiKeyRow).values(name=name or role, role=role, key_hash=hash_key(key),
+                                         prefix=key[:10], created_at=now).returning(ApiKeyRow.id)
+            ).scalar_one()  # fmt: skip
+            self._audit(c, actor, "key.create", f"key:{kid}", {"role": role, "name": name or role})
+        return key, KeyRecord(int(kid), name or role, role, key[:10], now, None)
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._tx() as c:
+            rows = c.execute(select(ApiKeyRow).order_by(ApiKeyRow.id)).all()
+        return [KeyRecord(r.id, r.name, r.role, r.prefix, r.created_at, r.revoked_at) for r in rows]
+
+    def revoke_key(self, key_id: int, *, actor: str = "cli") -> None:
+        with self._tx(write=True) as c:
+            n = c.execute(
+                update(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
+                .values(revoked_at=self.clock.now_ms())
+            ).rowcount  # fmt: skip
+            if n == 0:
+                raise UnknownKey(f"no active key with id {key_id}")
+            self._audit(c, actor, "key.revoke", f"key:{key_id}", {})
+        with self._cache_lock:
+            self._cache.clear()
+
+    def authenticate(self, key: str | None) -> Principal | None:
+        """The principal of an active key, or None. Cached for ``AUTH_CACHE_SECONDS``."""
+        if not key or not key.startswith(KEY_PREFIX) or len(key) > 128:
+            return None
+        h = hash_key(key)
+        now = time.monotonic()
+        hit = self._cache.get(h)
+        if hit is not None and now - hit[0] < AUTH_CACHE_SECONDS:
+            return hit[1]
+        with self._tx() as c:
+            r = c.execute(
+                select(ApiKeyRow.id, ApiKeyRow.name, ApiKeyRow.role)
+                .where(ApiKeyRow.key_hash == h, ApiKeyRow.revoked_at.is_(None))
+            ).first()  # fmt: skip
+        p = None if r is None else Principal(int(r[0]), r[1], r[2])
+        with self._cache_lock:
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[h] = (now, p)
+        return p
+
+    # changes ---------------------------------------------------------------------------------
+    def propose(
+        self, kind: str, target: str, settings: Mapping[str, Any], proposer: Principal,
+        *, activate: bool = False,
+    ) -> Change:  # fmt: skip
+        if kind not in ("offer", "channel"):
+            raise InvalidArgument(f"change kind must be 'offer' or 'channel', got {kind!r}")
+        now = self.clock.now_ms()
+        with self._tx(write=True) as c:
+            cid = c.execute(
+                insert(ChangeRow).values(
+                    kind=kind, target=target, settings=dict(settings), activate=activate,
+                    status="pending", proposed_by=proposer.key_id, created_at=now,
+                ).returning(ChangeRow.id)
+            ).scalar_one()  # fmt: skip
+            self._audit(c, proposer.actor, "change.propose", f"{kind}:{target}",
+                        {"change_id": int(cid), "settings": dict(settings), "activate": activate})  # fmt: skip
+        return self.get_change(int(cid))
+
+    def get_change(self, change_id: int) -> Change:
+        with self._tx() as c:
+            r = c.execute(select(ChangeRow).where(ChangeRow.id == change_id)).first()
+        if r is None:
+            raise UnknownChange(f"unknown change {change_id}")
+        return _change(r)
+
+    def changes(self, status: str | None = None, *, kind: str | None = None,
+                target: str | None = None) -> list[Change]:  # fmt: skip
+        q = select(ChangeRow).order_by(ChangeRow.id)
+        if status is not None:
+            q = q.where(ChangeRow.status == status)
+        if kind is not None:
+            q = q.where(ChangeRow.kind == kind)
+        if target is not None:
+            q = q.where(ChangeRow.target == target)
+        with self._tx() as c:
+            return [_change(r) for r in c.execute(q.limit(10_000))]
+
+    def decide(
+        self, change_id: int, decider: Principal, *, approve: bool,
+        apply: Callable[[Change], None] | None = None, reason: str | None = None,
+    ) -> Change:  # fmt: skip
+        """Approve (running ``apply``) or reject a pending change. The proposer can never decide
+        its own change. The change is claimed with a guarded update first, so two approvers
+        racing cannot both apply it; if ``apply`` fails the change goes back to pending and the
+        error propagates (nothing changed)."""
+        ch = self.get_change(change_id)
+        if ch.status != "pending":
+            raise ChangeNotApproved(f"change {change_id} is {ch.status}, not pending")
+        if ch.proposed_by == decider.key_id:
+            raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
+        with self._tx(write=True) as c:
+            n = c.execute(
+                update(ChangeRow).where(ChangeRow.id == change_id, ChangeRow.status == "pending")
+                .values(status="applying")
+            ).rowcount  # fmt: skip
+        if n == 0:
+            raise ChangeNotApproved(f"change {change_id} is being decided by someone else")
+        try:
+            if approve and apply is not None:
+                apply(ch)
+        except BaseException:
+            with self._tx(write=True) as c:
+                c.execute(update(ChangeRow).where(ChangeRow.id == change_id).values(status="pending"))
+            raise
+        status = "approved" if approve else "rejected"
+        with self._tx(write=True) as c:
+            c.execute(
+                update(ChangeRow).where(ChangeRow.id == change_id).values(
+                    status=status, decided_by=decider.key_id, decided_at=self.clock.now_ms(),
+                    reason=reason,
+                )
+            )  # fmt: skip
+            self._audit(c, decider.actor, f"change.{'approve' if approve else 'reject'}",
+                        f"{ch.kind}:{ch.target}", {"change_id": change_id, "reason": reason})  # fmt: skip
+        return self.get_change(change_id)
+
+    def audit_log(self, *, after: int = 0, limit: int = 500) -> list[AuditEntry]:
+        q = select(AuditRow).where(AuditRow.id > after).order_by(AuditRow.id).limit(limit)
+        with self._tx() as c:
+            return [AuditEntry(r.id, r.at, r.actor, r.action, r.target, r.detail) for r in c.execute(q)]
+
+
+def _change(r: Any) -> Change:
+    return Change(int(r.id), r.kind, r.target, dict(r.settings), bool(r.activate), r.status,
+                  int(r.proposed_by), None if r.decided_by is None else int(r.decided_by),
+                  r.reason, int(r.created_at), r.decided_at)  # fmt: skip
+
+
+__all__ = [
+    "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES", "AuditEntry", "Change", "Governance",
+    "KeyRecord", "Principal", "UnknownChange", "UnknownKey", "check_role", "hash_key",
+]  # fmt: skip

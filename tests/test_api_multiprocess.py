@@ -1,0 +1,165 @@
+"""A real ``bandit-engine serve --workers 4`` on PostgreSQL under 16 concurrent clients.
+
+Checks: no cap is ever breached, every acknowledged reward is in the database, and after a
+reward every worker serves a newer policy version within the documented delay
+(``--sync-interval`` plus slack; see :mod:`bandit_engine.api.sync`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+import requests
+
+from bandit_engine import Offer
+from bandit_engine.api import open_engine, open_governance
+
+CLIENTS = 16
+PAIRS_PER_CLIENT = 125  # 2 000 choose + reward pairs (4 000 requests) in total
+SYNC_INTERVAL = 0.5
+DELAY = SYNC_INTERVAL + 1.5  # documented bound used by the assertion (interval + request slack)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(postgres_url: str) -> Any:
+    eng = open_engine(postgres_url, seed=3)
+    eng.add_offer(Offer("budget-a", ["email"], cost=1.0, budget=40.0, features={"category": "home"}))
+    eng.add_offer(Offer("impr-b", ["email"], cost=0.5, max_impressions=60, features={"category": "toys"}))
+    eng.add_offer(Offer("member-c", ["email"], cost=0.1, member_cap={"max": 1, "window_days": 30},
+                        features={"category": "beauty"}))  # fmt: skip
+    eng.add_offer(Offer("both-d", ["email"], cost=2.0, budget=30.0, max_impressions=40,
+                        features={"category": "fashion"}))  # fmt: skip
+    eng.add_offer(Offer("plain-e", ["email"], cost=0.0, features={"category": "grocery"}))
+    key = open_governance(eng).create_key("decide", name="load")[0]
+    port = _free_port()
+    log = open(os.devnull, "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bandit_engine.cli", "--database-url", postgres_url, "serve",
+         "--workers", "4", "--port", str(port), "--sync-interval", str(SYNC_INTERVAL)],
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                pytest.fail("bandit-engine serve exited early")
+            time.sleep(0.1)
+        else:
+            pytest.fail("server did not come up")
+        yield base, key, eng
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        eng.ledger.close()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_many_workers_hold_caps_and_learn(served: Any) -> None:
+    base, key, eng = served
+    headers = {"Authorization": f"Bearer {key}"}
+    acked: dict[str, float] = {}
+    served_counts: Counter[str] = Counter()
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        rng = random.Random(1000 + i)
+        s = requests.Session()
+        s.headers.update(headers)
+        try:
+            for _ in range(PAIRS_PER_CLIENT):
+                member = f"m-{rng.randrange(300)}"
+                r = s.post(f"{base}/v1/choose", json={"member_id": member, "channel": "email"}, timeout=30)
+                if r.status_code != 200:
+                    errors.append(f"choose {r.status_code} {r.text[:200]}")
+                    continue
+                d = r.json()
+                if d["offer_id"] is None:
+                    continue
+                value = float(rng.random() < 0.3)
+                r = s.post(f"{base}/v1/reward", json={"event_id": d["event_id"], "reward": value}, timeout=30)
+                if r.status_code != 200 or r.json()["status"] != "recorded":
+                    errors.append(f"reward {r.status_code} {r.text[:200]}")
+                    continue
+                with lock:
+                    acked[d["event_id"]] = value
+                    served_counts[d["offer_id"]] += 1
+        except Exception as exc:  # surfaced below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    assert not errors, errors[:5]
+    assert len(acked) > CLIENTS * PAIRS_PER_CLIENT * 0.9, (len(acked), elapsed)
+
+    # 0 breaches: budgets and impression caps, read from the database
+    states = eng.ledger.offer_states()
+    offers = {o.offer_id: o for o in eng.offers()}
+    for oid, st in states.items():
+        o = offers[oid]
+        if o.budget_cents is not None:
+            assert st.spent_cents + st.committed_cents <= o.budget_cents, oid
+        if o.max_impressions is not None:
+            assert st.impressions <= o.max_impressions, oid
+    assert states["impr-b"].impressions == 60  # the caps were actually reached
+    assert states["both-d"].impressions == 15 or states["both-d"].spent_cents > 0
+    per_member = Counter(d.member_id for d in eng.ledger.decisions(channel="email") if d.offer_id == "member-c")
+    assert per_member and max(per_member.values()) == 1
+    # every acknowledged reward is in the database, with its value
+    stored = eng.ledger.decisions_by_event(list(acked))
+    assert len(stored) == len(acked)
+    for e, value in acked.items():
+        d = stored[e]
+        assert d.status == "closed" and d.reward == value and d.reward_count == 1, e
+
+    # a reward is reflected by a newer policy version on every worker within DELAY
+    s = requests.Session()
+    s.headers.update(headers)
+
+    def versions(n: int) -> list[int]:
+        out = []
+        for j in range(n):
+            r = s.post(f"{base}/v1/choose", json={"member_id": f"probe-{time.time_ns()}-{j}", "channel": "email"})
+            assert r.status_code == 200
+            out.append(r.json()["policy"]["version"])
+        return out
+
+    time.sleep(DELAY)
+    before = versions(12)
+    assert len(set(before)) == 1, before  # all workers converged on one version
+    r = s.post(f"{base}/v1/choose", json={"member_id": "probe-reward", "channel": "email"}).json()
+    assert s.post(f"{base}/v1/reward", json={"event_id": r["event_id"], "reward": 1}).status_code == 200
+    time.sleep(DELAY)
+    after = versions(12)
+    assert min(after) > before[0], (before, after)
