@@ -8,8 +8,10 @@ Two kinds of policy output, one path to a pmf:
   draws only controls how closely it tracks the ideal Thompson distribution.
 * a distribution (VW, baselines): a ``(K,)`` pmf.
 
-Pacing multiplies each offer's value by ``1 - rho`` (rho in [0, 1], the dual price times the
-unit cost), which is the Lagrangian ``mu * (1 - lambda * cost)`` for a cost paid on redemption.
+Pacing lowers each offer's value by ``rho * |value|`` (rho in [0, 1], the dual price times the
+unit cost): for a non-negative value that is ``mu * (1 - rho)``, the Lagrangian
+``mu - lambda * cost * mu`` for a cost paid on redemption; for a negative draw it still lowers
+it, so a price never makes an offer more attractive.
 An exploration floor then mixes in ``floor / K`` so every eligible offer keeps p > 0.
 """
 
@@ -31,21 +33,29 @@ def pmf_from_draws(draws: np.ndarray, pacing: np.ndarray | None = None) -> np.nd
     if draws.ndim != 2 or draws.shape[1] == 0:
         raise InvalidArgument(f"draws must be a non-empty (n_draws, K) array, got {draws.shape}")
     if pacing is not None:
-        draws = draws * (1.0 - pacing)
+        draws = draws - pacing * np.abs(draws)
     k = draws.shape[1]
     counts = np.bincount(draws.argmax(axis=1), minlength=k)
     return counts / counts.sum()
 
 
 def apply_pacing(pmf: np.ndarray, pacing: np.ndarray | None) -> np.ndarray:
-    """Tilt a distribution by ``1 - rho``; if every offer is priced out, fall back to uniform."""
+    """Tilt a distribution by ``1 - rho``. If the policy's whole mass sits on priced-out offers,
+    spread it by ``1 - rho`` instead (uniform only when every offer is fully priced out).
+
+    >>> apply_pacing(np.array([1.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.5]))
+    array([0.        , 0.66666667, 0.33333333])
+    """
     if pacing is None or not pacing.any():
         return pmf
-    tilted = pmf * (1.0 - pacing)
+    weights = 1.0 - pacing
+    tilted = pmf * weights
     total = tilted.sum()
-    if total <= 0.0:
-        return np.full(pmf.shape, 1.0 / pmf.size)
-    return tilted / total
+    if total > 0.0:
+        return tilted / total
+    if weights.sum() > 0.0:
+        return weights / weights.sum()
+    return np.full(pmf.shape, 1.0 / pmf.size)
 
 
 def apply_floor(pmf: np.ndarray, floor: float) -> np.ndarray:
