@@ -10,6 +10,7 @@ activate / expire / clock jumps, on every ledger backend:
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import defaultdict
 
@@ -96,10 +97,8 @@ def make_machine(url_factory, max_examples: int, steps: int):
         @rule(data=st.data())
         def activate(self, data) -> None:
             eid = data.draw(st.sampled_from(self.events))
-            try:
+            with contextlib.suppress(RewardWindowClosed):  # settled events cannot be activated
                 assert self.engine.activate(eid).active
-            except RewardWindowClosed:
-                pass
 
         @rule(hours=st.sampled_from([1, 6, 13, 25, 49]))
         def advance(self, hours: int) -> None:
