@@ -53,21 +53,25 @@ def check_features(name: str, features: Mapping[str, Any] | None) -> Mapping[str
         return MappingProxyType({})
     if not isinstance(features, Mapping):
         raise InvalidArgument(f"{name} must be a mapping of name -> number|string|bool")
-    out: dict[str, FeatureValue] = {}
+    isfinite = math.isfinite
     for k, v in features.items():
-        if not isinstance(k, str) or not k or len(k) > 64:
+        if type(k) is not str or not k or len(k) > 64:
             raise InvalidArgument(f"{name} keys must be non-empty strings of <= 64 chars, got {k!r}")
-        if isinstance(v, bool | str):
-            if isinstance(v, str) and len(v) > 256:
-                raise InvalidArgument(f"{name}[{k!r}] is longer than 256 characters")
-            out[k] = v
-        elif isinstance(v, int | float):
-            if not math.isfinite(v):
+        t = type(v)
+        if t is float:
+            if not isfinite(v):
                 raise InvalidArgument(f"{name}[{k!r}] must be finite, got {v!r}")
-            out[k] = v
-        else:
-            raise InvalidArgument(f"{name}[{k!r}] must be a number, string or bool, got {v!r}")
-    return MappingProxyType(dict(sorted(out.items())))
+        elif t is str:
+            if len(v) > 256:
+                raise InvalidArgument(f"{name}[{k!r}] is longer than 256 characters")
+        elif t is not int and t is not bool:
+            if isinstance(v, (bool, str)):  # subclasses
+                continue
+            if not isinstance(v, (int, float)):
+                raise InvalidArgument(f"{name}[{k!r}] must be a number, string or bool, got {v!r}")
+            if not isfinite(v):
+                raise InvalidArgument(f"{name}[{k!r}] must be finite, got {v!r}")
+    return MappingProxyType(dict(sorted(features.items())))
 
 
 RuleOp = Literal["in", "not_in", "eq", "ne", "gt", "gte", "lt", "lte"]

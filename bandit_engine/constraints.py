@@ -39,6 +39,9 @@ def mask(
     eligible: list[Offer] = []
     masked: dict[str, str] = {}
     for o in candidates:
+        if o.budget_cents is None and o.max_impressions is None and o.member_cap is None:
+            eligible.append(o)  # nothing to check
+            continue
         st = states.get(o.offer_id)
         if st is None:
             masked[o.offer_id] = "unknown_state"

@@ -91,6 +91,28 @@ class _Catalog:
     by_channel: dict[str, list[Offer]] = field(default_factory=dict)
     channels: dict[str, ChannelConfig] = field(default_factory=dict)
     checked_at: float = 0.0
+    category_of: dict[str, str | None] = field(default_factory=dict)
+    # per channel: (active offer, needs a per-request check of its window/rules)
+    live: dict[str, list[tuple[Offer, bool]]] = field(default_factory=dict)
+    # offers whose counters matter to choose (budget, impression cap, member cap, pacing)
+    stateful: set[str] = field(default_factory=set)
+    paced: dict[str, bool] = field(default_factory=dict)  # channel -> has a paced offer
+
+    def __post_init__(self) -> None:
+        for channel, offers in self.by_channel.items():
+            self.live[channel] = [
+                (o, o.starts_at is not None or o.ends_at is not None or bool(o.rules))
+                for o in offers
+                if o.active
+            ]
+        self.paced = {
+            ch: any(pacing.is_paced(o) for o in offers) for ch, offers in self.by_channel.items()
+        }
+        self.stateful = {
+            o.offer_id
+            for o in self.offers.values()
+            if o.budget_cents is not None or o.max_impressions is not None or o.member_cap is not None
+        }
 
 
 class Engine:
@@ -119,6 +141,7 @@ class Engine:
         self._catalog = _Catalog()
         self._policies: dict[str, _ChannelPolicy] = {}
         self._since_snapshot = 0
+        self._spec_keys: dict[int, tuple[Any, str]] = {}
         if not self.ledger.channels():
             for ch in default_channels().values():
                 self.ledger.put_channel(ch)
@@ -164,7 +187,10 @@ class Engine:
             for o in offers.values():
                 for c in o.channels:
                     by_channel.setdefault(c, []).append(o)
-            self._catalog = cat = _Catalog(version, offers, by_channel, self.ledger.channels())
+            self._catalog = cat = _Catalog(
+                version, offers, by_channel, self.ledger.channels(),
+                category_of={i: o.category for i, o in offers.items()},
+            )  # fmt: skip
         cat.checked_at = now
         return cat
 
@@ -244,8 +270,13 @@ class Engine:
 
     # policies --------------------------------------------------------------------------------
     def _spec_key(self, cfg: ChannelConfig) -> str:
-        blob = json.dumps(cfg.policy.to_dict(), sort_keys=True, default=str)
-        return f"{cfg.policy.family}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}"
+        """Identifies a policy configuration (snapshots are only restored into the same one)."""
+        key = self._spec_keys.get(id(cfg.policy))
+        if key is None or key[0] is not cfg.policy:
+            blob = json.dumps(cfg.policy.to_dict(), sort_keys=True, default=str)
+            key = (cfg.policy, f"{cfg.policy.family}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}")
+            self._spec_keys[id(cfg.policy)] = key
+        return key[1]
 
     def policy(self, channel: str) -> Policy:
         """The channel's policy, restored from its latest snapshot plus the log tail."""
@@ -388,44 +419,51 @@ class Engine:
         now = self.clock.now_ms()
         pol = self.policy(channel)
         group = "holdout" if self.in_holdout(member_id, channel) else "treatment"
-        base = Decision(
-            event_id=event_id, member_id=member_id, channel=channel, group=group,
-            offer_id=None, probability=None, policy_name=cfg.policy.family,
-            policy_version=pol.version, issued_at=now, deadline=now + cfg.reward_window_ms,
-            context=dict(ctx), active=active, status="none",
-        )  # fmt: skip
+        common: dict[str, Any] = {
+            "event_id": event_id, "member_id": member_id, "channel": channel, "group": group,
+            "policy_name": cfg.policy.family, "policy_version": pol.version, "issued_at": now,
+            "deadline": now + cfg.reward_window_ms, "active": active,
+        }  # fmt: skip
+        base = Decision(**common, offer_id=None, probability=None, context=dict(ctx), status="none")
         if group == "holdout" or not consent:
             return self._serve_default(base, cfg, "holdout" if group == "holdout" else "no_consent")
         cat = self._catalog
-        candidates = [o for o in cat.by_channel.get(channel, ()) if o.is_live(channel, now) and o.accepts(ctx)]
+        candidates = [
+            o for o, check in cat.live.get(channel, ())
+            if not check or (o.is_live(channel, now) and o.accepts(ctx))
+        ]  # fmt: skip
         if not candidates:
             return self._log_none(base, "no_live_offer")
         window = max(HISTORY_DAYS * MS_PER_DAY, *(
             o.member_cap.window_ms for o in candidates if o.member_cap is not None
         ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
         history, states = self.ledger.read_state(
-            member_id, now - int(window), [o.offer_id for o in candidates]
+            member_id, now - int(window), [o.offer_id for o in candidates if o.offer_id in cat.stateful]
         )
         if constraints.member_capped(history, now, self.config.member_cap):
             return self._log_none(base, "member_cap")
         eligible, masked = constraints.mask(candidates, states, history, now)
-        category_of = {o.offer_id: o.category for o in cat.offers.values()}
         for attempt in range(MAX_RESERVE_ATTEMPTS):
             if not eligible:
                 return self._log_none(base, "capped:" + ",".join(sorted(set(masked.values()))))
-            shared, per_offer = summarize_history(history, eligible, category_of, now)
-            prices = pacing.prices(eligible, states, now, self.config.pacing_gain)
+            shared, per_offer = summarize_history(
+                history, eligible, cat.category_of, now, per_offer_features=pol.uses_offer_context
+            )
+            prices = (
+                pacing.prices(eligible, states, now, self.config.pacing_gain)
+                if cat.paced.get(channel) else None
+            )  # fmt: skip
             scoring = Scoring(member_id, {**ctx, **shared}, tuple(eligible), per_offer, prices)
             rng = event_rng(self.config.seed, event_id, attempt)
             with self._lock:
                 pmf = pol.pmf(scoring, rng, cfg.exploration_floor)
             i = sample(pmf, rng)
             offer = eligible[i]
-            d = base.with_(
-                offer_id=offer.offer_id, probability=float(pmf[i]),
-                eligible=tuple(o.offer_id for o in eligible), pmf=tuple(float(p) for p in pmf),
+            d = Decision(
+                **common, offer_id=offer.offer_id, probability=float(pmf[i]),
+                eligible=tuple(o.offer_id for o in eligible), pmf=tuple(pmf.tolist()),
                 context=scoring.context,
-                offer_context={o.offer_id: f for o, f in zip(eligible, per_offer, strict=True) if f},
+                offer_context={o.offer_id: f for o, f in zip(eligible, per_offer, strict=False) if f},
                 reserved_cents=offer.cost_cents, learnable=True, status="open",
             )  # fmt: skip
             try:
@@ -437,7 +475,9 @@ class Engine:
                     return self._log_none(base, "member_cap")
                 masked[offer.offer_id] = exc.cap
                 eligible = [o for o in eligible if o.offer_id != offer.offer_id]
-                states = self.ledger.offer_states([o.offer_id for o in eligible])
+                states = self.ledger.offer_states(
+                    [o.offer_id for o in eligible if o.offer_id in cat.stateful]
+                )
         return self._log_none(base, "contention")
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:

@@ -75,11 +75,10 @@ def check_pmf(pmf: np.ndarray, k: int) -> np.ndarray:
     pmf = np.asarray(pmf, dtype=np.float64)
     if pmf.shape != (k,):
         raise InvalidArgument(f"policy returned a pmf of shape {pmf.shape}, expected ({k},)")
-    if not np.all(np.isfinite(pmf)) or np.any(pmf < 0):
-        raise InvalidArgument(f"policy returned an invalid pmf: {pmf!r}")
-    total = pmf.sum()
-    if not (abs(total - 1.0) < 1e-6):
-        raise InvalidArgument(f"policy pmf sums to {total}, not 1")
+    total = float(pmf.sum())
+    # NaN fails every comparison, and a finite sum of non-negative entries means all are finite
+    if not (float(pmf.min()) >= 0.0 and abs(total - 1.0) < 1e-6):
+        raise InvalidArgument(f"policy returned an invalid pmf (sum {total}): {pmf!r}")
     return pmf / total
 
 
@@ -90,7 +89,39 @@ def sample(pmf: np.ndarray, rng: np.random.Generator) -> int:
     return min(idx, pmf.size - 1)
 
 
+class EventRandom:
+    """Per-event randomness, reproducible from (engine seed, event id, attempt).
+
+    ``random()`` gives uniforms straight from a keyed BLAKE2b hash (about 1 µs, where seeding a
+    numpy Generator costs about 20 µs); any other Generator method (``standard_normal``, ...)
+    builds the seeded numpy Generator on first use.
+
+    >>> a, b = event_rng(7, "ev-1"), event_rng(7, "ev-1")
+    >>> a.random() == b.random(), 0.0 <= a.random() < 1.0
+    (True, True)
+    """
+
+    __slots__ = ("_key", "_n", "_gen", "_seed")
+
+    def __init__(self, seed: int, event_id: str, attempt: int = 0) -> None:
+        self._key = f"{seed}\x00{attempt}\x00{event_id}".encode()
+        self._seed = (seed, event_id, attempt)
+        self._n = 0
+        self._gen: np.random.Generator | None = None
+
+    def random(self) -> float:
+        self._n += 1
+        h = hashlib.blake2b(self._key + self._n.to_bytes(4, "little"), digest_size=8).digest()
+        return (int.from_bytes(h, "little") >> 11) * 2.0**-53
+
+    def __getattr__(self, name: str) -> object:
+        if self._gen is None:
+            seed, event_id, attempt = self._seed
+            h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+            self._gen = np.random.default_rng([seed & 0xFFFFFFFF, h & 0xFFFFFFFF, h >> 32, attempt])
+        return getattr(self._gen, name)
+
+
 def event_rng(seed: int, event_id: str, attempt: int = 0) -> np.random.Generator:
-    """A generator seeded from the engine seed and the event id: same event, same draws."""
-    h = int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed & 0xFFFFFFFF, h & 0xFFFFFFFF, h >> 32, attempt])
+    """The randomness of one decision: same seed and event id, same draws."""
+    return EventRandom(seed, event_id, attempt)  # type: ignore[return-value]

@@ -32,11 +32,14 @@ def summarize_history(
     offers: Sequence[Offer],
     category_of: Mapping[str, str | None],
     now_ms: int,
+    *,
+    per_offer_features: bool = True,
 ) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
-    """Shared ``member.*`` features and one member x offer mapping per offer (sparse)."""
+    """Shared ``member.*`` features and one member x offer mapping per offer (sparse; an empty
+    tuple when ``per_offer_features`` is False)."""
     shared: dict[str, float] = {}
     if not history:
-        return shared, tuple({} for _ in offers)
+        return shared, tuple({} for _ in offers) if per_offer_features else ()
     per_offer: dict[str, list[float]] = {}
     per_cat: dict[str, list[float]] = {}
     redeemed = ignored = 0
@@ -60,16 +63,20 @@ def summarize_history(
     shared["member.redemptions"] = float(redeemed)
     shared["member.ignored"] = float(ignored)
     shared["member.days_since_offer"] = round((now_ms - last) / MS_PER_DAY, 3)
-    out = []
+    if not per_offer_features:
+        return shared, ()
+    out: list[dict[str, float]] = []
     for o in offers:
-        f: dict[str, float] = {}
-        st = per_offer.get(o.offer_id)
-        if st is not None:
-            f["seen"], f["redeemed"], f["ignored"] = st
-        cat = o.category
-        if cat is not None and cat in per_cat:
-            f["cat_seen"], f["cat_redeemed"] = per_cat[cat]
-        out.append(f)
+        oid = o.offer_id
+        st = per_offer.get(oid)
+        cs = per_cat.get(category_of.get(oid))  # type: ignore[arg-type]
+        if st is None:
+            out.append({} if cs is None else {"cat_seen": cs[0], "cat_redeemed": cs[1]})
+        elif cs is None:
+            out.append({"seen": st[0], "redeemed": st[1], "ignored": st[2]})
+        else:
+            out.append({"seen": st[0], "redeemed": st[1], "ignored": st[2],
+                        "cat_seen": cs[0], "cat_redeemed": cs[1]})  # fmt: skip
     return shared, tuple(out)
 
 
@@ -86,7 +93,7 @@ class FeatureHasher:
 
     >>> h = FeatureHasher(8)
     >>> v = h.vector({"tier": "gold", "recency_days": 12})
-    >>> v.shape, v[0]
+    >>> v.shape, float(v[0])
     ((8,), 1.0)
     """
 

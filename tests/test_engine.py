@@ -266,6 +266,7 @@ def test_money_is_exact_in_cents() -> None:
 
 
 def test_member_history_personalizes_identical_segments(engine: Engine) -> None:
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts")))
     for o in catalog(3):
         engine.add_offer(o)
     ctx = {"tier": "gold"}

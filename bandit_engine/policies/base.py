@@ -62,6 +62,9 @@ class Policy(ABC):
 
     family: ClassVar[str]
     paced: ClassVar[bool] = True  # False for business-as-usual baselines
+    # True when the family reads member x offer features (the engine skips building them else;
+    # such decisions then log none, so a later switch to such a family replays without them)
+    uses_offer_context: ClassVar[bool] = False
     # number of posterior draws used to compute Thompson propensities (documented default)
     propensity_draws: int = 0
 

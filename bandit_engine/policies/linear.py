@@ -82,6 +82,7 @@ class LinTS(Policy):
     """Contextual Thompson sampling, one Bayesian linear regression per offer."""
 
     family = "lin_ts"
+    uses_offer_context = True
 
     def __init__(
         self,

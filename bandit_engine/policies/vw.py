@@ -132,6 +132,7 @@ class VWPolicy(Policy):
     """Contextual bandit with action-dependent features, explored by one of VW's explorers."""
 
     family = "vw"
+    uses_offer_context = True
 
     def __init__(
         self,
