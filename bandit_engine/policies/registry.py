@@ -18,6 +18,11 @@ def register(family: str, factory: Callable[..., Policy]) -> None:
     _FAMILIES[family] = factory
 
 
+def unregister(family: str) -> None:
+    """Remove a family (e.g. simulation-only oracles registered for the length of a run)."""
+    _FAMILIES.pop(family, None)
+
+
 def families() -> list[str]:
     _load_builtin()
     return sorted(_FAMILIES)

@@ -1,0 +1,33 @@
+"""Off-policy evaluation: IPS, SNIPS, DM and DR with intervals and effective sample size, on the
+engine's ledger or on dsjson files."""
+
+from .data import (
+    LoggedData,
+    LoggedRow,
+    Report,
+    cross_fit_predictions,
+    evaluate,
+    from_decisions,
+    from_dsjson,
+    from_engine,
+    policy_target,
+)
+from .estimators import Estimate, all_estimates, dm, dr, ips, snips
+
+__all__ = [
+    "Estimate",
+    "LoggedData",
+    "LoggedRow",
+    "Report",
+    "all_estimates",
+    "cross_fit_predictions",
+    "dm",
+    "dr",
+    "evaluate",
+    "from_decisions",
+    "from_dsjson",
+    "from_engine",
+    "ips",
+    "policy_target",
+    "snips",
+]

@@ -1,0 +1,175 @@
+"""Oracles from ground truth, and the simulation-only baseline families.
+
+Both oracles run *through the engine* (same caps, same ledger) as policy families that read the
+true response of the arrival being decided from the :class:`~.world.World`:
+
+* ``sim_oracle`` without prices: the unconstrained per-member best offer (greedy on the true
+  probability, history included);
+* ``sim_oracle`` with ``prices``: the budget-feasible oracle, the argmax of the Lagrangian
+  ``p * (value - lambda * cost)`` with dual prices solved on the known probabilities
+  (:func:`solve_budget_duals`, a projected subgradient on the LP dual).
+
+``segment_rules`` is the rule-based baseline a loyalty team would write by hand: a discount in
+the member's top category, early access for VIPs, else points.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from ..policies.base import Policy, Scoring
+from ..policies.registry import families, register, unregister
+from .world import VIP_TIERS, World
+
+_WORLDS: weakref.WeakValueDictionary[str, World] = weakref.WeakValueDictionary()
+
+
+def attach(world: World) -> str:
+    """Make ``world`` reachable by oracle policies; returns the key to put in their params."""
+    key = f"world-{id(world):x}"
+    _WORLDS[key] = world
+    return key
+
+
+class Oracle(Policy):
+    """Picks the offer with the highest true (priced) expected reward. Not paced by the engine:
+    its own dual prices are the exact budget-feasible ones."""
+
+    family = "sim_oracle"
+    paced = False
+
+    def __init__(self, *, seed: int = 0, world: str = "", prices: Mapping[str, float] | None = None,
+                 objective: str = "reward") -> None:  # fmt: skip
+        super().__init__(seed=seed)
+        self.world_key = world
+        self.prices = dict(prices or {})
+        self.objective = objective
+
+    def _distribution(self, s: Scoring) -> np.ndarray:
+        world = _WORLDS.get(self.world_key)
+        if world is None:  # detached from its world (e.g. restored elsewhere): no truth to use
+            return np.full(len(s.offers), 1.0 / len(s.offers))
+        m, channel, now = world.current
+        hist = world.history_of(m)
+        scores = np.empty(len(s.offers))
+        for i, o in enumerate(s.offers):
+            p = world.expected_reward(m, o.offer_id, channel, hist, now)
+            lam = self.prices.get(o.offer_id, 0.0)
+            scores[i] = p * (1.0 - lam * o.cost_cents / 100.0)
+        out = np.zeros(len(s.offers))
+        out[int(np.argmax(scores))] = 1.0
+        return out
+
+    def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        return None
+
+
+class SegmentRules(Policy):
+    """Hand-written segment rules over the context and the offers' features (no learning)."""
+
+    family = "segment_rules"
+
+    def _distribution(self, s: Scoring) -> np.ndarray:
+        top = s.context.get("top_category")
+        vip = s.context.get("tier") in VIP_TIERS
+        scores = []
+        for o in s.offers:
+            kind = o.features.get("kind")
+            score = 0.0
+            if kind == "early_access" and vip:
+                score = 3.0
+            elif kind == "discount" and o.category == top:
+                score = 2.0 + float(o.features.get("depth", 0.0))
+            elif kind == "points":
+                score = 1.0
+            scores.append(score)
+        out = np.zeros(len(s.offers))
+        out[int(np.argmax(scores))] = 1.0
+        return out
+
+    def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        return None
+
+
+SIM_FAMILIES: dict[str, Callable[..., Policy]] = {"sim_oracle": Oracle, "segment_rules": SegmentRules}
+
+
+@contextmanager
+def sim_families() -> Iterator[None]:
+    """Register the simulation-only families for the duration of a run, then remove them, so
+    the product registry (and its contract tests) never sees them outside the simulator."""
+    known = set(families())
+    added = [name for name in SIM_FAMILIES if name not in known]
+    for name in added:
+        register(name, SIM_FAMILIES[name])
+    try:
+        yield
+    finally:
+        for name in added:
+            unregister(name)
+
+
+def solve_budget_duals(
+    probs: np.ndarray,
+    eligible: np.ndarray,
+    costs: np.ndarray,
+    budgets: np.ndarray,
+    *,
+    iterations: int = 400,
+) -> tuple[np.ndarray, float]:
+    """Dual prices ``lambda`` (per currency unit of cost) of the budget-constrained assignment LP
+
+        max sum_t sum_o x_to p_to   s.t.  sum_t x_to p_to c_o <= B_o,  sum_o x_to <= 1
+
+    on known probabilities ``probs`` (T x K), ``eligible`` mask, unit ``costs`` and ``budgets``
+    (``inf`` = none). Returns (lambda, dual bound = an upper bound on the feasible optimum).
+
+    >>> p = np.array([[0.5, 0.2]] * 100); e = np.ones_like(p, bool)
+    >>> lam, bound = solve_budget_duals(p, e, np.array([1.0, 1.0]), np.array([10.0, np.inf]))
+    >>> bool(lam[0] > 0), bool(lam[1] == 0), bool(25.0 < bound < 27.0)  # LP optimum: 10 + 0.2 * 80
+    (True, True, True)
+    """
+    t, k = probs.shape
+    finite = np.isfinite(budgets)
+    lam = np.zeros(k)
+    best_lam, best_bound = lam.copy(), np.inf
+    scale = np.where(finite, budgets, 1.0)
+    for it in range(iterations):
+        score = np.where(eligible, probs * (1.0 - lam * costs), -np.inf)
+        choice = np.argmax(score, axis=1)
+        top = score[np.arange(t), choice]
+        top = np.where(np.isfinite(top), np.maximum(top, 0.0), 0.0)
+        bound = float(top.sum() + (lam[finite] * budgets[finite]).sum())
+        if bound < best_bound:
+            best_bound, best_lam = bound, lam.copy()
+        used = top > 0
+        spend = np.bincount(choice[used], weights=(probs[np.arange(t), choice] * costs[choice])[used], minlength=k)
+        grad = np.where(finite, (spend - np.where(finite, budgets, 0.0)) / scale, 0.0)
+        step = 1.0 / costs.max() / np.sqrt(it + 1)
+        lam = np.clip(lam + step * grad, 0.0, 1.0 / np.maximum(costs, 1e-9))
+    return best_lam, best_bound
+
+
+def static_probabilities(world: World, members: Sequence[int], channels: Sequence[str],
+                         times: Sequence[int], offers: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """True probabilities without history or drift, and eligibility, of each arrival x offer."""
+    from .world import CHANNEL_EFFECT
+
+    members = np.asarray(members)
+    logits = world._static[members][:, [world.offer_index[o.offer_id] for o in offers]]
+    chan = np.array([CHANNEL_EFFECT.get(c, 0.0) for c in channels])
+    pref = np.array([world.members[m].preferred_channel == c for m, c in zip(members, channels, strict=True)])
+    probs = 1.0 / (1.0 + np.exp(-(logits + chan[:, None] + 0.3 * pref[:, None])))
+    elig = np.zeros(probs.shape, dtype=bool)
+    for j, o in enumerate(offers):
+        for i in range(len(members)):
+            elig[i, j] = o.is_live(channels[i], int(times[i])) and o.accepts(world.members[members[i]].context)
+    return probs, elig
+
+
+__all__ = ["Oracle", "SegmentRules", "attach", "sim_families", "solve_budget_duals", "static_probabilities"]

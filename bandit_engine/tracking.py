@@ -1,0 +1,290 @@
+"""MLflow tracking of simulations. ``import mlflow`` (~2.4 s) happens only inside these
+functions, never on the serving path.
+
+The store defaults to ``sqlite:///<root>/mlruns/mlflow.db`` with artifacts under ``<root>/mlruns``
+(MLflow 3.17 would otherwise default to ``./mlflow.db``); ``BANDIT_ENGINE_MLFLOW_URI`` or
+``--tracking-uri`` points it elsewhere (a server: ``http://host:5000``).
+
+One parent run per ``simulate`` command, one nested child run per policy x seed with params,
+step metrics (the curves, logged with ``MlflowClient.log_batch`` in chunks of 1 000), tags and
+artifacts (PNG plots, the scenario file, a dsjson sample of the decision log, the policy
+snapshot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .simulation.runner import Comparison, RunResult
+    from .simulation.scenario import Scenario
+
+ENV_URI = "BANDIT_ENGINE_MLFLOW_URI"
+EXPERIMENT = "bandit_engine-simulations"
+BATCH = 1000
+DSJSON_SAMPLE = 200
+
+
+def default_uri(root: str | Path = ".") -> str:
+    return f"sqlite:///{Path(root).resolve() / 'mlruns' / 'mlflow.db'}"
+
+
+def resolve_uri(override: str | None = None, root: str | Path = ".") -> str:
+    """``--tracking-uri`` beats ``BANDIT_ENGINE_MLFLOW_URI`` beats the local ``mlruns/`` store.
+
+    >>> resolve_uri("http://mlflow:5000")
+    'http://mlflow:5000'
+    """
+    return override or os.environ.get(ENV_URI) or default_uri(root)
+
+
+def _chunks(items: Sequence[Any], n: int = BATCH) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class Tracker:
+    """Logs one simulate command. Use as a context manager; it never leaves a run active."""
+
+    def __init__(self, uri: str | None = None, *, root: str | Path = ".", experiment: str = EXPERIMENT,
+                 run_name: str | None = None) -> None:  # fmt: skip
+        self.uri = resolve_uri(uri, root)
+        self.root = Path(root).resolve()
+        self.experiment = experiment
+        self.run_name = run_name
+        self.parent_id: str | None = None
+        self.child_ids: list[str] = []
+        self._client: Any = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self, scenario: Scenario, params: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(self.uri)
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:///") and self.uri == default_uri(self.root):
+                (self.root / "mlruns").mkdir(parents=True, exist_ok=True)
+                location = (self.root / "mlruns").as_uri()
+            exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self._tmp = tempfile.TemporaryDirectory(prefix="be-mlflow-")
+        run = self._client.create_run(
+            exp_id, run_name=self.run_name or f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={"scenario": scenario.name, "kind": "simulate"},
+        )  # fmt: skip
+        self.parent_id = run.info.run_id
+        self._exp_id = exp_id
+        self._log(self.parent_id, params=params)
+        if scenario.source is not None:
+            p = Path(self._tmp.name) / f"{scenario.name}.toml"
+            p.write_text(scenario.source)
+            self._client.log_artifact(self.parent_id, str(p))
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        if self._client is not None and self.parent_id is not None:
+            self._client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # logging ---------------------------------------------------------------------------------
+    def _log(self, run_id: str, *, params: dict[str, Any] | None = None,
+             metrics: list[tuple[str, float, int]] | None = None, tags: dict[str, str] | None = None) -> None:  # fmt: skip
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        ms = [Metric(k, float(v), now, int(step)) for k, v, step in (metrics or []) if v == v]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for chunk in _chunks(ps, 100):
+            self._client.log_batch(run_id, params=list(chunk))
+        for chunk in _chunks(ms):
+            self._client.log_batch(run_id, metrics=list(chunk))
+        if ts:
+            self._client.log_batch(run_id, tags=ts)
+
+    def log_run(self, result: RunResult, comparison: Comparison, scenario: Scenario) -> str:
+        """One nested child run for a policy x seed."""
+        from . import __version__
+
+        assert self.parent_id is not None and self._tmp is not None, "call start() first"
+        run = self._client.create_run(
+            self._exp_id, run_name=f"{result.policy}-seed{result.seed}",
+            tags={"mlflow.parentRunId": self.parent_id, "policy": result.policy,
+                  "seed": str(result.seed), "scenario": scenario.name},
+        )  # fmt: skip
+        rid = run.info.run_id
+        self.child_ids.append(rid)
+        spec = result.spec
+        params = {
+            "scenario": scenario.name, "policy": result.policy, "family": spec["family"],
+            "policy_params": json.dumps(spec["params"], sort_keys=True, default=str),
+            "seed": result.seed, "decisions": result.decisions, "engine_version": __version__,
+            "exploration_floor": scenario.exploration_floor, "channels": ",".join(scenario.channels),
+        }  # fmt: skip
+        final = comparison.per_run(result)
+        curve = result.curve
+        series: list[tuple[str, float, int]] = []
+        oracle = {r.policy: r for r in comparison.runs if r.seed == result.seed}.get(comparison.reference_oracle)
+        for i, step in enumerate(curve.get("step", [])):
+            for key in ("expected_reward", "redemptions", "net_value", "spend", "committed", "budget_used"):
+                if key in curve:
+                    series.append((f"curve.{key}", curve[key][i], step))
+            if oracle is not None and i < len(oracle.curve.get("expected_reward", [])):
+                series.append(("curve.regret", oracle.curve["expected_reward"][i] - curve["expected_reward"][i], step))
+        series += [(k, v, result.decisions) for k, v in final.items()]
+        self._log(rid, params=params, metrics=series)
+        out = Path(self._tmp.name) / rid
+        out.mkdir()
+        for name, fig in plots(result, oracle).items():
+            fig.savefig(out / f"{name}.png", dpi=80)
+            _close(fig)
+        if result.engine is not None:
+            _engine_artifacts(result.engine, out)
+        self._client.log_artifacts(rid, str(out))
+        self._client.set_terminated(rid, "FINISHED")
+        return rid
+
+    def finish(self, comparison: Comparison) -> None:
+        """Summary metrics and the comparison table and plot on the parent run."""
+        assert self.parent_id is not None and self._tmp is not None
+        metrics = []
+        for row in comparison.summary():
+            for k, v in row.items():
+                if isinstance(v, float) and not k.endswith("_ci"):
+                    metrics.append((f"{row['policy']}.{k}", v, 0))
+        self._log(self.parent_id, metrics=metrics)
+        out = Path(self._tmp.name) / "parent"
+        out.mkdir(exist_ok=True)
+        (out / "summary.md").write_text(comparison.table() + "\n")
+        fig = comparison_plot(comparison)
+        fig.savefig(out / "comparison.png", dpi=80)
+        _close(fig)
+        self._client.log_artifacts(self.parent_id, str(out))
+
+
+def _engine_artifacts(engine: Any, out: Path) -> None:
+    from .engine import to_dsjson
+
+    offers = {o.offer_id: o for o in engine.offers()}
+    with open(out / "decisions_sample.dsjson", "w") as fh:
+        n = 0
+        for d in engine.ledger.decisions():
+            if d.offer_id is None or not d.learnable:
+                continue
+            fh.write(json.dumps(to_dsjson(d, offers)) + "\n")
+            n += 1
+            if n >= DSJSON_SAMPLE:
+                break
+    for ch in engine.channels():
+        if engine.ledger.latest_snapshot(ch) is not None or ch in engine._policies:
+            (out / f"policy_{ch}.snapshot").write_bytes(engine.policy(ch).serialize())
+
+
+# plots -----------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:  # headless by default; a notebook keeps its backend
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _close(fig: Any) -> None:
+    _pyplot().close(fig)
+
+
+def plots(result: RunResult, oracle: RunResult | None = None) -> dict[str, Any]:
+    """Figures of one run: cumulative reward and regret, spend vs pace, offer mix by segment."""
+    plt = _pyplot()
+    c = result.curve
+    figs: dict[str, Any] = {}
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(c["step"], c["expected_reward"], label=result.policy)
+    if oracle is not None:
+        ax[0].plot(oracle.curve["step"], oracle.curve["expected_reward"], "--", label=oracle.policy)
+        n = min(len(c["step"]), len(oracle.curve["step"]))
+        ax[1].plot(c["step"][:n], [o - p for o, p in zip(oracle.curve["expected_reward"][:n], c["expected_reward"][:n], strict=True)])
+    ax[0].set(title="cumulative expected reward", xlabel="decisions")
+    ax[0].legend()
+    ax[1].set(title="regret vs oracle", xlabel="decisions")
+    fig.tight_layout()
+    figs["reward_regret"] = fig
+    fig, ax1 = plt.subplots(figsize=(4.5, 3.2))
+    if "budget_used" in c:
+        ax1.plot(c["time_fraction"], c["budget_used"], label="budget used")
+        ax1.plot([0, 1], [0, 1], ":", label="pace")
+        ax1.set(title="spend vs pace", xlabel="campaign time", ylabel="fraction of budget")
+    else:
+        ax1.plot(c["time_fraction"], c["spend"], label="spend")
+        ax1.set(title="spend", xlabel="campaign time", ylabel="currency")
+    ax1.legend()
+    fig.tight_layout()
+    figs["spend_pace"] = fig
+    fig, ax2 = plt.subplots(figsize=(6, 3.2))
+    segs = sorted(result.offer_mix)
+    offers = sorted({o for m in result.offer_mix.values() for o in m})
+    bottom = [0.0] * len(segs)
+    for o in offers:
+        vals = []
+        for s in segs:
+            tot = sum(result.offer_mix[s].values()) or 1
+            vals.append(result.offer_mix[s].get(o, 0) / tot)
+        ax2.bar(segs, vals, bottom=bottom, label=o)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax2.set(title="offer mix by tier", ylabel="share")
+    ax2.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    figs["offer_mix"] = fig
+    return figs
+
+
+def comparison_plot(comparison: Comparison) -> Any:
+    """Cumulative expected reward of every policy (first seed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    seed = comparison.runs[0].seed if comparison.runs else 0
+    for r in comparison.runs:
+        if r.seed == seed:
+            ax.plot(r.curve["step"], r.curve["expected_reward"], label=r.policy)
+    ax.set(title=f"{comparison.scenario.name}: cumulative expected reward (seed {seed})", xlabel="decisions")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@contextmanager
+def tracking(uri: str | None, scenario: Scenario, params: dict[str, Any], *, root: str | Path = ".") -> Iterator[Tracker]:
+    t = Tracker(uri, root=root)
+    try:
+        t.start(scenario, params)
+        yield t
+    except BaseException:
+        t.close(failed=True)
+        raise
+    else:
+        t.close()
+
+
+__all__ = ["ENV_URI", "EXPERIMENT", "Tracker", "comparison_plot", "default_uri", "plots", "resolve_uri", "tracking"]

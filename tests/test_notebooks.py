@@ -1,0 +1,31 @@
+"""The notebooks execute at small size (nbclient), so they cannot rot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks() -> None:
+    assert {p.stem for p in NOTEBOOKS} >= {"compare_policies", "evaluate_candidate"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("BANDIT_ENGINE_NB_DECISIONS", "300")
+    monkeypatch.setenv("BANDIT_ENGINE_NB_SEEDS", "1")
+    monkeypatch.setenv("BANDIT_ENGINE_MLFLOW_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client.execute(env=dict(os.environ))
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

@@ -1,0 +1,213 @@
+"""The simulator: scenarios, the ground-truth world, the runner through the engine, oracles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bandit_engine.catalog import PolicySpec
+from bandit_engine.cli import main
+from bandit_engine.errors import InvalidArgument
+from bandit_engine.simulation import Scenario, Simulator, World, solve_budget_duals
+from bandit_engine.simulation.world import Exposure
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = sorted((ROOT / "simulations").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_every_scenario_file_loads(path: Path) -> None:
+    s = Scenario.load(path)
+    assert s.name == path.stem
+    assert s.source is not None and "[[offers]]" in s.source
+    assert len(s.offers) >= 6 and len(s.policies) >= 3
+
+
+def test_required_scenarios_exist() -> None:
+    assert {p.stem for p in SCENARIOS} >= {"default", "tight_budget", "fatigue", "cold_start"}
+    assert Scenario.load(ROOT / "simulations/tight_budget.toml").budgeted
+    cold = Scenario.load(ROOT / "simulations/cold_start.toml")
+    assert any(o.starts_day for o in cold.offers)
+
+
+BAD_SCENARIOS = [
+    ({"bogus": 1}, r"unknown scenario fields: \['bogus'\]"),
+    ({"offers": [{"id": "x", "kind": "coupon"}]}, r"kind must be one of"),
+    ({"offers": [{"id": "x", "kind": "points", "channels": ["fax"]}]}, r"channels \['fax'\] not in the scenario"),
+    ({"offers": [{"id": "x", "kind": "points", "depth": 1.5}]}, r"depth must be in \[0, 1\)"),
+    ({"policies": [{"name": "p"}]}, r"exactly one of family or baseline"),
+    ({"policies": [{"name": "p", "baseline": "magic"}]}, r"baseline must be one of"),
+    ({"decisions": 0}, r"decisions must be >= 1"),
+    ({"world": {"fatigue": -1}}, r"world.fatigue must be >= 0"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_SCENARIOS)
+def test_bad_scenarios_are_rejected_with_a_clear_message(change: dict, message: str) -> None:
+    base = {
+        "name": "t",
+        "offers": [{"id": "a", "kind": "points"}],
+        "policies": [{"name": "random", "family": "uniform"}],
+    }
+    with pytest.raises(InvalidArgument, match=message):
+        Scenario.from_dict({**base, **change})
+
+
+def test_unknown_policy_selection_is_rejected() -> None:
+    with pytest.raises(InvalidArgument, match="unknown policies"):
+        Scenario.default().select_policies(["nope"])
+
+
+# the world -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World(Scenario.load(ROOT / "simulations/default.toml").with_(members=400), seed=5)
+
+
+def test_world_is_reproducible_and_context_is_observable_only(world: World) -> None:
+    again = World(world.scenario, seed=5)
+    assert [m.context for m in again.members[:20]] == [m.context for m in world.members[:20]]
+    assert np.array_equal(again._static, world._static)
+    ctx = world.members[0].context
+    assert "price_sensitivity" not in ctx and "affinity" not in ctx
+    assert set(ctx) >= {"tier", "lifecycle", "tenure_days", "recency_days", "frequency", "monetary"}
+
+
+def test_best_offer_differs_by_member(world: World) -> None:
+    ids = [o.offer_id for o in world.offers if o.kind != "early_access"]
+    best = {max(ids, key=lambda o: world.expected_reward(m, o, "email", [])) for m in world.members}
+    assert len(best) >= 4
+
+
+def test_fatigue_conditioning_and_channel_effects(world: World) -> None:
+    m = world.members[3]
+    t0 = world.start_ms + 10 * 86_400_000
+    fresh = world.expected_reward(m, "home-10", "email", [], t0)
+    tired = world.expected_reward(m, "home-10", "email", [Exposure("home-10", t0 - 1000)] * 3, t0)
+    assert tired < fresh
+    conditioned = world.expected_reward(m, "points-2x", "email", [Exposure("fashion-30", t0 - 1000)] * 3, t0)
+    assert conditioned < world.expected_reward(m, "points-2x", "email", [], t0)
+    # old exposures outside the fatigue window do not count
+    old = world.expected_reward(m, "home-10", "email", [Exposure("home-10", t0 - 40 * 86_400_000)], t0)
+    assert old == pytest.approx(fresh)
+    assert world.expected_reward(m, "home-10", "in_app", []) != world.expected_reward(m, "home-10", "sms", [])
+
+
+def test_delays_stay_inside_the_reward_window(world: World) -> None:
+    window = 7 * 86_400_000
+    delays = [world.delay_ms(u, window) for u in np.linspace(0, 0.999999, 50)]
+    assert min(delays) == 0 and max(delays) < window
+    assert delays == sorted(delays)
+
+
+# the runner ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small() -> Simulator:
+    s = Scenario.load(ROOT / "simulations/default.toml").with_(members=300)
+    return Simulator(s.select_policies(["random", "best_fixed", "segment_rules", "thompson_segmented"]), decisions=600)
+
+
+@pytest.fixture(scope="module")
+def comparison(small: Simulator):
+    return small.compare([11], keep_engines=True)
+
+
+def test_runs_go_through_the_engine(comparison) -> None:
+    for r in comparison.runs:
+        assert r.engine is not None
+        assert r.engine.ledger.count_decisions() == r.decisions == 600
+        logged = [d for d in r.engine.ledger.decisions() if d.offer_id is not None and d.learnable]
+        assert len(logged) == r.served
+        assert all(0 < d.probability <= 1 for d in logged)
+
+
+def test_oracle_beats_every_policy_and_lift_is_normalized(comparison) -> None:
+    rows = {r.policy: comparison.per_run(r) for r in comparison.runs}
+    oracle = rows["oracle"]["expected_reward"]
+    for name, m in rows.items():
+        assert m["expected_reward"] <= oracle + 1e-9, name
+        assert m["overspend"] == 0 and m["cap_breaches"] == 0
+    assert rows["oracle"]["normalized_lift"] == pytest.approx(1.0)
+    assert rows["random"]["normalized_lift"] == pytest.approx(0.0)
+    assert rows["segment_rules"]["normalized_lift"] > 0.1  # knows the top category
+    r = comparison.runs[0]
+    assert len(r.curve["step"]) == len(r.curve["expected_reward"]) >= 40
+    assert r.curve["step"][-1] == 600
+    assert {"treatment_rate", "holdout_rate", "lift", "lift_lo", "lift_hi"} <= set(r.holdout)
+    table = comparison.table()
+    assert "| oracle |" in table and "normalized lift" in table
+
+
+def test_simulation_families_do_not_leak_into_the_product_registry(comparison) -> None:
+    from bandit_engine.policies.registry import families
+
+    assert not {"sim_oracle", "segment_rules"} & set(families())
+
+
+def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
+    a = small.run("random", PolicySpec("uniform"), 11)
+    b = small.run("random", PolicySpec("uniform"), 11)
+    assert (a.expected_reward, a.redemptions, a.spend) == (b.expected_reward, b.redemptions, b.spend)
+    c = small.run("random", PolicySpec("uniform"), 12)
+    assert c.expected_reward != a.expected_reward
+
+
+def test_budgets_are_never_overspent_and_pacing_is_measured() -> None:
+    s = Scenario.load(ROOT / "simulations/tight_budget.toml").with_(members=300)
+    # shrink budgets so they bind within a small run
+    offers = tuple(o if o.budget is None else type(o)(**{**o.__dict__, "budget": 40.0}) for o in s.offers)
+    s = s.with_(offers=offers).select_policies(["thompson_segmented", "thompson_hard_stop"])
+    sim = Simulator(s, decisions=800)
+    c = sim.compare([3])
+    runs = {r.policy: r for r in c.runs}
+    assert set(runs) == {"random", "oracle", "budget_oracle", "thompson_segmented", "thompson_hard_stop"}
+    for name in ("budget_oracle", "thompson_segmented", "thompson_hard_stop"):
+        r = runs[name]
+        assert r.overspend == 0 and r.cap_breaches == 0, name
+        assert r.budget_used is not None and 0 < r.budget_used <= 1.0
+        assert r.pacing_error is not None
+    # the unconstrained oracle ignores budgets: it spends more on the budgeted offers
+    assert runs["oracle"].expected_reward >= runs["budget_oracle"].expected_reward
+    assert runs["thompson_hard_stop"].budget_used > 0.5
+
+
+def test_member_caps_are_enforced_by_the_engine() -> None:
+    s = Scenario.load(ROOT / "simulations/fatigue.toml").with_(members=60).select_policies(["lin_ts_capped"])
+    r = Simulator(s, decisions=500).compare([2]).by("lin_ts_capped")[0]
+    assert r.cap_breaches == 0
+    assert r.reasons.get("member_cap", 0) > 0
+
+
+def test_budget_duals_price_only_binding_budgets() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.5, size=(2000, 3))
+    p[:, 0] += 0.2  # offer 0 is best for everyone
+    elig = np.ones_like(p, dtype=bool)
+    costs = np.array([2.0, 1.0, 1.0])
+    unconstrained = (p[:, 0] * costs[0]).sum()
+    lam, bound = solve_budget_duals(p, elig, costs, np.array([0.3 * unconstrained, np.inf, np.inf]))
+    assert lam[0] > 0 and lam[1] == lam[2] == 0
+    choice = np.argmax(p * (1 - lam * costs), axis=1)
+    spend0 = (p[choice == 0, 0] * costs[0]).sum()
+    assert spend0 <= 0.3 * unconstrained * 1.05
+    # the dual bound lies between the unconstrained optimum and (about) the priced greedy value
+    assert p.max(1).sum() >= bound >= 0.99 * p[np.arange(2000), choice].sum()
+
+
+def test_simulate_command_prints_a_table(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/default.toml"), "--policies", "random,segment_rules",
+        "--seeds", "4", "--decisions", "200", "--no-tracking", "--no-progress", "--json-out", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "| segment_rules |" in result.output and "| oracle |" in result.output
+    assert '"policy": "segment_rules"' in out.read_text()
+
+
+def test_simulate_command_rejects_bad_seeds() -> None:
+    result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"), "--seeds", "x", "--no-tracking"])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output

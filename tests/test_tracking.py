@@ -1,0 +1,111 @@
+"""MLflow tracking: an isolated store per test, one parent and nested children, step metrics,
+artifacts; ``import mlflow`` stays off the serving path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bandit_engine.cli import main
+from bandit_engine.tracking import ENV_URI, default_uri, resolve_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An MLflow store in a temp dir; fails the test if it leaks an active run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv(ENV_URI, uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    yield uri
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None:
+        mlflow.end_run()
+        pytest.fail(f"test leaked an active MLflow run {active.info.run_id}")
+
+
+def test_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(ENV_URI, raising=False)
+    assert resolve_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    monkeypatch.setenv(ENV_URI, "http://example:5000")
+    assert resolve_uri(None, tmp_path) == "http://example:5000"
+    assert resolve_uri("sqlite:///x.db", tmp_path) == "sqlite:///x.db"
+    assert default_uri(tmp_path).endswith("/mlruns/mlflow.db")
+
+
+def test_mlflow_is_not_imported_on_the_serving_path() -> None:
+    code = (
+        "import sys; import bandit_engine, bandit_engine.cli, bandit_engine.engine, "
+        "bandit_engine.simulation, bandit_engine.simulation.commands, bandit_engine.evaluation, "
+        "bandit_engine.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'; "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_simulate_logs_a_parent_and_nested_children(store: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/tight_budget.toml"), "--policies", "thompson_segmented",
+        "--seeds", "5", "--decisions", "300", "--no-progress", "--tracking-uri", store,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("bandit_engine-simulations")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["policy"] for c in children} == {"random", "oracle", "budget_oracle", "thompson_segmented"}
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+    child = next(c for c in children if c.data.tags["policy"] == "thompson_segmented")
+    assert child.data.params["seed"] == "5" and child.data.params["family"] == "thompson"
+    assert child.data.params["engine_version"]
+    assert child.data.metrics["overspend"] == 0.0
+    assert "normalized_lift" in child.data.metrics and "regret_budget_oracle" in child.data.metrics
+    history = client.get_metric_history(child.info.run_id, "curve.expected_reward")
+    assert len(history) >= 40 and history[-1].step == 300
+    assert [h.step for h in history] == sorted(h.step for h in history)
+    assert len(client.get_metric_history(child.info.run_id, "curve.regret")) >= 40
+    names = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"reward_regret.png", "spend_pace.png", "offer_mix.png", "decisions_sample.dsjson"} <= names
+    assert any(n.startswith("policy_") and n.endswith(".snapshot") for n in names)
+    pnames = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"tight_budget.toml", "summary.md", "comparison.png"} <= pnames
+    png = client.download_artifacts(child.info.run_id, "reward_regret.png", str(tmp_path))
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sample = Path(client.download_artifacts(child.info.run_id, "decisions_sample.dsjson", str(tmp_path)))
+    assert 0 < len(sample.read_text().splitlines()) <= 200
+    assert "thompson_segmented.normalized_lift" in parent.data.metrics
+
+
+def test_default_store_lives_under_mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_URI, raising=False)
+    from bandit_engine.simulation import Scenario, Simulator
+    from bandit_engine.tracking import Tracker
+
+    scenario = Scenario.default().select_policies(["random"])
+    comparison = Simulator(scenario, decisions=100).compare([1])
+    with Tracker(root=tmp_path) as t:
+        t.start(scenario, {"scenario": scenario.name})
+        for r in comparison.runs:
+            t.log_run(r, comparison, scenario)
+        t.finish(comparison)
+    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    assert any(p.suffix == ".png" for p in (tmp_path / "mlruns").rglob("*.png"))
+    import mlflow
+
+    assert mlflow.active_run() is None
