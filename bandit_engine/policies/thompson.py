@@ -27,9 +27,9 @@ with segment ``*`` and count 0), so a new segment costs no memory until it learn
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -96,6 +96,7 @@ class Thompson(Policy):
             raise InvalidArgument(f"thompson: segment_by has duplicates: {list(segment_by)!r}")
         self.segment_by = tuple(segment_by)
         self._seed64 = seed % 2**64
+        self._gen = np.random.Generator(np.random.PCG64(0))  # reseeded per bank redraw
         self._reset()
 
     # storage ---------------------------------------------------------------------------------
@@ -129,10 +130,22 @@ class Thompson(Policy):
         return r
 
     def _redraw(self, r: int) -> None:
+        """Redraw row ``r``'s bank from a PCG64 state keyed by (seed, segment, offer, updates):
+        a pure function of the learning log. Setting the state directly costs ~3 µs where
+        seeding a new Generator through SeedSequence costs ~16 µs."""
         segment, offer_id = self._keys[r]
-        tag = zlib.crc32(f"{segment}|{offer_id}".encode())
-        gen = np.random.default_rng([self._seed64, tag, int(self._updates[r])])
-        self._bank[:, r] = gen.beta(self._alpha[r], self._beta[r], size=self.propensity_draws)
+        key = f"{self._seed64}|{segment}|{offer_id}|{int(self._updates[r])}".encode()
+        h = hashlib.blake2b(key, digest_size=32).digest()
+        self._gen.bit_generator.state = {
+            "bit_generator": "PCG64",
+            "state": {"state": int.from_bytes(h[:16], "little"),
+                      "inc": int.from_bytes(h[16:], "little") | 1},
+            "has_uint32": 0,
+            "uinteger": 0,
+        }  # fmt: skip
+        self._bank[:, r] = self._gen.beta(
+            self._alpha[r], self._beta[r], size=self.propensity_draws
+        )
 
     def _segment(self, context: Mapping[str, Any]) -> str:
         if not self.segment_by:
