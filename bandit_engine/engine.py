@@ -327,11 +327,12 @@ class Engine:
         missing = [i for i in d.eligible if i not in offers]
         if missing:
             offers = self._refresh_catalog(force=True).offers
+        oc = d.offer_context
         s = Scoring(
             d.member_id,
             d.context,
             tuple(offers[i] for i in d.eligible),
-            tuple(d.offer_context.get(i, {}) for i in d.eligible),
+            tuple(oc.get(i, {}) for i in d.eligible) if oc and pol.uses_offer_context else (),
         )
         pol.learn(s, d.eligible.index(d.offer_id), d.probability, reward)  # type: ignore[arg-type]
 
@@ -424,8 +425,8 @@ class Engine:
             "policy_name": cfg.policy.family, "policy_version": pol.version, "issued_at": now,
             "deadline": now + cfg.reward_window_ms, "active": active,
         }  # fmt: skip
-        base = Decision(**common, offer_id=None, probability=None, context=dict(ctx), status="none")
         if group == "holdout" or not consent:
+            base = Decision(**common, offer_id=None, probability=None, context=dict(ctx), status="none")
             return self._serve_default(base, cfg, "holdout" if group == "holdout" else "no_consent")
         cat = self._catalog
         candidates = [
@@ -433,7 +434,7 @@ class Engine:
             if not check or (o.is_live(channel, now) and o.accepts(ctx))
         ]  # fmt: skip
         if not candidates:
-            return self._log_none(base, "no_live_offer")
+            return self._log_none(common, ctx, "no_live_offer")
         window = max(HISTORY_DAYS * MS_PER_DAY, *(
             o.member_cap.window_ms for o in candidates if o.member_cap is not None
         ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
@@ -441,11 +442,11 @@ class Engine:
             member_id, now - int(window), [o.offer_id for o in candidates if o.offer_id in cat.stateful]
         )
         if constraints.member_capped(history, now, self.config.member_cap):
-            return self._log_none(base, "member_cap")
+            return self._log_none(common, ctx, "member_cap")
         eligible, masked = constraints.mask(candidates, states, history, now)
         for attempt in range(MAX_RESERVE_ATTEMPTS):
             if not eligible:
-                return self._log_none(base, "capped:" + ",".join(sorted(set(masked.values()))))
+                return self._log_none(common, ctx, "capped:" + ",".join(sorted(set(masked.values()))))
             shared, per_offer = summarize_history(
                 history, eligible, cat.category_of, now, per_offer_features=pol.uses_offer_context
             )
@@ -472,18 +473,18 @@ class Engine:
                 )
             except CapExceeded as exc:
                 if exc.cap == "member_all":
-                    return self._log_none(base, "member_cap")
+                    return self._log_none(common, ctx, "member_cap")
                 masked[offer.offer_id] = exc.cap
                 eligible = [o for o in eligible if o.offer_id != offer.offer_id]
                 states = self.ledger.offer_states(
                     [o.offer_id for o in eligible if o.offer_id in cat.stateful]
                 )
-        return self._log_none(base, "contention")
+        return self._log_none(common, ctx, "contention")
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
         offer = self._catalog.offers.get(cfg.default_offer or "")
         if offer is None or not offer.is_live(base.channel, base.issued_at):
-            return self._log_none(base, reason)
+            return self.ledger.log_decision(base.with_(reason=reason), None, {})
         d = base.with_(
             offer_id=offer.offer_id, probability=1.0, eligible=(offer.offer_id,), pmf=(1.0,),
             reserved_cents=offer.cost_cents, status="open", reason=reason,
@@ -493,10 +494,13 @@ class Engine:
                 d, offer, constraints.member_caps(offer, self.config.member_cap)
             )
         except CapExceeded as exc:
-            return self._log_none(base, f"{reason}:capped:{exc.cap}")
+            return self.ledger.log_decision(base.with_(reason=f"{reason}:capped:{exc.cap}"), None, {})
 
-    def _log_none(self, base: Decision, reason: str) -> Decision:
-        return self.ledger.log_decision(base.with_(reason=reason, status="none"), None, {})
+    def _log_none(self, common: Mapping[str, Any], ctx: Mapping[str, Any], reason: str) -> Decision:
+        """Log a decision that served no offer (with why); it reserves and counts nothing."""
+        d = Decision(**common, offer_id=None, probability=None, context=dict(ctx), status="none",
+                     reason=reason)  # fmt: skip
+        return self.ledger.log_decision(d, None, {})
 
     # reward ----------------------------------------------------------------------------------
     def reward(

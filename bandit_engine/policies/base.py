@@ -14,6 +14,7 @@ import json
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +22,9 @@ import numpy as np
 from ..catalog import FeatureValue, Offer
 from ..errors import InvalidArgument
 from ..exploration import apply_floor, apply_pacing, check_pmf, pmf_from_draws
+
+_MAGIC = b"BEPOLICY1"
+_EMPTY: Mapping[str, float] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Scoring:
         if not self.offers:
             raise InvalidArgument("a policy needs at least one eligible offer")
         if not self.offer_context:
-            object.__setattr__(self, "offer_context", tuple({} for _ in self.offers))
+            object.__setattr__(self, "offer_context", (_EMPTY,) * len(self.offers))
         if len(self.offer_context) != len(self.offers):
             raise InvalidArgument("offer_context must have one entry per offer")
         if self.pacing is not None and self.pacing.shape != (len(self.offers),):
@@ -54,7 +58,6 @@ class Scoring:
         return tuple(o.offer_id for o in self.offers)
 
 
-_MAGIC = b"BEPOLICY1"
 
 
 class Policy(ABC):
