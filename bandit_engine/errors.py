@@ -25,36 +25,34 @@ class InvalidArgument(BanditEngineError, ValueError):
     status = 422
 
 
-class UnknownChannel(BanditEngineError, KeyError):
-    code = "unknown_channel"
+class NotFound(BanditEngineError, KeyError):
+    """Something named does not exist (a KeyError too, for callers that expect one)."""
+
+    code = "not_found"
     status = 404
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message
 
 
-class UnknownOffer(BanditEngineError, KeyError):
+class UnknownChannel(NotFound):
+    code = "unknown_channel"
+    status = 404
+
+
+class UnknownOffer(NotFound):
     code = "unknown_offer"
     status = 404
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class UnknownEvent(BanditEngineError, KeyError):
+class UnknownEvent(NotFound):
     code = "unknown_event"
     status = 404
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class UnknownPolicy(BanditEngineError, KeyError):
+class UnknownPolicy(NotFound):
     code = "unknown_policy"
     status = 422
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class RewardWindowClosed(BanditEngineError):

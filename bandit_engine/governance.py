@@ -18,13 +18,12 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, insert, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from .clock import Clock, SystemClock
 from .errors import (
@@ -32,9 +31,9 @@ from .errors import (
     ChangeNotApproved,
     Forbidden,
     InvalidArgument,
-    StorageError,
 )
 from .governance_models import ApiKeyRow, AuditRow, ChangeRow
+from .ledger.sql import transaction
 
 T = TypeVar("T")
 Role = Literal["decide", "analyst", "admin", "approver"]
@@ -157,18 +156,8 @@ class Governance:
         return cls(engine, clock=clock)
 
     # plumbing --------------------------------------------------------------------------------
-    @contextmanager
-    def _tx(self, write: bool = False) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                if write:
-                    conn = conn.execution_options(ledger_write=True)
-                with conn.begin():
-                    yield conn
-        except IntegrityError:
-            raise
-        except (OperationalError, DBAPIError) as exc:
-            raise StorageError(f"governance database error: {exc.__class__.__name__}") from exc
+    def _tx(self, write: bool = False) -> AbstractContextManager[Connection]:
+        return transaction(self._engine, write=write, what="governance")
 
     def _audit(self, c: Connection, actor: str, action: str, target: str, detail: Mapping[str, Any]) -> None:
         c.execute(insert(AuditRow).values(

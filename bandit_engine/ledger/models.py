@@ -12,6 +12,10 @@ class Base(DeclarativeBase):
     pass
 
 
+# 64-bit keys; SQLite only auto-increments an INTEGER PRIMARY KEY
+BigKey = BigInteger().with_variant(Integer, "sqlite")
+
+
 class OfferRow(Base):
     __tablename__ = "offers"
 
@@ -52,7 +56,7 @@ class MemberRow(Base):
 class DecisionRow(Base):
     __tablename__ = "decisions"
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigKey, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(String(128), unique=True)
     member_id: Mapped[str] = mapped_column(String(128))
     channel: Mapped[str] = mapped_column(String(128))
@@ -82,7 +86,7 @@ class DecisionRow(Base):
 class RewardRow(Base):
     __tablename__ = "rewards"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigKey, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(String(128))
     reward_id: Mapped[str] = mapped_column(String(128))
     value: Mapped[float] = mapped_column(Float)
@@ -95,7 +99,7 @@ class RewardRow(Base):
 class FeedbackRow(Base):
     __tablename__ = "feedback"
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigKey, primary_key=True, autoincrement=True)
     event_id: Mapped[str] = mapped_column(String(128))
     channel: Mapped[str] = mapped_column(String(128))
     reward: Mapped[float] = mapped_column(Float)
@@ -105,7 +109,7 @@ class FeedbackRow(Base):
 class SnapshotRow(Base):
     __tablename__ = "snapshots"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigKey, primary_key=True, autoincrement=True)
     channel: Mapped[str] = mapped_column(String(128))
     policy_name: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(BigInteger)

@@ -11,7 +11,7 @@ the same job.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -129,6 +129,24 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
+@contextmanager
+def transaction(engine: Engine, *, write: bool = False, what: str = "ledger") -> Iterator[Connection]:
+    """One transaction; ``write=True`` takes SQLite's write lock up front (``BEGIN IMMEDIATE``).
+
+    Database failures become :class:`StorageError` (503); integrity errors pass through for
+    the caller to interpret (a duplicate event id, say)."""
+    try:
+        with engine.connect() as conn:
+            if write:
+                conn = conn.execution_options(ledger_write=True)
+            with conn.begin():
+                yield conn
+    except IntegrityError:
+        raise
+    except (OperationalError, DBAPIError) as exc:
+        raise StorageError(f"{what} database error: {exc.__class__.__name__}: {exc.orig}") from exc
+
+
 def _insert_ignore(dialect: str, table: Any) -> Any:
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -158,18 +176,8 @@ class SqlLedger:
                 raise
             raise StorageError(f"ledger database error: {exc.__class__.__name__}: {exc.orig}") from exc
 
-    @contextmanager
-    def _tx(self, write: bool = False) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                if write:
-                    conn = conn.execution_options(ledger_write=True)
-                with conn.begin():
-                    yield conn
-        except IntegrityError:
-            raise
-        except (OperationalError, DBAPIError) as exc:
-            raise StorageError(f"ledger database error: {exc.__class__.__name__}: {exc.orig}") from exc
+    def _tx(self, write: bool = False) -> AbstractContextManager[Connection]:
+        return transaction(self._engine, write=write)
 
     def _bump_catalog(self, c: Connection) -> None:
         n = c.execute(
