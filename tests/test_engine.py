@@ -386,3 +386,22 @@ def test_replay_from_scratch_gives_the_same_model(ledger_url, clock) -> None:
                 replayed.ledger.close()
     finally:
         e.ledger.close()
+
+
+def test_snapshots_are_pruned_to_the_newest_three(tmp_path, clock) -> None:
+    from sqlalchemy import func, select
+
+    from bandit_engine.ledger.models import SnapshotRow
+
+    e = Engine.open(f"sqlite:///{tmp_path / 's.db'}", clock=clock, snapshot_every=2)
+    try:
+        for o in catalog(3):
+            e.add_offer(o)
+        for i in range(20):
+            e.reward(e.choose(f"m{i}", "email", event_id=f"e{i}").event_id, 1.0)
+        with e.ledger.engine.connect() as c:  # type: ignore[attr-defined]
+            n = c.execute(select(func.count()).select_from(SnapshotRow)).scalar()
+        assert n == 3
+        assert e.ledger.latest_snapshot("email").feedback_seq == 20
+    finally:
+        e.ledger.close()

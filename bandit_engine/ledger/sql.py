@@ -19,6 +19,7 @@ from sqlalchemy import (
     Engine,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -443,13 +444,22 @@ class SqlLedger:
         return out
 
     # snapshots -------------------------------------------------------------------------------
-    def save_snapshot(self, snapshot: Snapshot) -> None:
+    def save_snapshot(self, snapshot: Snapshot, *, keep: int = 3) -> None:
+        """Store a checkpoint and prune all but the ``keep`` newest of its channel (a lin_ts
+        snapshot of 50 offers is ~1.6 MB; the log, not the snapshots, is the source of truth)."""
+        sr = SnapshotRow.__table__.c
         with self._tx(write=True) as c:
             c.execute(insert(SnapshotRow).values(
                 channel=snapshot.channel, policy_name=snapshot.policy_name,
                 version=snapshot.version, feedback_seq=snapshot.feedback_seq,
                 data=snapshot.data, created_at=snapshot.created_at,
             ))  # fmt: skip
+            stale = c.execute(
+                select(sr.id).where(sr.channel == snapshot.channel)
+                .order_by(sr.id.desc()).offset(keep)
+            ).scalars().all()  # fmt: skip
+            if stale:
+                c.execute(delete(SnapshotRow).where(sr.id.in_(stale)))
 
     def latest_snapshot(self, channel: str) -> Snapshot | None:
         q = (
