@@ -27,10 +27,10 @@ from sqlalchemy import Connection, Engine, insert, select, update
 
 from .clock import Clock, SystemClock
 from .errors import (
-    BanditEngineError,
     ChangeNotApproved,
     Forbidden,
     InvalidArgument,
+    NotFound,
 )
 from .governance_models import ApiKeyRow, AuditRow, ChangeRow
 from .ledger.sql import transaction
@@ -44,20 +44,14 @@ KEY_PREFIX = "bek_"
 AUTH_CACHE_SECONDS = 1.0  # a revoked key stops working within this delay on every worker
 
 
-class UnknownChange(BanditEngineError, KeyError):
+class UnknownChange(NotFound):
     code = "unknown_change"
     status = 404
 
-    def __str__(self) -> str:
-        return self.message
 
-
-class UnknownKey(BanditEngineError, KeyError):
+class UnknownKey(NotFound):
     code = "unknown_key"
     status = 404
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True, slots=True)
