@@ -97,3 +97,14 @@ def api_fixture(tmp_path: Any) -> Iterator[Api]:
         yield a
     finally:
         a.engine.ledger.close()
+
+
+def seeded_api(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Api]:
+    """A seeded app for a module-scoped fixture (``yield from seeded_api(...)``); closes the
+    ledger afterwards."""
+    a = make_api(tmp_path_factory.mktemp(name))
+    seed(a)
+    try:
+        yield a
+    finally:
+        a.engine.ledger.close()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.api_fixtures import Api, make_api, seed
+from tests.api_fixtures import Api, seeded_api
 
 LONG = "x" * 129
 OK_CHOOSE = {"member_id": "m-2", "channel": "email"}
@@ -193,10 +193,7 @@ CASES: list[tuple[str, str, str, str, Any, int, str]] = [
 
 @pytest.fixture(scope="module")
 def shared_api(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    a = make_api(tmp_path_factory.mktemp("bad"))
-    seed(a)
-    yield a
-    a.engine.ledger.close()
+    yield from seeded_api(tmp_path_factory, "bad")
 
 
 def test_table_is_large_enough() -> None:

@@ -9,15 +9,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from openapi_spec_validator import validate
 
-from tests.api_fixtures import Api, make_api, seed
+from tests.api_fixtures import Api, seeded_api
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    a = make_api(tmp_path_factory.mktemp("openapi"))
-    seed(a)
-    yield a
-    a.engine.ledger.close()
+    yield from seeded_api(tmp_path_factory, "openapi")
 
 
 def test_document_validates(live: Api) -> None:

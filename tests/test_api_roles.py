@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bandit_engine.api.openapi import openapi_document
-from tests.api_fixtures import ROLES, Api, make_api, seed
+from tests.api_fixtures import ROLES, Api, seeded_api
 
 Prep = Callable[[Api], tuple[str, Any]]
 
@@ -32,10 +32,7 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    a = make_api(tmp_path_factory.mktemp("roles"))
-    seed(a)
-    yield a
-    a.engine.ledger.close()
+    yield from seeded_api(tmp_path_factory, "roles")
 
 # (method, path template, allowed roles, prepare -> (path, json body))
 ROUTES: list[tuple[str, str, tuple[str, ...], Prep]] = [
