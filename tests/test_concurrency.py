@@ -79,3 +79,54 @@ def test_racing_processes_respect_one_members_frequency_cap(backend, request, tm
     eng.ledger.close()
     served = _run(pool, url, same_member=True)
     assert served["free"] == 3  # the member cap (3 per day across channels), exactly
+
+
+def _reward_race(url: str, worker: int, event_ids: list[str]) -> list[str]:
+    """Every worker rewards every event: once with the shared reward id, once with its own."""
+    eng = Engine.open(url, seed=worker)
+    try:
+        out = []
+        for eid in event_ids:
+            out.append(eng.reward(eid, 1.0, 0.5, reward_id="shared").status)
+            out.append(eng.reward(eid, 1.0, 0.25, reward_id=f"w{worker}").status)
+        return out
+    finally:
+        eng.ledger.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_racing_rewards_settle_each_event_exactly_once(backend, request, tmp_path, pool) -> None:
+    """8 processes reward the same 6 events at once. Under "first" aggregation exactly one reward
+    per event is recorded; under "sum" every distinct reward id is, exactly once, and the costs
+    add up, so the offer's spent and committed counters match the decisions."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'race.db'}"
+    eng = Engine.open(url)
+    eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    eng.set_channel(ChannelConfig("push", policy=PolicySpec("uniform"), aggregation="sum"))
+    eng.add_offer(Offer("o", ["email", "push"], cost=5.00, budget=1000.00))
+    first = [eng.choose(f"m{i}", "email").event_id for i in range(3)]
+    summed = [eng.choose(f"m{i}", "push").event_id for i in range(3)]
+    eng.ledger.close()
+    futures = [pool.submit(_reward_race, url, w, first + summed) for w in range(WORKERS)]
+    statuses = Counter(s for f in futures for s in f.result(timeout=300))
+    # first: 1 of 16 per event recorded; sum: "shared" once + 8 worker ids per event
+    assert statuses["recorded"] == 3 * 1 + 3 * (1 + WORKERS)
+    assert statuses["duplicate"] == 2 * WORKERS * 6 - statuses["recorded"]
+    eng = Engine.open(url)
+    try:
+        for eid in first:
+            d = eng.get_decision(eid)
+            assert (d.status, d.reward_count, d.reward) == ("closed", 1, 1.0)
+            assert d.spent_cents in (25, 50)  # whichever reward won booked its own cost
+        for eid in summed:
+            d = eng.get_decision(eid)
+            assert (d.status, d.reward_count, d.reward) == ("open", 1 + WORKERS, 1.0 + WORKERS)
+            assert d.spent_cents == 50 + 25 * WORKERS
+        st = eng.ledger.offer_states(["o"])["o"]
+        decisions = [eng.get_decision(e) for e in first + summed]
+        assert st.spent_cents == sum(d.spent_cents for d in decisions)
+        assert st.committed_cents == sum(d.reserved_cents - d.spent_cents for d in decisions)
+        assert len(eng.ledger.feedback_after(0)) == 3  # "sum" learns at window close
+    finally:
+        eng.ledger.close()

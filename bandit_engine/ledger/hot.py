@@ -1,0 +1,501 @@
+"""The request path's SQL, sent through the DBAPI connection (sqlite3 or psycopg 3) directly.
+
+``choose`` and ``reward`` are a handful of small statements each. Through SQLAlchemy Core each
+statement costs ~0.1 ms of Python (execution context, result wrapping, events) — more than the
+statement itself on SQLite and about as much as a localhost round trip on PostgreSQL — so these
+three operations use hand-written SQL on the pooled DBAPI connection:
+
+* ``read_state``: the member's recent exposures and the offers' counters, read without a
+  transaction on PostgreSQL (autocommit; the guarded reservation below re-checks the caps) and in
+  one deferred transaction on SQLite;
+* ``log_decision``: the guarded reservation ``UPDATE offers ... WHERE spent + committed + cost
+  <= budget AND impressions < cap`` and the decision insert, atomically. On PostgreSQL both are
+  one statement (a data-modifying CTE: one round trip, one commit); on SQLite they run inside
+  ``BEGIN IMMEDIATE``. Member frequency caps first lock the member's row, as before;
+* ``record_reward``: lock the decision (``FOR UPDATE`` on PostgreSQL, the write lock on
+  SQLite), then the shared settlement rules (:mod:`.settle`) and four writes in one transaction.
+
+Everything else in the ledger stays on SQLAlchemy Core. The schema is the one the ORM models and
+the Alembic migrations define; ``tests/test_ledger_sql.py`` runs both paths on SQLite and
+PostgreSQL against each other.
+
+Connections come from the SQLAlchemy pool (``raw_connection``). The pool does not pre-ping
+(that was a round trip per checkout); instead a connection that turns out to be dead is
+invalidated and the operation retried once on a fresh one. The retry is safe: a decision is
+keyed by its unique event id and a reward by (event id, reward id), so a write that did commit
+before the connection dropped is found, not repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+
+from ..catalog import MemberCap, Offer
+from ..errors import CapExceeded, RewardWindowClosed, StorageError, UnknownEvent
+from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome
+from .settle import OfferDelta, settle_expiry, settle_reward
+
+T = TypeVar("T")
+MAX_CAS_ATTEMPTS = 16
+
+DECISION_COLUMNS = (
+    "seq", "event_id", "member_id", "channel", "grp", "offer_id", "probability", "policy_name",
+    "policy_version", "issued_at", "deadline", "payload", "reserved_cents", "spent_cents", "active",
+    "learnable", "status", "reward", "reward_count",
+)  # fmt: skip
+_INSERT_COLUMNS = DECISION_COLUMNS[1:]
+# PostgreSQL types for the INSERT ... SELECT of the reservation CTE (a bare parameter in a
+# SELECT list has no type to be inferred from)
+_PG_TYPES = {
+    "event_id": "VARCHAR", "member_id": "VARCHAR", "channel": "VARCHAR", "grp": "VARCHAR",
+    "offer_id": "VARCHAR", "probability": "DOUBLE PRECISION", "policy_name": "VARCHAR",
+    "policy_version": "BIGINT", "issued_at": "BIGINT", "deadline": "BIGINT", "payload": "JSON",
+    "reserved_cents": "BIGINT", "spent_cents": "BIGINT", "active": "BOOLEAN",
+    "learnable": "BOOLEAN", "status": "VARCHAR", "reward": "DOUBLE PRECISION",
+    "reward_count": "INTEGER",
+}  # fmt: skip
+
+_SELECT_DECISION = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE event_id = :eid"
+_HISTORY = (
+    "SELECT offer_id, channel, issued_at, reward, status FROM decisions "
+    "WHERE member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL ORDER BY seq"
+)
+_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers WHERE "
+# the member's history and the offers' counters in one round trip: (0, seq, history...) rows,
+# then (1, 0, counters...) rows
+_READ_STATE = (
+    "SELECT 0, seq, offer_id, channel, issued_at, reward, status, NULL, NULL, NULL, NULL "
+    "FROM decisions WHERE member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL "
+    "UNION ALL SELECT 1, 0, offer_id, NULL, NULL, NULL, NULL, spent_cents, committed_cents, "
+    "impressions, settled_cents FROM offers WHERE {ids} ORDER BY 1, 2"
+)
+_RESERVE = (
+    "UPDATE offers SET committed_cents = committed_cents + :cost, impressions = impressions + 1 "
+    "WHERE offer_id = :oid "
+    "AND (budget_cents IS NULL OR spent_cents + committed_cents + :cost <= budget_cents) "
+    "AND (max_impressions IS NULL OR impressions < max_impressions) RETURNING offer_id"
+)
+_INSERT_DECISION = (
+    f"INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _INSERT_COLUMNS)}) RETURNING seq"
+)
+_RESERVE_AND_INSERT = (  # PostgreSQL: both in one statement, so one round trip and one commit
+    f"WITH r AS ({_RESERVE}) INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
+    f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
+    "RETURNING seq"
+)
+_ALL_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers"
+_DUE = (
+    f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE status = 'open' AND deadline < :now "
+    "ORDER BY seq LIMIT :limit"
+)
+_CAP_DIAGNOSIS = "SELECT impressions, max_impressions FROM offers WHERE offer_id = :oid"
+_MEMBER_ROW = "INSERT INTO members (member_id, touches) VALUES (:member, 0) ON CONFLICT DO NOTHING"
+_TOUCH_MEMBER = "UPDATE members SET touches = touches + 1 WHERE member_id = :member"
+_COUNT_EXPOSURES = (
+    "SELECT count(*) FROM decisions WHERE member_id = :member AND issued_at > :since "
+    "AND offer_id IS NOT NULL"
+)
+_COUNT_OFFER_EXPOSURES = _COUNT_EXPOSURES + " AND offer_id = :oid"
+_DECISION_FOR_REWARD = (  # the decision, and whether this reward id was already recorded
+    f"SELECT {', '.join(DECISION_COLUMNS)}, EXISTS (SELECT 1 FROM rewards "
+    "WHERE event_id = :eid AND reward_id = :rid) FROM decisions WHERE event_id = :eid"
+)
+# PostgreSQL settles a reward in one statement, guarded by the decision's reward count and
+# status as read (compare-and-swap): if another writer settled it in between, nothing is
+# written and the reward is re-read and re-decided.
+_SETTLE_REWARD_CAS = (
+    "WITH dc AS (UPDATE decisions SET status = :status, reward = :reward, "
+    "reward_count = :reward_count, spent_cents = :spent, reserved_cents = :reserved, "
+    "active = :active WHERE seq = :seq AND reward_count = :old_count AND status = 'open' "
+    "RETURNING seq), "
+    "rw AS (INSERT INTO rewards (event_id, reward_id, value, cost_cents, at) "
+    "SELECT CAST(:eid AS VARCHAR), CAST(:rid AS VARCHAR), CAST(:value AS DOUBLE PRECISION), "
+    "CAST(:cost AS BIGINT), CAST(:at AS BIGINT) FROM dc), "
+    "ap AS (UPDATE offers SET spent_cents = spent_cents + :d_spent, "
+    "committed_cents = committed_cents + :d_committed, settled_cents = settled_cents + :d_settled "
+    "WHERE offer_id = :oid AND EXISTS (SELECT 1 FROM dc)), "
+    "fb AS (INSERT INTO feedback (event_id, channel, reward, learn) "
+    "SELECT CAST(:eid AS VARCHAR), CAST(:channel AS VARCHAR), CAST(:fb_reward AS DOUBLE PRECISION), "
+    "CAST(:learn AS BOOLEAN) FROM dc WHERE CAST(:emit AS BOOLEAN) RETURNING seq) "
+    "SELECT (SELECT seq FROM dc), (SELECT seq FROM fb)"
+)
+_INSERT_REWARD = (
+    "INSERT INTO rewards (event_id, reward_id, value, cost_cents, at) "
+    "VALUES (:eid, :rid, :value, :cost, :at)"
+)
+_SETTLE_DECISION = (
+    "UPDATE decisions SET status = :status, reward = :reward, reward_count = :reward_count, "
+    "spent_cents = :spent, reserved_cents = :reserved, active = :active WHERE seq = :seq"
+)
+_APPLY = (
+    "UPDATE offers SET spent_cents = spent_cents + :d_spent, "
+    "committed_cents = committed_cents + :d_committed, settled_cents = settled_cents + :d_settled "
+    "WHERE offer_id = :oid"
+)
+_INSERT_FEEDBACK = (
+    "INSERT INTO feedback (event_id, channel, reward, learn) VALUES (:eid, :channel, :reward, :learn) "
+    "RETURNING seq"
+)
+
+
+def _pyformat(sql: str) -> str:
+    """``:name`` (sqlite3's named style) -> ``%(name)s`` (psycopg's)."""
+    return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
+
+
+def decision_from_row(r: tuple[Any, ...]) -> Decision:
+    """A decision from a row of :data:`DECISION_COLUMNS` (the payload is JSON text on SQLite)."""
+    p = r[11]
+    if isinstance(p, str | bytes):
+        p = json.loads(p)
+    return Decision(
+        event_id=r[1], member_id=r[2], channel=r[3], group=r[4], offer_id=r[5],
+        probability=r[6], policy_name=r[7], policy_version=int(r[8]), issued_at=int(r[9]),
+        deadline=int(r[10]), eligible=tuple(p["eligible"]), pmf=tuple(p["pmf"]),
+        context=p["context"], offer_context=p["offer_context"], reason=p["reason"],
+        reserved_cents=int(r[12]), spent_cents=int(r[13]), active=bool(r[14]),
+        learnable=bool(r[15]), status=r[16], reward=r[17], reward_count=int(r[18]), seq=int(r[0]),
+    )  # fmt: skip
+
+
+def decision_params(d: Decision) -> dict[str, Any]:
+    payload = {
+        "eligible": list(d.eligible), "pmf": list(d.pmf), "context": dict(d.context),
+        "offer_context": {k: dict(v) for k, v in d.offer_context.items()}, "reason": d.reason,
+    }  # fmt: skip
+    return {
+        "event_id": d.event_id, "member_id": d.member_id, "channel": d.channel, "grp": d.group,
+        "offer_id": d.offer_id, "probability": d.probability, "policy_name": d.policy_name,
+        "policy_version": d.policy_version, "issued_at": d.issued_at, "deadline": d.deadline,
+        "payload": json.dumps(payload), "reserved_cents": d.reserved_cents,
+        "spent_cents": d.spent_cents, "active": d.active, "learnable": d.learnable,
+        "status": d.status, "reward": d.reward, "reward_count": d.reward_count,
+    }  # fmt: skip
+
+
+class DuplicateEvent(Exception):
+    """The decision's event id is already logged (a concurrent request with the same id)."""
+
+
+class _Disconnected(Exception):
+    """The pooled connection was dead; it has been invalidated."""
+
+
+class HotPath:
+    """``read_state``, ``log_decision`` and ``record_reward`` on raw DBAPI connections."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._pg = engine.dialect.name == "postgresql"
+        fmt = _pyformat if self._pg else (lambda s: s)
+        ids_in = "offer_id = ANY(:ids)" if self._pg else "offer_id IN (SELECT value FROM json_each(:ids))"
+        self._sql: dict[str, str] = {
+            name: fmt(sql) for name, sql in {
+                "decision": _SELECT_DECISION,
+                "decision_lock": _SELECT_DECISION + (" FOR UPDATE" if self._pg else ""),
+                "history": _HISTORY, "all_states": _ALL_STATES,
+                "due": _DUE + (" FOR UPDATE" if self._pg else ""),
+                "states": _STATES + ids_in, "read_state": _READ_STATE.format(ids=ids_in),
+                "reserve": _RESERVE, "insert_decision": _INSERT_DECISION,
+                "reserve_and_insert": _RESERVE_AND_INSERT, "cap_diagnosis": _CAP_DIAGNOSIS,
+                "member_row": _MEMBER_ROW, "touch_member": _TOUCH_MEMBER,
+                "count_exposures": _COUNT_EXPOSURES, "count_offer_exposures": _COUNT_OFFER_EXPOSURES,
+                "decision_for_reward": _DECISION_FOR_REWARD,
+                "settle_reward_cas": _SETTLE_REWARD_CAS, "insert_reward": _INSERT_REWARD,
+                "settle_decision": _SETTLE_DECISION, "apply": _APPLY,
+                "insert_feedback": _INSERT_FEEDBACK,
+            }.items()
+        }  # fmt: skip
+        if self._pg:
+            import psycopg
+
+            self._integrity_error: type[Exception] = psycopg.IntegrityError
+            self._db_error: type[Exception] = psycopg.Error
+        else:
+            import sqlite3
+
+            self._integrity_error = sqlite3.IntegrityError
+            self._db_error = sqlite3.Error
+
+    # plumbing --------------------------------------------------------------------------------
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """A pooled DBAPI connection in autocommit mode: transactions are explicit BEGINs."""
+        fairy = self._engine.raw_connection()
+        conn = fairy.driver_connection
+        try:
+            if self._pg:
+                conn.autocommit = True  # type: ignore[union-attr]
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, self._db_error) and self._is_disconnect(exc, conn):
+                fairy.invalidate(exc)
+                raise _Disconnected(str(exc)) from exc
+            self._rollback(conn)
+            raise
+        finally:
+            if self._pg and not getattr(conn, "closed", True):
+                conn.autocommit = False  # type: ignore[union-attr]
+            fairy.close()
+
+    def _is_disconnect(self, exc: Exception, conn: Any) -> bool:
+        if self._pg:
+            return bool(conn.closed or conn.broken)
+        return bool(self._engine.dialect.is_disconnect(exc, conn, None))  # type: ignore[arg-type]
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            if self._pg:
+                from psycopg.pq import TransactionStatus
+
+                if conn.info.transaction_status != TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+            elif conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except self._db_error:
+            pass
+
+    def _run(self, op: Callable[[Any], T]) -> T:
+        """Run ``op(conn)``; once more on a fresh connection if the first one was dead."""
+        for attempt in (0, 1):
+            try:
+                with self._connection() as conn:
+                    return op(conn)
+            except self._integrity_error:
+                raise DuplicateEvent() from None
+            except _Disconnected as exc:
+                if attempt == 0:
+                    continue
+                raise StorageError(f"ledger database connection lost: {exc}") from exc
+            except self._db_error as exc:
+                raise StorageError(f"ledger database error: {exc.__class__.__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    def _q(self, conn: Any, name: str, params: Mapping[str, Any]) -> Any:
+        return conn.execute(self._sql[name], params)
+
+    def _begin(self, conn: Any, write: bool) -> None:
+        conn.execute("BEGIN IMMEDIATE" if write and not self._pg else "BEGIN")
+
+    # reads -----------------------------------------------------------------------------------
+    def get_decision(self, event_id: str) -> Decision | None:
+        def op(conn: Any) -> Decision | None:
+            row = self._q(conn, "decision", {"eid": event_id}).fetchone()
+            return None if row is None else decision_from_row(row)
+
+        return self._run(op)
+
+    def read_state(
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+    ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
+        ids = list(offer_ids)
+
+        def op(conn: Any) -> tuple[list[HistoryItem], dict[str, OfferState]]:
+            params = {"member": member_id, "since": since_ms}
+            if not ids:
+                rows = self._q(conn, "history", params).fetchall()
+                return [HistoryItem(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows], {}
+            params["ids"] = ids if self._pg else json.dumps(ids)
+            history, states = [], {}
+            for r in self._q(conn, "read_state", params):
+                if r[0] == 0:
+                    history.append(HistoryItem(r[2], r[3], int(r[4]), r[5], r[6]))
+                else:
+                    states[r[2]] = OfferState(r[2], int(r[7]), int(r[8]), int(r[9]), int(r[10]))
+            return history, states
+
+        return self._run(op)
+
+    def offer_states(self, offer_ids: Iterable[str] | None) -> dict[str, OfferState]:
+        ids = None if offer_ids is None else list(offer_ids)
+        return self._run(lambda conn: self._states(conn, ids))
+
+    def _states(self, conn: Any, ids: list[str] | None) -> dict[str, OfferState]:
+        if ids is None:
+            rows = self._q(conn, "all_states", {})
+        elif not ids:
+            return {}
+        else:
+            rows = self._q(conn, "states", {"ids": ids if self._pg else json.dumps(ids)})
+        return {r[0]: OfferState(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
+
+    # writes ----------------------------------------------------------------------------------
+    def log_decision(
+        self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
+    ) -> int:
+        """Reserve (when an offer is served) and insert atomically; returns the decision's seq.
+
+        Raises :class:`CapExceeded` (nothing written) or :class:`DuplicateEvent`."""
+        params = decision_params(decision)
+        if offer is not None:
+            params["oid"], params["cost"] = offer.offer_id, decision.reserved_cents
+
+        def op(conn: Any) -> int:
+            single = self._pg and offer is not None and not member_caps
+            if not single:
+                self._begin(conn, True)
+            if offer is not None and member_caps:
+                self._check_member_caps(conn, decision, member_caps)
+            if offer is None:
+                seq = self._q(conn, "insert_decision", params).fetchone()[0]
+            elif self._pg:
+                row = self._q(conn, "reserve_and_insert", params).fetchone()
+                if row is None:
+                    self._cap_exceeded(conn, offer)
+                seq = row[0]
+            else:
+                if self._q(conn, "reserve", params).fetchone() is None:
+                    self._cap_exceeded(conn, offer)
+                seq = self._q(conn, "insert_decision", params).fetchone()[0]
+            if not single:
+                conn.execute("COMMIT")
+            return int(seq)
+
+        return self._run(op)
+
+    def _check_member_caps(self, conn: Any, d: Decision, caps: Mapping[str, MemberCap]) -> None:
+        self._q(conn, "member_row", {"member": d.member_id})
+        self._q(conn, "touch_member", {"member": d.member_id})  # the per-member lock
+        for key, cap in caps.items():
+            params = {"member": d.member_id, "since": d.issued_at - cap.window_ms}
+            if key == "*":
+                n = self._q(conn, "count_exposures", params).fetchone()[0]
+            else:
+                n = self._q(conn, "count_offer_exposures", {**params, "oid": key}).fetchone()[0]
+            if int(n or 0) >= cap.max:
+                scope = "all offers" if key == "*" else repr(key)
+                raise CapExceeded(
+                    f"member frequency cap on {scope} reached ({cap.max} per {cap.window_days} days)",
+                    d.offer_id if key != "*" else None,
+                    "member" if key != "*" else "member_all",
+                )
+
+    def _cap_exceeded(self, conn: Any, offer: Offer) -> None:
+        row = self._q(conn, "cap_diagnosis", {"oid": offer.offer_id}).fetchone()
+        if row is not None and row[1] is not None and row[0] >= row[1]:
+            raise CapExceeded(f"impression cap of {offer.offer_id!r} reached", offer.offer_id, "impressions")
+        raise CapExceeded(f"budget of {offer.offer_id!r} exhausted", offer.offer_id, "budget")
+
+    def record_reward(
+        self,
+        event_id: str,
+        value: float,
+        cost_cents: int | None,
+        now_ms: int,
+        *,
+        reward_id: str | None,
+        aggregation: str | Mapping[str, str],
+    ) -> RewardOutcome:
+        rid = reward_id or event_id
+
+        def op(conn: Any) -> RewardOutcome | None:
+            locking = not self._pg  # SQLite: under the write lock; PostgreSQL: compare-and-swap
+            if locking:
+                self._begin(conn, True)
+            row = self._q(conn, "decision_for_reward", {"eid": event_id, "rid": rid}).fetchone()
+            if row is None:
+                raise UnknownEvent(f"unknown event {event_id!r}")
+            d = decision_from_row(row)
+            agg = aggregation if isinstance(aggregation, str) else aggregation.get(d.channel, "first")
+            if row[-1] or (agg == "first" and d.reward_count):
+                if locking:
+                    conn.execute("COMMIT")
+                return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents, None, d)
+            new, delta, fb_reward = settle_reward(d, value, cost_cents, now_ms, agg)
+            learn = new.learnable and new.active
+            if not locking:
+                seq, fb_seq = self._q(conn, "settle_reward_cas", {
+                    "seq": d.seq, "old_count": d.reward_count, "status": new.status,
+                    "reward": new.reward, "reward_count": new.reward_count,
+                    "spent": new.spent_cents, "reserved": new.reserved_cents, "active": new.active,
+                    "eid": event_id, "rid": rid, "value": value, "cost": delta.spent, "at": now_ms,
+                    "oid": new.offer_id, "d_spent": delta.spent, "d_committed": delta.committed,
+                    "d_settled": delta.settled, "channel": new.channel, "fb_reward": fb_reward,
+                    "learn": learn, "emit": fb_reward is not None,
+                }).fetchone()  # fmt: skip
+                if seq is None:
+                    return None  # lost the race to another writer of this decision: re-read
+                fb = None if fb_seq is None else Feedback(int(fb_seq), event_id, new.channel, fb_reward, learn)  # type: ignore[arg-type]
+            else:
+                self._q(conn, "insert_reward", {"eid": event_id, "rid": rid, "value": value,
+                                                "cost": delta.spent, "at": now_ms})  # fmt: skip
+                fb = self._settle(conn, new, delta, fb_reward)
+                conn.execute("COMMIT")
+            return RewardOutcome(event_id, "recorded", new.reward, new.spent_cents, fb, new)
+
+        for _ in range(MAX_CAS_ATTEMPTS):
+            out = self._run(op)
+            if out is not None:
+                return out
+        raise StorageError(f"event {event_id!r} is being settled by too many concurrent writers; retry")
+
+    def _settle(
+        self, conn: Any, new: Decision, delta: OfferDelta, fb_reward: float | None
+    ) -> Feedback | None:
+        """Write a settled decision, its offer's counters and (if any) its feedback event."""
+        self._update_decision(conn, new)
+        if new.offer_id is not None and delta != OfferDelta():
+            self._q(conn, "apply", {"oid": new.offer_id, "d_spent": delta.spent,
+                                    "d_committed": delta.committed, "d_settled": delta.settled})  # fmt: skip
+        if fb_reward is None:
+            return None
+        learn = new.learnable and new.active
+        seq = self._q(conn, "insert_feedback", {"eid": new.event_id, "channel": new.channel,
+                                                "reward": fb_reward, "learn": learn}).fetchone()[0]  # fmt: skip
+        return Feedback(int(seq), new.event_id, new.channel, fb_reward, learn)
+
+    def _update_decision(self, conn: Any, d: Decision) -> None:
+        self._q(conn, "settle_decision", {
+            "seq": d.seq, "status": d.status, "reward": d.reward, "reward_count": d.reward_count,
+            "spent": d.spent_cents, "reserved": d.reserved_cents, "active": d.active,
+        })  # fmt: skip
+
+    def activate(self, event_id: str, now_ms: int) -> Decision:
+        def op(conn: Any) -> Decision:
+            self._begin(conn, True)
+            row = self._q(conn, "decision_lock", {"eid": event_id}).fetchone()
+            if row is None:
+                raise UnknownEvent(f"unknown event {event_id!r}")
+            d = decision_from_row(row)
+            if d.status in ("closed", "expired") or now_ms > d.deadline:
+                raise RewardWindowClosed(f"event {event_id!r} is already settled")
+            if not d.active:
+                d = d.with_(active=True)
+                self._update_decision(conn, d)
+            conn.execute("COMMIT")
+            return d
+
+        return self._run(op)
+
+    def expire(self, now_ms: int, default_rewards: Mapping[str, float], batch: int = 500) -> list[Feedback]:
+        """Close every open decision past its deadline, ``batch`` per transaction."""
+
+        def op(conn: Any) -> tuple[int, list[Feedback]]:
+            self._begin(conn, True)
+            rows = self._q(conn, "due", {"now": now_ms, "limit": batch}).fetchall()
+            fbs = []
+            for row in rows:
+                d = decision_from_row(row)
+                new, delta, fb_reward = settle_expiry(d, default_rewards.get(d.channel, 0.0))
+                fb = self._settle(conn, new, delta, fb_reward)
+                if fb is not None:
+                    fbs.append(fb)
+            conn.execute("COMMIT")
+            return len(rows), fbs
+
+        out: list[Feedback] = []
+        while True:
+            n, fbs = self._run(op)
+            out.extend(fbs)
+            if n < batch:
+                return out
+
+
+__all__ = ["DECISION_COLUMNS", "DuplicateEvent", "HotPath", "decision_from_row", "decision_params"]
