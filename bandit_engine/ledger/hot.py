@@ -16,8 +16,8 @@ three operations use hand-written SQL on the pooled DBAPI connection:
   SQLite), then the shared settlement rules (:mod:`.settle`) and four writes in one transaction.
 
 Everything else in the ledger stays on SQLAlchemy Core. The schema is the one the ORM models and
-the Alembic migrations define; ``tests/test_ledger_sql.py`` runs both paths on SQLite and
-PostgreSQL against each other.
+the Alembic migrations define. Every engine, invariant and concurrency test runs this path on
+SQLite and on PostgreSQL; ``tests/test_ledger_sql.py`` covers the connection retry.
 
 Connections come from the SQLAlchemy pool (``raw_connection``). The pool does not pre-ping
 (that was a round trip per checkout); instead a connection that turns out to be dead is

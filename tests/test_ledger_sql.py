@@ -1,0 +1,66 @@
+"""The SQL ledger's request path (``bandit_engine.ledger.hot``) on the real PostgreSQL.
+
+The engine, invariant and concurrency suites already run every choose/reward on SQLite and
+PostgreSQL; this module covers what they cannot: a pooled connection killed by the server
+(a PostgreSQL restart, an idle timeout, a failover) is replaced without failing the request.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from bandit_engine import ChannelConfig, Engine, PolicySpec
+from tests.conftest import _psycopg_url, catalog
+
+
+def _kill_backends(url: str, app: str) -> int:
+    with psycopg.connect(_psycopg_url(url.split("?")[0]), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (app,)
+        ).fetchall()
+    return len(rows)
+
+
+def test_a_connection_killed_by_the_server_is_replaced_and_the_request_succeeds(postgres_url) -> None:
+    app = f"be-{uuid.uuid4().hex[:10]}"
+    url = f"{postgres_url}&application_name={app}"
+    eng = Engine.open(url, seed=1)
+    try:
+        eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+        for o in catalog(3, budget=100.0):
+            eng.add_offer(o)
+        first = eng.choose("m1", "email")
+        assert _kill_backends(postgres_url, app) >= 1  # every pooled connection of this engine
+        # each hot-path operation meets a dead pooled connection and retries on a fresh one
+        d = eng.choose("m2", "email")
+        assert d.offer_id is not None
+        assert _kill_backends(postgres_url, app) >= 1
+        assert eng.reward(first.event_id, 1.0).status == "recorded"
+        assert _kill_backends(postgres_url, app) >= 1
+        assert eng.get_decision(first.event_id).status == "closed"
+        assert eng.ledger.count_decisions() == 2
+        st = eng.ledger.offer_states()
+        assert sum(s.impressions for s in st.values()) == 2
+        assert sum(s.spent_cents for s in st.values()) == first.reserved_cents
+    finally:
+        eng.ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_duplicate_event_id_racing_in_returns_the_logged_decision(backend, request, tmp_path) -> None:
+    """The unique event id is the idempotency key: a second insert of the same id (a client
+    retry that raced its first attempt) returns the first decision and reserves nothing."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'l.db'}"
+    eng = Engine.open(url, seed=1)
+    try:
+        eng.add_offer(catalog(1, budget=100.0)[0])
+        d = eng.choose("m1", "email", event_id="evt-1")
+        again = eng.ledger.log_decision(d.with_(member_id="other"), eng.get_offer(d.offer_id), {})
+        assert again == d
+        assert eng.ledger.offer_states()[d.offer_id].impressions == 1
+        assert eng.ledger.count_decisions() == 1
+    finally:
+        eng.ledger.close()
