@@ -158,7 +158,7 @@ def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
 def test_budgets_are_never_overspent_and_pacing_is_measured() -> None:
     s = Scenario.load(ROOT / "simulations/tight_budget.toml").with_(members=300)
     # shrink budgets so they bind within a small run
-    offers = tuple(o if o.budget is None else type(o)(**{**o.__dict__, "budget": 40.0}) for o in s.offers)
+    offers = tuple(o if o.budget is None else type(o)(**{**o.__dict__, "budget": 30.0}) for o in s.offers)
     s = s.with_(offers=offers).select_policies(["thompson_segmented", "thompson_hard_stop"])
     sim = Simulator(s, decisions=800)
     c = sim.compare([3])
@@ -211,3 +211,64 @@ def test_simulate_command_prints_a_table(tmp_path: Path) -> None:
 def test_simulate_command_rejects_bad_seeds() -> None:
     result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"), "--seeds", "x", "--no-tracking"])
     assert result.exit_code != 0 and "comma-separated integers" in result.output
+
+
+# the context carries the signal; over-contact has a cost ---------------------------------------
+def test_context_has_noisy_proxies_of_the_latent_traits(world: World) -> None:
+    cats = world.categories
+    shares = np.array([[m.context[f"share_{c}"] for c in cats] for m in world.members])
+    affinity = np.array([m.affinity for m in world.members])
+    assert np.allclose(shares.sum(1), 1.0, atol=0.01)
+    corr = [np.corrcoef(shares[:, j], affinity[:, j])[0, 1] for j in range(len(cats))]
+    assert min(corr) > 0.8  # informative ...
+    assert not np.allclose(shares, affinity, atol=0.05)  # ... but noisy
+    promo = np.array([m.context["promo_share"] for m in world.members])
+    sens = np.array([m.price_sensitivity for m in world.members])
+    assert np.corrcoef(promo, sens)[0, 1] > 0.6
+    top = [m.context["top_category"] for m in world.members]
+    assert all(t == cats[int(np.argmax(s))] for t, s in zip(top, shares, strict=True))
+
+
+def test_the_context_oracle_reaches_most_of_the_oracle_lift() -> None:
+    from bandit_engine.simulation.oracles import context_ceiling
+
+    s = Scenario.load(ROOT / "simulations/default.toml").with_(members=1500)
+    sim = Simulator(s, decisions=5000)
+    w, arr = sim.world(4)
+    c = context_ceiling(w, arr.member, arr.channel, arr.time_ms, sim.offers(unconstrained=True),
+                        train_members=6000)  # fmt: skip
+    assert c["random"] < c["context_oracle"] <= c["oracle"]
+    assert c["lift"] > 0.9
+    # the same fit without the purchase-history proxies (segment attributes and top category only)
+    blind = context_ceiling(w, arr.member, arr.channel, arr.time_ms, sim.offers(unconstrained=True),
+                            train_members=6000, proxies=False)  # fmt: skip
+    assert blind["lift"] < c["lift"] - 0.05
+
+
+def test_opt_out_probability_grows_with_contacts_beyond_the_free_ones() -> None:
+    s = Scenario.load(ROOT / "simulations/fatigue.toml").with_(members=20)
+    w = World(s, 1)
+    assert (w.optout_rate, w.optout_free_contacts) == (0.03, 4)
+    t0 = w.start_ms + 10 * 86_400_000
+    for i in range(6):
+        w.expose(0, "home-10", t0 - i * 3_600_000)
+    assert w.optout_probability(0, t0) == pytest.approx(0.03 * 2)
+    assert w.optout_probability(1, t0) == 0.0
+    later = t0 + 8 * 86_400_000  # every contact has left the 7-day window
+    assert w.optout_probability(0, later) == 0.0
+    default = World(Scenario.load(ROOT / "simulations/default.toml").with_(members=20), 1)
+    default.expose(0, "home-10", t0)
+    assert default.optout_probability(0, t0) == 0.0  # no over-contact cost unless configured
+
+
+def test_frequency_caps_pay_off_when_over_contact_makes_members_opt_out() -> None:
+    s = Scenario.load(ROOT / "simulations/fatigue.toml").with_(members=150)
+    c = Simulator(s.select_policies(["lin_ts", "lin_ts_capped"]), decisions=3000).compare([2])
+    runs = {r.policy: r for r in c.runs}
+    capped, uncapped = runs["lin_ts_capped"], runs["lin_ts"]
+    assert uncapped.opt_outs > 20 and capped.opt_outs == 0  # the cap (4 / 7 days) = the free contacts
+    assert capped.cap_breaches == 0 and capped.reasons.get("member_cap", 0) > 0
+    assert capped.expected_reward > uncapped.expected_reward
+    # opted-out members get the channel default (no offer here), logged as without consent
+    assert uncapped.reasons.get("no_consent", 0) > capped.reasons.get("no_consent", 0)
+    assert "| opt-outs |" in c.table().splitlines()[0]

@@ -48,6 +48,7 @@ class Arrivals:
     time_ms: np.ndarray
     u_reward: np.ndarray
     u_delay: np.ndarray
+    u_optout: np.ndarray
 
     def __len__(self) -> int:
         return len(self.member)
@@ -66,7 +67,8 @@ def make_arrivals(scenario: Scenario, world: World, seed: int, n: int) -> Arriva
     )
     span = scenario.days * MS_PER_DAY
     time_ms = scenario.start_ms + np.sort(rng.random(n)) * span
-    return Arrivals(member, channel, time_ms.astype(np.int64), rng.random(n), rng.random(n))
+    u_reward, u_delay = rng.random(n), rng.random(n)
+    return Arrivals(member, channel, time_ms.astype(np.int64), u_reward, u_delay, rng.random(n))
 
 
 @dataclass
@@ -84,6 +86,7 @@ class RunResult:
     spend: float = 0.0
     overspend: float = 0.0
     cap_breaches: int = 0
+    opt_outs: int = 0
     pacing_error: float | None = None
     budget_used: float | None = None
     holdout: dict[str, float] = field(default_factory=dict)
@@ -109,6 +112,7 @@ class RunResult:
             "spend": self.spend,
             "overspend": self.overspend,
             "cap_breaches": float(self.cap_breaches),
+            "opt_outs": float(self.opt_outs),
             "decisions_per_s": self.decisions_per_s,
         }
         if self.pacing_error is not None:
@@ -226,15 +230,19 @@ class Simulator:
         hold_n = hold_conv = treat_n = treat_conv = 0
         next_expire = s.start_ms
         members, channels, times = arr.member, arr.channel, arr.time_ms
-        u_reward, u_delay = arr.u_reward, arr.u_delay
+        u_reward, u_delay, u_optout = arr.u_reward, arr.u_delay, arr.u_optout
+        opted_out = world.opted_out
         margin = {o.offer_id: o.margin for o in s.offers}
         cost = {o.offer_id: o.cost for o in s.offers}
         t0 = time.perf_counter()
         for t in range(n):
             now = int(times[t])
-            clock.set(now)
+            # deliver due redemptions at their own time (inside their window), then move on
             while pending and pending[0][0] <= now:
-                engine.reward(heapq.heappop(pending)[1], 1.0)
+                when, eid = heapq.heappop(pending)
+                clock.set(max(clock.now_ms(), when))
+                engine.reward(eid, 1.0)
+            clock.set(now)
             if now >= next_expire:
                 engine.expire()
                 next_expire = now + MS_PER_DAY // 4
@@ -242,7 +250,8 @@ class Simulator:
             mem = world.members[m]
             ch = channels[t]
             world.current = (m, ch, now)
-            d = engine.choose(mem.member_id, ch, mem.context, event_id=f"s{seed}-{t}", consent=mem.consent)
+            consent = mem.consent and m not in opted_out
+            d = engine.choose(mem.member_id, ch, mem.context, event_id=f"s{seed}-{t}", consent=consent)
             if d.group == "holdout":
                 hold_n += 1
                 hold_conv += int(u_reward[t] < world.organic_rate)
@@ -260,6 +269,9 @@ class Simulator:
                     )
                 world.expose(m, oid, now)
                 exposures.append((m, oid, now))
+                if u_optout[t] < world.optout_probability(m, now):
+                    opted_out.add(m)
+                    res.opt_outs += 1
                 res.served += 1
                 res.expected_reward += p
                 mix[str(mem.context["tier"])][oid] += 1
@@ -446,7 +458,8 @@ class Comparison:
             ms = [self.per_run(r) for r in self.by(name)]
             row: dict[str, Any] = {"policy": name, "seeds": len(ms)}
             for key in ("reward_rate", "normalized_lift", "vs_oracle", "net_value", "spend",
-                        "overspend", "cap_breaches", "pacing_error", "holdout_lift", "decisions_per_s"):  # fmt: skip
+                        "overspend", "cap_breaches", "pacing_error", "opt_outs", "holdout_lift",
+                        "decisions_per_s"):  # fmt: skip
                 vals = [m[key] for m in ms if key in m]
                 if vals:
                     row[key], row[key + "_ci"] = mean_ci(vals)
@@ -459,9 +472,12 @@ class Comparison:
                 ("vs_oracle", "vs oracle", "{:+.1%}"), ("net_value", "net value", "{:,.0f}"),
                 ("spend", "spend", "{:,.0f}"), ("overspend", "overspend", "{:.0f}"),
                 ("cap_breaches", "cap breaches", "{:.0f}"), ("pacing_error", "pacing error", "{:.3f}"),
+                ("opt_outs", "opt-outs", "{:.0f}"),
                 ("holdout_lift", "hold-out lift", "{:+.3f}"), ("decisions_per_s", "decisions/s", "{:,.0f}")]  # fmt: skip
         rows = self.summary()
         cols = [c for c in cols if any(c[0] in r for r in rows)]
+        if not self.scenario.world.optout_rate:
+            cols = [c for c in cols if c[0] != "opt_outs"]
         head = "| policy | " + " | ".join(c[1] for c in cols) + " |"
         sep = "|---|" + "---:|" * len(cols)
         lines = [head, sep]

@@ -35,12 +35,22 @@ class WorldConfig:
     organic_rate: float = 0.03
     delay_mean_days: float = 1.5
     consent_rate: float = 0.97
+    # over-contact: each contact beyond ``optout_free_contacts`` in ``optout_window_days``
+    # (across channels) adds ``optout_rate`` to the chance that the member unsubscribes from
+    # every channel for the rest of the campaign (0 = no such cost)
+    optout_rate: float = 0.0
+    optout_free_contacts: int = 3
+    optout_window_days: float = 7.0
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.optout_free_contacts, int) and self.optout_free_contacts >= 0,
+               f"world.optout_free_contacts must be an integer >= 0, got {self.optout_free_contacts!r}")  # fmt: skip
+        _check(isinstance(self.optout_window_days, int | float) and self.optout_window_days > 0,
+               f"world.optout_window_days must be > 0, got {self.optout_window_days!r}")  # fmt: skip
         for name in ("fatigue", "conditioning", "drift", "delay_mean_days"):
             v = getattr(self, name)
             _check(isinstance(v, int | float) and v >= 0, f"world.{name} must be >= 0, got {v!r}")
-        for name in ("organic_rate", "consent_rate", "deep_threshold"):
+        for name in ("organic_rate", "consent_rate", "deep_threshold", "optout_rate"):
             v = getattr(self, name)
             _check(isinstance(v, int | float) and 0 <= v <= 1, f"world.{name} must be in [0, 1], got {v!r}")
 

@@ -1,7 +1,7 @@
 """A synthetic loyalty world with a known ground truth.
 
 Members carry observable attributes (what a service would send as context: tier, tenure,
-lifecycle stage, RFM, top category, preferred channel) and latent traits that stay hidden
+lifecycle stage, RFM, purchase-history shares, top category, preferred channel) and latent traits that stay hidden
 (category affinities, price sensitivity, responsiveness). The response model is exposed as
 :meth:`World.expected_reward` so every figure can be checked against truth:
 
@@ -12,7 +12,18 @@ lifecycle stage, RFM, top category, preferred channel) and latent traits that st
   (points, free shipping, shallow discounts) by ``conditioning``;
 * channel effects, and a bonus on the member's preferred channel;
 * redemption delays of days (exponential, clipped inside the reward window);
-* optional drift: offer kinds' appeal oscillates over the campaign.
+* optional drift: offer kinds' appeal oscillates over the campaign;
+* optional over-contact cost: each contact beyond ``optout_free_contacts`` in
+  ``optout_window_days`` (across channels) adds ``optout_rate`` to the chance that the member
+  unsubscribes from every channel for the rest of the campaign
+  (:meth:`World.optout_probability`).
+
+The observable context carries noisy proxies of the latent traits, as a loyalty programme's
+purchase history would: ``share_<category>`` (share of the member's past baskets in each
+category, multinomial draws from the latent affinity), ``promo_share`` (share bought on
+promotion, binomial draws whose rate rises with the latent price sensitivity) and
+``top_category`` (the category with the most baskets). Members with more purchases have less
+noisy proxies.
 
 >>> from bandit_engine.simulation.scenario import Scenario
 >>> world = World(Scenario.default(), seed=3)
@@ -44,6 +55,12 @@ LIFECYCLE_WEIGHTS = (0.15, 0.5, 0.25, 0.1)
 LIFECYCLE_EFFECT = {"new": 0.2, "active": 0.4, "lapsing": -0.5, "reactivated": 0.0}
 KIND_BASE = {"discount": -2.6, "points": -2.9, "free_shipping": -2.8, "early_access": -3.6}
 CHANNEL_EFFECT = {"email": 0.0, "push": -0.2, "in_app": 0.25, "sms": -0.35, "site": 0.1}
+# purchase history over the past year: 6 + 3 x frequency baskets per member
+PURCHASES_BASE = 6
+PURCHASES_PER_FREQUENCY = 3
+# P(a purchase is on promotion) = sigmoid(-1.5 + 1.8 x price sensitivity): 0.18 .. 0.85
+PROMO_INTERCEPT = -1.5
+PROMO_SLOPE = 1.8
 FATIGUE_DAYS = 14.0
 CONDITIONING_DAYS = 30.0
 
@@ -94,7 +111,11 @@ class World:
         rng = np.random.default_rng([self.seed, 0x5EED])
         self.members = self._draw_members(rng, scenario.members)
         self._static = self._static_logits()
+        self.optout_rate = cfg.optout_rate
+        self.optout_free_contacts = cfg.optout_free_contacts
+        self.optout_window_ms = int(cfg.optout_window_days * MS_PER_DAY)
         self.history: dict[int, list[Exposure]] = {}
+        self.opted_out: set[int] = set()  # members who unsubscribed (every channel)
         # the arrival being decided (read by the oracle policies)
         self.current: tuple[int, str, int] = (0, "", self.start_ms)
 
@@ -108,11 +129,16 @@ class World:
             life = LIFECYCLES[rng.choice(len(LIFECYCLES), p=LIFECYCLE_WEIGHTS)]
             tenure = int(rng.integers(1, 60)) if life == "new" else int(rng.integers(60, 3000))
             affinity = rng.dirichlet(np.full(len(cats), 0.6))
-            # observable top category is right 80 % of the time
-            top = int(np.argmax(affinity)) if rng.random() < 0.8 else int(rng.integers(len(cats)))
             tier_rank = TIERS.index(tier)
             price_sens = float(np.clip(rng.normal(0.9 - 0.25 * tier_rank, 0.35), -0.2, 1.8))
             frequency = int(rng.poisson(2 + 3 * tier_rank))
+            # purchase history (observable): the basket's categories follow the latent affinity,
+            # the share bought on promotion follows the latent price sensitivity; both are
+            # noisy, and less so for members who buy more
+            purchases = PURCHASES_BASE + PURCHASES_PER_FREQUENCY * frequency
+            counts = rng.multinomial(purchases, affinity)
+            promo = rng.binomial(purchases, _sigmoid(PROMO_INTERCEPT + PROMO_SLOPE * price_sens))
+            top = int(np.argmax(counts))
             monetary = round(float(rng.lognormal(3.5 + 0.4 * tier_rank, 0.5)), 2)
             recency = int(rng.integers(60, 365)) if life == "lapsing" else int(rng.integers(0, 60))
             pref = channels[int(rng.integers(len(channels)))]
@@ -125,7 +151,9 @@ class World:
                 "monetary": monetary,
                 "top_category": cats[top],
                 "preferred_channel": pref,
+                "promo_share": round(promo / purchases, 3),
             }
+            ctx.update({f"share_{c}": round(int(n) / purchases, 3) for c, n in zip(cats, counts, strict=True)})
             out.append(
                 Member(
                     index=i,
@@ -220,8 +248,19 @@ class World:
         return o.margin - o.cost
 
     # mutable state of one run ----------------------------------------------------------------
+    def optout_probability(self, member_index: int, now_ms: int) -> float:
+        """True probability that the contact just made at ``now_ms`` (already in the history)
+        makes the member unsubscribe: ``optout_rate`` per contact beyond
+        ``optout_free_contacts`` in the last ``optout_window_days``, across channels."""
+        if not self.optout_rate:
+            return 0.0
+        since = now_ms - self.optout_window_ms
+        recent = sum(1 for h in self.history_of(member_index) if h.issued_at > since)
+        return min(1.0, self.optout_rate * max(0, recent - self.optout_free_contacts))
+
     def reset(self) -> None:
         self.history = {}
+        self.opted_out = set()
 
     def history_of(self, member_index: int) -> list[Exposure]:
         return self.history.get(member_index, [])
