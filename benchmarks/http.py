@@ -1,6 +1,8 @@
 """HTTP benchmark: choose and choose+reward throughput and p50/p99 latency at 1, 8 and 32
 concurrent clients, on SQLite and PostgreSQL, against a bare Flask JSON endpoint (the floor)
-served by the same gunicorn configuration (2 sync workers) in the same run.
+served by the same gunicorn configuration (2 sync workers) in the same run, each engine figure
+right after its floor. For choose+reward the floor also sends two requests (a choose and a
+reward) per operation, so both sides do the same HTTP work.
 
     python -m benchmarks --only http [--quick]
 
@@ -53,6 +55,11 @@ def serve_floor(port: int, workers: int) -> None:
             def choose() -> Any:
                 body = request.get_json()
                 return {"event_id": uuid.uuid4().hex, "offer_id": "x", "member_id": body["member_id"]}
+
+            @app.post("/v1/reward")
+            def reward() -> Any:
+                body = request.get_json()
+                return {"event_id": body["event_id"], "status": "recorded"}
 
             @app.get("/healthz")
             def healthz() -> Any:
@@ -167,45 +174,47 @@ def _postgres_schema() -> tuple[str, str, str] | None:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Each engine figure is measured right after its floor (same endpoint shape, same client
+    count), with both servers up, so a load change on the machine hits both alike."""
     seconds = 1.5 if quick else 5.0
     clients = (1, 8) if quick else CLIENTS
     rows: list[dict[str, Any]] = []
-    port = _free_port()
-    floor = _start([sys.executable, "-m", "benchmarks.http", "floor", str(port), str(WORKERS)], port)
-    floor_by_clients: dict[int, dict[str, float]] = {}
-    try:
-        for n in clients:
-            m = _load(port, "", n, seconds, False)
-            floor_by_clients[n] = m
-            rows.append({"backend": "-", "endpoint": "floor (bare Flask)", "clients": n, **m, "vs_floor": 1.0})
-    finally:
-        _stop(floor)
+    floor_port = _free_port()
+    floor = _start([sys.executable, "-m", "benchmarks.http", "floor", str(floor_port), str(WORKERS)], floor_port)
     backends: list[tuple[str, str, Any]] = []
     tmp = tempfile.mkdtemp(prefix="be-bench-")
     backends.append(("sqlite", f"sqlite:///{Path(tmp) / 'bench.db'}", None))
     pg = _postgres_schema()
     if pg is not None:
         backends.append(("postgres", pg[0], pg))
-    for name, url, cleanup in backends:
-        try:
-            key = _setup_engine_db(url)
-            port = _free_port()
-            proc = _start([sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "serve",
-                           "--workers", str(WORKERS), "--port", str(port)], port)  # fmt: skip
+    try:
+        for name, url, cleanup in backends:
             try:
-                for endpoint, with_reward in (("choose", False), ("choose+reward", True)):
-                    for n in clients:
-                        m = _load(port, key, n, seconds, with_reward)
-                        rows.append({"backend": name, "endpoint": endpoint, "clients": n, **m,
-                                     "vs_floor": m["ops_per_s"] / floor_by_clients[n]["ops_per_s"]})  # fmt: skip
+                key = _setup_engine_db(url)
+                port = _free_port()
+                proc = _start([sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "serve",
+                               "--workers", str(WORKERS), "--port", str(port)], port)  # fmt: skip
+                try:
+                    # the floor does the same HTTP work: one request for choose, two for choose+reward
+                    for endpoint, with_reward in (("choose", False), ("choose+reward", True)):
+                        for n in clients:
+                            f = _load(floor_port, "", n, seconds, with_reward)
+                            m = _load(port, key, n, seconds, with_reward)
+                            rows.append({
+                                "backend": name, "endpoint": endpoint, "clients": n, **m,
+                                "floor_ops_per_s": f["ops_per_s"], "floor_p99_ms": f["p99_ms"],
+                                "vs_floor": m["ops_per_s"] / f["ops_per_s"],
+                            })  # fmt: skip
+                finally:
+                    _stop(proc)
             finally:
-                _stop(proc)
-        finally:
-            if cleanup is not None:
-                import psycopg
+                if cleanup is not None:
+                    import psycopg
 
-                with psycopg.connect(cleanup[1], autocommit=True) as conn:
-                    conn.execute(f'DROP SCHEMA IF EXISTS "{cleanup[2]}" CASCADE')
+                    with psycopg.connect(cleanup[1], autocommit=True) as conn:
+                        conn.execute(f'DROP SCHEMA IF EXISTS "{cleanup[2]}" CASCADE')
+    finally:
+        _stop(floor)
     return rows
 
 

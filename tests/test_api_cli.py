@@ -1,7 +1,13 @@
-"""The service's CLI commands: keys create|list|revoke, learner."""
+"""The service's CLI commands: keys create|list|revoke, learner, demo (a real server)."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+
+import requests
 from click.testing import CliRunner
 
 from bandit_engine import Offer
@@ -48,3 +54,72 @@ def test_learner_publishes_a_snapshot(tmp_path) -> None:
     assert fresh.choose("m-new", "email").policy_version == snap.version
     fresh.ledger.close()
     eng.ledger.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    """Start `bandit-engine demo` and read the keys it prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "demo", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    keys: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].startswith("bek_"):
+            keys[parts[0]] = parts[1]
+        if line.startswith("serving on"):
+            break
+    for _ in range(100):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc, keys
+        except requests.RequestException:
+            time.sleep(0.1)
+    _stop(proc)
+    raise AssertionError("demo server did not come up")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'demo.db'}"
+    base = None
+    proc, keys = _demo(url, port := _free_port())
+    try:
+        assert set(keys) == {"decide", "analyst", "admin", "approver"}
+        base = f"http://127.0.0.1:{port}"
+        h = {"Authorization": f"Bearer {keys['decide']}"}
+        d = requests.post(f"{base}/v1/choose", json={"member_id": "m1", "channel": "email"}, headers=h).json()
+        assert d["offer_id"] in {"welcome-5", "home-10", "fashion-15"}  # the demo's email offers
+        assert requests.post(f"{base}/v1/reward", json={"event_id": d["event_id"], "reward": 1},
+                             headers=h).json()["status"] == "recorded"  # fmt: skip
+        metrics = requests.get(f"{base}/metrics").text
+        assert 'bandit_engine_decisions_total{channel="email",group="' in metrics
+    finally:
+        _stop(proc)
+    proc, new_keys = _demo(url, port := _free_port())
+    try:
+        base = f"http://127.0.0.1:{port}"
+        old = requests.get(f"{base}/v1/offers", headers={"Authorization": f"Bearer {keys['analyst']}"})
+        assert old.status_code == 401  # the previous start's keys were revoked
+        offers = requests.get(f"{base}/v1/offers", headers={"Authorization": f"Bearer {new_keys['analyst']}"}).json()
+        assert len(offers["offers"]) == 5  # seeded once, not twice
+        assert sum(o["spent"] for o in offers["offers"]) > 0  # the first run's reward is kept
+    finally:
+        _stop(proc)

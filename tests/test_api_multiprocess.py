@@ -163,3 +163,18 @@ def test_many_workers_hold_caps_and_learn(served: Any) -> None:
     time.sleep(DELAY)
     after = versions(12)
     assert min(after) > before[0], (before, after)
+
+    # /metrics sums every worker (prometheus multiprocess mode set up by `serve`): whichever
+    # worker answers, the decision and reward counters match the database
+    n_decisions = eng.ledger.count_decisions()
+    n_recorded = len(acked) + 1
+    for _ in range(6):  # several scrapes land on several workers
+        text = requests.get(f"{base}/metrics", timeout=10).text
+        assert _metric_sum(text, "bandit_engine_decisions_total") == n_decisions
+        assert _metric_sum(text, 'bandit_engine_rewards_total{status="recorded"}') == n_recorded
+
+
+def _metric_sum(text: str, prefix: str) -> float:
+    """Sum of the samples whose name (and labels, if given) start with ``prefix``."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and not line.startswith("#"))  # fmt: skip

@@ -16,7 +16,6 @@ from flask import Flask, Response, current_app, g, request
 from ..engine import Engine, EngineConfig
 from ..governance import Governance
 from .errors import register_error_handlers
-from .metrics import Metrics
 from .sync import DEFAULT_GAP_GRACE, DEFAULT_SYNC_INTERVAL, GapSafeLedger, Syncer
 from .validate import MAX_BODY_BYTES
 
@@ -66,6 +65,8 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     )  # fmt: skip
     app.extensions["bandit_engine"] = eng
     app.extensions["bandit_engine.governance"] = open_governance(eng)
+    from .metrics import Metrics  # here, not at import: `serve` sets up multiprocess metrics first
+
     app.extensions["bandit_engine.metrics"] = Metrics(eng)
     app.extensions["bandit_engine.syncer"] = Syncer(eng, float(app.config["SYNC_INTERVAL"]))
     register_error_handlers(app)

@@ -6,7 +6,13 @@ The database URL comes from the group's ``--database-url`` / ``BANDIT_ENGINE_DAT
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -42,14 +48,22 @@ def _gov(url: str) -> Any:
 
 def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **options: Any) -> None:
     """Serve ``create_app(config)`` with gunicorn sync workers; each worker builds its own app
-    (no preload), so no database connection is shared across a fork."""
+    (no preload), so no database connection is shared across a fork.
+
+    Run it inside :func:`multiprocess_metrics` so ``/metrics`` aggregates every worker."""
     from gunicorn.app.base import BaseApplication
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)
 
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
             opts = {"bind": f"{host}:{port}", "workers": workers, "worker_class": "sync",
                     "preload_app": False, "accesslog": None, "timeout": 60,
-                    "keepalive": 5, **options}  # fmt: skip
+                    "keepalive": 5, "child_exit": child_exit, **options}  # fmt: skip
             for k, v in opts.items():
                 self.cfg.set(k, v)
 
@@ -61,6 +75,27 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
     _App().run()
 
 
+@contextmanager
+def multiprocess_metrics() -> Iterator[None]:
+    """prometheus-client's multiprocess mode for a gunicorn server: every worker writes its
+    counters to one directory and ``/metrics`` sums them, whichever worker answers. Uses
+    ``PROMETHEUS_MULTIPROC_DIR`` if set (it must then be emptied before each start), else a fresh
+    temporary directory removed on exit. Must run before anything imports prometheus_client
+    (it picks its value store at import)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    if "prometheus_client" in sys.modules:
+        raise click.ClickException("internal error: prometheus_client was imported before the metrics directory was set")
+    path = tempfile.mkdtemp(prefix="bandit-engine-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
@@ -70,12 +105,13 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float) -> None:
     """Serve the HTTP API with gunicorn."""
-    from . import open_engine
+    with multiprocess_metrics():
+        from . import open_engine
 
-    url = _url(ctx)
-    _gov(url)  # create or upgrade the schema once, before the workers start
-    open_engine(url).ledger.close()  # and the default channels, so workers never race on them
-    serve_app({"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval}, host, port, workers)
+        url = _url(ctx)
+        _gov(url)  # create or upgrade the schema once, before the workers start
+        open_engine(url).ledger.close()  # and the default channels, so workers never race on them
+        serve_app({"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval}, host, port, workers)
 
 
 @click.group()
@@ -133,18 +169,25 @@ def seed_demo(url: str) -> list[str]:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.pass_context
 def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
-    """Seed a demo catalog (if empty), create one key per role (printed once), and serve."""
-    url = _url(ctx)
-    gov = _gov(url)
-    added = seed_demo(url)
-    if added:
-        click.echo(f"seeded demo offers: {', '.join(added)} (budget {DEMO_BUDGET:.2f} each)")
-    click.echo("demo API keys (shown once; only hashes are stored):")
-    for role in ("decide", "analyst", "admin", "approver"):
-        key, rec = gov.create_key(role, name=f"demo-{role}")
-        click.echo(f"  {role:9s} {key}")
-    click.echo(f"serving on http://{host}:{port}  (try: curl -s http://{host}:{port}/healthz)")
-    serve_app({"DATABASE_URL": url}, host, port, workers)
+    """Seed a demo catalog (if empty), create one key per role (printed once), and serve.
+
+    Each start revokes the previous start's demo keys, so only the keys just printed work."""
+    with multiprocess_metrics():  # before anything imports prometheus_client
+        url = _url(ctx)
+        gov = _gov(url)
+        added = seed_demo(url)
+        if added:
+            click.echo(f"seeded demo offers: {', '.join(added)} (budget {DEMO_BUDGET:.2f} each)")
+        roles = ("decide", "analyst", "admin", "approver")
+        for k in gov.list_keys():
+            if k.revoked_at is None and k.name in {f"demo-{r}" for r in roles}:
+                gov.revoke_key(k.key_id)
+        click.echo("demo API keys (shown once; only hashes are stored; revoked at the next start):")
+        for role in roles:
+            key, _rec = gov.create_key(role, name=f"demo-{role}")
+            click.echo(f"  {role:9s} {key}")
+        click.echo(f"serving on http://{host}:{port}  (try: curl -s http://{host}:{port}/healthz)")
+        serve_app({"DATABASE_URL": url}, host, port, workers)
 
 
 @click.command()

@@ -1,9 +1,9 @@
 """Prometheus metrics (prometheus-client), one registry per app.
 
-Under gunicorn each worker counts its own requests; set ``PROMETHEUS_MULTIPROC_DIR`` to an
-empty directory before starting the server to aggregate every worker (prometheus-client's
-multiprocess mode). ``budget_remaining`` is read from the database at scrape time, so it is
-the same whichever worker answers.
+Under ``bandit-engine serve`` every worker writes to one ``PROMETHEUS_MULTIPROC_DIR`` (set up
+by :func:`bandit_engine.api.commands.multiprocess_metrics`) and a scrape sums them all.
+``budget_remaining`` is read from the database at scrape time, so it is the same whichever
+worker answers.
 """
 
 from __future__ import annotations
