@@ -63,6 +63,9 @@ class MabwiserLinTS(Policy):
         v += [1.0 * (ctx.get("lifecycle") == s) for s in LIFECYCLES]
         v += [1.0 * (ctx.get("top_category") == c) for c in self.categories]
         v += [1.0 * (ctx.get("preferred_channel") == c) for c in self.channels]
+        # the purchase-history proxies, as for our policies
+        v += [float(ctx.get(f"share_{c}", 0.0)) for c in self.categories]
+        v.append(float(ctx.get("promo_share", 0.0)))
         for k in ("tenure_days", "recency_days", "frequency", "monetary", "member.exposures",
                   "member.redemptions", "member.days_since_offer"):  # fmt: skip
             v.append(squash(float(ctx.get(k, 0.0))) / 5.0)

@@ -158,7 +158,7 @@ def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
 def test_budgets_are_never_overspent_and_pacing_is_measured() -> None:
     s = Scenario.load(ROOT / "simulations/tight_budget.toml").with_(members=300)
     # shrink budgets so they bind within a small run
-    offers = tuple(o if o.budget is None else type(o)(**{**o.__dict__, "budget": 30.0}) for o in s.offers)
+    offers = tuple(o if o.budget is None else type(o)(**{**o.__dict__, "budget": 20.0}) for o in s.offers)
     s = s.with_(offers=offers).select_policies(["thompson_segmented", "thompson_hard_stop"])
     sim = Simulator(s, decisions=800)
     c = sim.compare([3])
