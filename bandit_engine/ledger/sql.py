@@ -311,5 +311,6 @@ class SqlLedger:
         return self._engine
 
     def close(self) -> None:
+        self._hot.close()
         self._engine.dispose()
 
