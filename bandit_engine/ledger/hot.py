@@ -377,7 +377,8 @@ class HotPath:
             params["oid"], params["cost"] = offer.offer_id, decision.reserved_cents
 
         def op(conn: Any) -> int:
-            single = self._pg and offer is not None and not member_caps
+            # one statement (no offer; or PostgreSQL reserve+insert, no member cap) needs no BEGIN
+            single = offer is None or (self._pg and not member_caps)
             if not single:
                 self._begin(conn, True)
             if offer is not None and member_caps:
