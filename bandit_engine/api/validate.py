@@ -23,14 +23,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once, not per request
+
+
 def json_body() -> dict[str, Any]:
     """The request body as a JSON object (413 over 64 KiB is raised by Werkzeug)."""
     raw = request.get_data(cache=True)
     if not raw:
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+        body = _DECODER.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ApiError(400, "invalid_json", f"malformed JSON body: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", f"the request body must be a JSON object, got {type(body).__name__}")
