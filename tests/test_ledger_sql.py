@@ -1,8 +1,9 @@
-"""The SQL ledger's request path (``bandit_engine.ledger.hot``) on the real PostgreSQL.
+"""The SQL ledger's request path (``bandit_engine.ledger.hot``) on SQLite and the real PostgreSQL.
 
 The engine, invariant and concurrency suites already run every choose/reward on SQLite and
-PostgreSQL; this module covers what they cannot: a pooled connection killed by the server
-(a PostgreSQL restart, an idle timeout, a failover) is replaced without failing the request.
+PostgreSQL; this module covers what they do not: a pooled connection killed by the server
+(a PostgreSQL restart, an idle timeout, a failover) is replaced without failing the request,
+a racing duplicate event id, and expiry across several batches.
 """
 
 from __future__ import annotations
@@ -62,5 +63,29 @@ def test_a_duplicate_event_id_racing_in_returns_the_logged_decision(backend, req
         assert again == d
         assert eng.ledger.offer_states()[d.offer_id].impressions == 1
         assert eng.ledger.count_decisions() == 1
+    finally:
+        eng.ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_expire_closes_more_than_one_batch(backend, request, tmp_path, clock) -> None:
+    """Expiry settles 500 decisions per transaction; every one past its window is closed once,
+    its reservation released and its feedback emitted in log order."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'l.db'}"
+    eng = Engine.open(url, seed=1, clock=clock)
+    try:
+        eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), reward_window_days=1))
+        eng.add_offer(catalog(1, budget=10_000.0)[0])
+        n = 1_050
+        for i in range(n):
+            eng.choose(f"m{i}", "email")
+        clock.advance(days=2)
+        assert eng.expire() == n
+        assert eng.expire() == 0
+        st = eng.ledger.offer_states()["offer-0"]
+        assert (st.committed_cents, st.impressions, st.spent_cents) == (0, n, 0)
+        seqs = [f.seq for f in eng.ledger.feedback_after(0, 5000)]
+        assert len(seqs) == n and seqs == sorted(seqs)
+        assert {d.status for d in eng.ledger.decisions()} == {"expired"}
     finally:
         eng.ledger.close()
