@@ -310,8 +310,18 @@ class Engine:
         with self._lock:
             before = sum(cp.policy.version for cp in self._policies.values())
             for ch in self.channels():
-                self.policy(ch)
-                self._replay(ch, self._policies[ch])
+                self.policy(ch)  # loads (and catches up) a channel seen for the first time
+            cps = dict(self._policies)
+            seq = min((cp.applied_seq for cp in cps.values()), default=0)
+            while True:  # one pass over the log tail for every channel
+                batch = self.ledger.feedback_after(seq, 5000)
+                if not batch:
+                    break
+                todo = [f for f in batch if f.channel in cps and f.seq > cps[f.channel].applied_seq]
+                self._learn_batch(todo, cps)
+                seq = batch[-1].seq
+                for cp in cps.values():
+                    cp.applied_seq = max(cp.applied_seq, seq)
             return sum(cp.policy.version for cp in self._policies.values()) - before
 
     def _learn_batch(self, feedback: list[Feedback], policies: Mapping[str, _ChannelPolicy]) -> None:

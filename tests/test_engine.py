@@ -22,6 +22,7 @@ from bandit_engine import (
     UnknownEvent,
 )
 from bandit_engine.clock import MS_PER_DAY
+from bandit_engine.engine import EngineConfig
 
 from .conftest import catalog
 
@@ -405,3 +406,34 @@ def test_snapshots_are_pruned_to_the_newest_three(tmp_path, clock) -> None:
         assert e.ledger.latest_snapshot("email").feedback_seq == 20
     finally:
         e.ledger.close()
+
+
+def test_a_syncing_worker_learns_every_channel_from_one_pass_over_the_log(ledger_url: str, clock) -> None:
+    """A serving worker (``learn_in_process=False``) learns only by ``sync()``: one read of the
+    feedback tail dispatched to each channel's policy must leave every channel's model equal to
+    that of the engine that learned in process, and a second sync must learn nothing."""
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    writer = Engine.open(ledger_url, clock=clock, seed=5)
+    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
+                    config=EngineConfig(seed=5, learn_in_process=False))  # fmt: skip
+    try:
+        writer.set_channel(ChannelConfig("email", policy=PolicySpec("thompson")))
+        writer.set_channel(ChannelConfig("push", policy=PolicySpec("lin_ts")))
+        for o in catalog(3):
+            writer.add_offer(o)
+        writer.add_offer(Offer("p-1", ["push"], cost=1.0, features={"category": "home"}))
+        writer.add_offer(Offer("p-2", ["push"], cost=1.0, features={"category": "toys"}))
+        reader.sync()
+        for i in range(60):
+            ch = ("email", "push")[i % 2]
+            d = writer.choose(f"m{i % 7}", ch, {"x": float(i % 5)})
+            writer.reward(d.event_id, float(i % 3 == 0))
+        assert reader.sync() > 0
+        for ch in ("email", "push"):
+            assert reader.policy(ch).serialize() == writer.policy(ch).serialize(), ch
+            assert reader.policy(ch).version == 30
+        assert reader.sync() == 0
+    finally:
+        writer.ledger.close()
+        reader.ledger.close()
