@@ -144,7 +144,7 @@ def test_oracle_beats_every_policy_and_lift_is_normalized(comparison) -> None:
 def test_simulation_families_do_not_leak_into_the_product_registry(comparison) -> None:
     from bandit_engine.policies.registry import families
 
-    assert not {"sim_oracle", "segment_rules"} & set(families())
+    assert not {"sim_oracle", "sim_truth_paced", "segment_rules"} & set(families())
 
 
 def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
@@ -163,8 +163,9 @@ def test_budgets_are_never_overspent_and_pacing_is_measured() -> None:
     sim = Simulator(s, decisions=800)
     c = sim.compare([3])
     runs = {r.policy: r for r in c.runs}
-    assert set(runs) == {"random", "oracle", "budget_oracle", "thompson_segmented", "thompson_hard_stop"}
-    for name in ("budget_oracle", "thompson_segmented", "thompson_hard_stop"):
+    assert set(runs) == {"random", "oracle", "budget_oracle", "truth_paced", "thompson_segmented",
+                         "thompson_hard_stop"}  # fmt: skip
+    for name in ("budget_oracle", "truth_paced", "thompson_segmented", "thompson_hard_stop"):
         r = runs[name]
         assert r.overspend == 0 and r.cap_breaches == 0, name
         assert r.budget_used is not None and 0 < r.budget_used <= 1.0
@@ -172,6 +173,9 @@ def test_budgets_are_never_overspent_and_pacing_is_measured() -> None:
     # the unconstrained oracle ignores budgets: it spends more on the budgeted offers
     assert runs["oracle"].expected_reward >= runs["budget_oracle"].expected_reward
     assert runs["thompson_hard_stop"].budget_used > 0.5
+    # with nothing to learn, the engine's pacing comes close to the budget-feasible oracle
+    assert runs["truth_paced"].expected_reward >= 0.97 * runs["budget_oracle"].expected_reward
+    assert runs["truth_paced"].expected_reward > runs["thompson_segmented"].expected_reward
 
 
 def test_member_caps_are_enforced_by_the_engine() -> None:

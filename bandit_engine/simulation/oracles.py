@@ -9,6 +9,9 @@ true response of the arrival being decided from the :class:`~.world.World`:
   ``p * (value - lambda * cost)`` with dual prices solved on the known probabilities
   (:func:`solve_budget_duals`, a projected subgradient on the LP dual).
 
+``sim_truth_paced`` (budgeted scenarios) is greedy on the true probabilities but priced by the
+engine's own pacing, like a learner that has nothing left to learn.
+
 ``segment_rules`` is the rule-based baseline a loyalty team would write by hand: a discount in
 the member's top category, early access for VIPs, else points.
 """
@@ -69,6 +72,25 @@ class Oracle(Policy):
         return None
 
 
+class PacedTruth(Oracle):
+    """Greedy on the true probabilities, handed to the engine as one posterior draw, so the
+    engine's own pacing price applies to it exactly as to the Thompson families
+    (``p * (1 - rho)``). In a budgeted scenario it measures the engine's pacing with nothing
+    left to learn: its gap to the budget-feasible oracle is the pacing gap, and a learner's gap
+    beyond it is the learning gap."""
+
+    family = "sim_truth_paced"
+    paced = True
+
+    def _draws(self, s: Scoring, rng: np.random.Generator) -> np.ndarray | None:
+        world = _WORLDS.get(self.world_key)
+        if world is None:
+            return np.zeros((1, len(s.offers)))
+        m, channel, now = world.current
+        hist = world.history_of(m)
+        return np.array([[world.expected_reward(m, o.offer_id, channel, hist, now) for o in s.offers]])
+
+
 class SegmentRules(Policy):
     """Hand-written segment rules over the context and the offers' features (no learning)."""
 
@@ -96,7 +118,9 @@ class SegmentRules(Policy):
         return None
 
 
-SIM_FAMILIES: dict[str, Callable[..., Policy]] = {"sim_oracle": Oracle, "segment_rules": SegmentRules}
+SIM_FAMILIES: dict[str, Callable[..., Policy]] = {
+    "sim_oracle": Oracle, "sim_truth_paced": PacedTruth, "segment_rules": SegmentRules,
+}
 
 
 @contextmanager
@@ -221,5 +245,5 @@ def context_ceiling(world: World, members: Sequence[int], channels: Sequence[str
     return {"random": r, "context_oracle": c, "oracle": o, "lift": (c - r) / (o - r)}
 
 
-__all__ = ["Oracle", "SegmentRules", "attach", "context_ceiling", "observable_features", "sim_families",
+__all__ = ["Oracle", "PacedTruth", "SegmentRules", "attach", "context_ceiling", "observable_features", "sim_families",
            "solve_budget_duals", "static_probabilities"]

@@ -35,6 +35,7 @@ from .world import World
 RANDOM = "random"
 ORACLE = "oracle"
 BUDGET_ORACLE = "budget_oracle"
+TRUTH_PACED = "truth_paced"
 CURVE_POINTS = 50
 
 
@@ -347,6 +348,7 @@ class Simulator:
             if self.scenario.budgeted:
                 prices, _ = self.budget_prices(seed)
                 refs.append((BUDGET_ORACLE, PolicySpec("sim_oracle", {"world": key, "prices": prices}), False, False))
+                refs.append((TRUTH_PACED, PolicySpec("sim_truth_paced", {"world": key}), False, False))
             for name, spec, unconstrained, learning in refs:
                 r = self.run(name, spec, seed, unconstrained=unconstrained, learning=learning,
                              keep_engine=keep_engines, progress=progress)  # fmt: skip
@@ -366,7 +368,7 @@ class Simulator:
 
     def total_runs(self, n_seeds: int) -> int:
         names = [p.name for p in self.scenario.policies]
-        refs = (RANDOM not in names) + 1 + self.scenario.budgeted
+        refs = (RANDOM not in names) + 1 + 2 * self.scenario.budgeted
         return n_seeds * (refs + len(self.scenario.policies))
 
 
