@@ -437,3 +437,22 @@ def test_a_syncing_worker_learns_every_channel_from_one_pass_over_the_log(ledger
     finally:
         writer.ledger.close()
         reader.ledger.close()
+
+
+def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
+    from dataclasses import fields, replace
+
+    from bandit_engine.ledger.records import Decision
+
+    d = Decision("e", "m", "email", "treatment", "o", 0.5, "thompson", 3, 10, 20, eligible=("o", "p"),
+                 pmf=(0.5, 0.5), context={"a": 1}, offer_context={"o": {"seen": 1.0}}, reason="r",
+                 reserved_cents=5, active=False, learnable=True, status="closed", reward=1.0,
+                 reward_count=2, spent_cents=4, seq=9)  # fmt: skip
+    assert d.with_() == d and d.with_() is not d
+    for f in fields(Decision):
+        marker = object()
+        changed = d.with_(**{f.name: marker})
+        assert getattr(changed, f.name) is marker
+        assert changed == replace(d, **{f.name: marker})
+    with pytest.raises(TypeError):
+        d.with_(no_such_field=1)
