@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from bandit_engine.api import open_engine
 from bandit_engine.cli import main
 from bandit_engine.governance import Governance
 from bandit_engine.ledger.sql import make_engine
+from tests.api_fixtures import free_port, stop_server
 
 
 def test_keys_create_list_revoke(tmp_path) -> None:
@@ -56,12 +56,6 @@ def test_learner_publishes_a_snapshot(tmp_path) -> None:
     eng.ledger.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
     """Start `bandit-engine demo` and read the keys it prints."""
     proc = subprocess.Popen(
@@ -82,25 +76,14 @@ def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
                 return proc, keys
         except requests.RequestException:
             time.sleep(0.1)
-    _stop(proc)
+    stop_server(proc)
     raise AssertionError("demo server did not come up")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 def test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'demo.db'}"
     base = None
-    proc, keys = _demo(url, port := _free_port())
+    proc, keys = _demo(url, port := free_port())
     try:
         assert set(keys) == {"decide", "analyst", "admin", "approver"}
         base = f"http://127.0.0.1:{port}"
@@ -112,8 +95,8 @@ def test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys(tmp_path
         metrics = requests.get(f"{base}/metrics").text
         assert 'bandit_engine_decisions_total{channel="email",group="' in metrics
     finally:
-        _stop(proc)
-    proc, new_keys = _demo(url, port := _free_port())
+        stop_server(proc)
+    proc, new_keys = _demo(url, port := free_port())
     try:
         base = f"http://127.0.0.1:{port}"
         old = requests.get(f"{base}/v1/offers", headers={"Authorization": f"Bearer {keys['analyst']}"})
@@ -122,4 +105,4 @@ def test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys(tmp_path
         assert len(offers["offers"]) == 5  # seeded once, not twice
         assert sum(o["spent"] for o in offers["offers"]) > 0  # the first run's reward is kept
     finally:
-        _stop(proc)
+        stop_server(proc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,12 @@ import requests
 
 from bandit_engine import Offer
 from bandit_engine.api import open_engine, open_governance
+from tests.api_fixtures import free_port, stop_server
 
 CLIENTS = 16
 PAIRS_PER_CLIENT = 125  # 2 000 choose + reward pairs (4 000 requests) in total
 SYNC_INTERVAL = 0.5
 DELAY = SYNC_INTERVAL + 1.5  # documented bound used by the assertion (interval + request slack)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -46,7 +40,7 @@ def served(postgres_url: str) -> Any:
                         features={"category": "fashion"}))  # fmt: skip
     eng.add_offer(Offer("plain-e", ["email"], cost=0.0, features={"category": "grocery"}))
     key = open_governance(eng).create_key("decide", name="load")[0]
-    port = _free_port()
+    port = free_port()
     log = open(os.devnull, "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "bandit_engine.cli", "--database-url", postgres_url, "serve",
@@ -68,12 +62,7 @@ def served(postgres_url: str) -> Any:
             pytest.fail("server did not come up")
         yield base, key, eng
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         log.close()
         eng.ledger.close()
 
