@@ -101,6 +101,11 @@ _DUE = (
     f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE status = 'open' AND deadline < :now "
     "ORDER BY seq LIMIT :limit"
 )
+_DECISIONS_IN = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE event_id "
+_FEEDBACK_AFTER = (
+    "SELECT seq, event_id, channel, reward, learn FROM feedback WHERE seq > :seq ORDER BY seq "
+    "LIMIT :limit"
+)
 _CAP_DIAGNOSIS = "SELECT impressions, max_impressions FROM offers WHERE offer_id = :oid"
 _MEMBER_ROW = "INSERT INTO members (member_id, touches) VALUES (:member, 0) ON CONFLICT DO NOTHING"
 _TOUCH_MEMBER = "UPDATE members SET touches = touches + 1 WHERE member_id = :member"
@@ -201,12 +206,14 @@ class HotPath:
         self._engine = engine
         self._pg = engine.dialect.name == "postgresql"
         fmt = _pyformat if self._pg else (lambda s: s)
-        ids_in = "offer_id = ANY(:ids)" if self._pg else "offer_id IN (SELECT value FROM json_each(:ids))"
+        any_of = "= ANY(:ids)" if self._pg else "IN (SELECT value FROM json_each(:ids))"
+        ids_in = f"offer_id {any_of}"
         self._sql: dict[str, str] = {
             name: fmt(sql) for name, sql in {
                 "decision": _SELECT_DECISION,
                 "decision_lock": _SELECT_DECISION + (" FOR UPDATE" if self._pg else ""),
                 "history": _HISTORY, "all_states": _ALL_STATES,
+                "decisions_in": _DECISIONS_IN + any_of, "feedback_after": _FEEDBACK_AFTER,
                 "due": _DUE + (" FOR UPDATE" if self._pg else ""),
                 "states": _STATES + ids_in, "read_state": _READ_STATE.format(ids=ids_in),
                 "reserve": _RESERVE, "insert_decision": _INSERT_DECISION,
@@ -341,7 +348,7 @@ class HotPath:
             if not ids:
                 rows = self._q(conn, "history", params).fetchall()
                 return [HistoryItem(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows], {}
-            params["ids"] = ids if self._pg else json.dumps(ids)
+            params["ids"] = self._ids(ids)
             history, states = [], {}
             for r in self._q(conn, "read_state", params):
                 if r[0] == 0:
@@ -351,6 +358,26 @@ class HotPath:
             return history, states
 
         return self._run(op)
+
+    def _ids(self, ids: list[str]) -> Any:
+        return ids if self._pg else json.dumps(ids)
+
+    def decisions_by_event(self, event_ids: Iterable[str]) -> dict[str, Decision]:
+        """The decisions of a batch of feedback (what every worker's ``sync`` learns from)."""
+        ids = list(event_ids)
+
+        def op(conn: Any) -> dict[str, Decision]:
+            out: dict[str, Decision] = {}
+            for i in range(0, len(ids), 500):
+                for r in self._q(conn, "decisions_in", {"ids": self._ids(ids[i : i + 500])}):
+                    out[r[1]] = decision_from_row(r)
+            return out
+
+        return self._run(op) if ids else {}
+
+    def feedback_after(self, seq: int, limit: int) -> list[Feedback]:
+        rows = self._run(lambda conn: self._q(conn, "feedback_after", {"seq": seq, "limit": limit}).fetchall())
+        return [Feedback(int(r[0]), r[1], r[2], float(r[3]), bool(r[4])) for r in rows]
 
     def offer_states(self, offer_ids: Iterable[str] | None) -> dict[str, OfferState]:
         ids = None if offer_ids is None else list(offer_ids)
@@ -362,7 +389,7 @@ class HotPath:
         elif not ids:
             return {}
         else:
-            rows = self._q(conn, "states", {"ids": ids if self._pg else json.dumps(ids)})
+            rows = self._q(conn, "states", {"ids": self._ids(ids)})
         return {r[0]: OfferState(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows}
 
     # writes ----------------------------------------------------------------------------------

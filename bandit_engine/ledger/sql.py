@@ -236,12 +236,7 @@ class SqlLedger:
 
     # log -------------------------------------------------------------------------------------
     def feedback_after(self, seq: int, limit: int = 10_000) -> list[Feedback]:
-        q = select(FeedbackRow).where(FeedbackRow.seq > seq).order_by(FeedbackRow.seq).limit(limit)
-        with self._tx() as c:
-            return [
-                Feedback(int(r.seq), r.event_id, r.channel, float(r.reward), bool(r.learn))
-                for r in c.execute(q)
-            ]
+        return self._hot.feedback_after(seq, limit)
 
     def last_feedback_seq(self) -> int:
         with self._tx() as c:
@@ -268,13 +263,7 @@ class SqlLedger:
             last = int(rows[-1][0])
 
     def decisions_by_event(self, event_ids: Iterable[str]) -> dict[str, Decision]:
-        ids = list(event_ids)
-        out: dict[str, Decision] = {}
-        with self._tx() as c:
-            for i in range(0, len(ids), 500):
-                q = select(*_DECISION_COLS).where(DecisionRow.event_id.in_(ids[i : i + 500]))
-                out.update({r[1]: decision_from_row(tuple(r)) for r in c.execute(q)})
-        return out
+        return self._hot.decisions_by_event(event_ids)
 
     # snapshots -------------------------------------------------------------------------------
     def save_snapshot(self, snapshot: Snapshot, *, keep: int = 3) -> None:
