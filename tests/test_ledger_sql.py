@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from bandit_engine import ChannelConfig, Engine, PolicySpec
+from bandit_engine.engine import EngineConfig
 from tests.conftest import _psycopg_url, catalog
 
 
@@ -89,3 +90,32 @@ def test_expire_closes_more_than_one_batch(backend, request, tmp_path, clock) ->
         assert {d.status for d in eng.ledger.decisions()} == {"expired"}
     finally:
         eng.ledger.close()
+
+
+def test_background_checkpoints_keep_the_sqlite_wal_off_the_request_path(tmp_path) -> None:
+    """Serving ledgers never checkpoint inside a commit; the checkpointer thread copies the WAL
+    into the database file on its own, and stops with the ledger."""
+    import os
+    import threading
+    import time
+
+    from bandit_engine.ledger.sql import SqlLedger
+
+    path = tmp_path / "ck.db"
+    ledger = SqlLedger(f"sqlite:///{path}", background_checkpoints=True)
+    eng = Engine(ledger, config=EngineConfig(seed=1))
+    try:
+        with ledger.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        eng.add_offer(catalog(1, budget=10_000.0)[0])
+        size0 = os.path.getsize(path)
+        for i in range(300):
+            eng.reward(eng.choose(f"m{i}", "email").event_id, 1.0)
+        deadline = time.monotonic() + 5
+        while os.path.getsize(path) <= size0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert os.path.getsize(path) > size0  # the decisions reached the database file
+        assert any(t.name == "bandit-engine-wal-checkpoint" for t in threading.enumerate())
+    finally:
+        ledger.close()
+    assert not any(t.name == "bandit-engine-wal-checkpoint" and t.is_alive() for t in threading.enumerate())

@@ -38,7 +38,7 @@ def open_engine(url: str, *, seed: int = 0, clock: Any = None, gap_grace: float 
     else:
         from ..ledger.sql import SqlLedger
 
-        inner = SqlLedger(url)
+        inner = SqlLedger(url, background_checkpoints=True)  # no WAL checkpoint in a request
     ledger = GapSafeLedger(inner, gap_grace=gap_grace)
     return Engine(ledger, clock=clock, config=EngineConfig(seed=seed, learn_in_process=False))  # type: ignore[arg-type]
 
