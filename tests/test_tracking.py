@@ -68,7 +68,8 @@ def test_simulate_logs_a_parent_and_nested_children(store: str, tmp_path: Path) 
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert {c.data.tags["policy"] for c in children} == {"random", "oracle", "budget_oracle", "thompson_segmented"}
+    assert {c.data.tags["policy"] for c in children} == {"random", "oracle", "budget_oracle", "truth_paced",
+                                                        "thompson_segmented"}  # fmt: skip
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
     child = next(c for c in children if c.data.tags["policy"] == "thompson_segmented")
