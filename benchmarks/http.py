@@ -85,6 +85,38 @@ def _wait(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("server did not come up")
 
 
+def _cpu_seconds(server_pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by a server (its process and its gunicorn workers) and by every
+    PostgreSQL process, read from /proc (Linux; zeros elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    server = db = 0.0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        ppid, cpu = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        if int(entry) == server_pid or ppid == server_pid:
+            server += cpu
+        elif name.startswith("postgres"):
+            db += cpu
+    return server, db
+
+
+def _measure(port: int, key: str, clients: int, seconds: float, with_reward: bool, pid: int) -> dict[str, float]:
+    """``_load`` plus the CPU the server and PostgreSQL spent per operation meanwhile."""
+    s0, d0 = _cpu_seconds(pid)
+    m = _load(port, key, clients, seconds, with_reward)
+    s1, d1 = _cpu_seconds(pid)
+    ops = m.pop("ops")
+    return {**m, "server_cpu_ms": 1000 * (s1 - s0) / ops, "db_cpu_ms": 1000 * (d1 - d0) / ops}
+
+
 def _load(port: int, key: str, clients: int, seconds: float, with_reward: bool) -> dict[str, float]:
     """Closed-loop load: each client sends its next request when the last one answered."""
     lat: list[list[float]] = [[] for _ in range(clients)]
@@ -124,6 +156,7 @@ def _load(port: int, key: str, clients: int, seconds: float, with_reward: bool) 
     all_lat = sorted(x for xs in lat for x in xs)
     n = len(all_lat)
     return {
+        "ops": max(1, n),
         "ops_per_s": n / wall,
         "p50_ms": 1000 * all_lat[n // 2] if n else float("nan"),
         "p99_ms": 1000 * all_lat[min(n - 1, int(n * 0.99))] if n else float("nan"),
@@ -198,11 +231,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                     # the floor does the same HTTP work: one request for choose, two for choose+reward
                     for endpoint, with_reward in (("choose", False), ("choose+reward", True)):
                         for n in clients:
-                            f = _load(floor_port, "", n, seconds, with_reward)
-                            m = _load(port, key, n, seconds, with_reward)
+                            f = _measure(floor_port, "", n, seconds, with_reward, floor.pid)
+                            m = _measure(port, key, n, seconds, with_reward, proc.pid)
                             rows.append({
                                 "backend": name, "endpoint": endpoint, "clients": n, **m,
                                 "floor_ops_per_s": f["ops_per_s"], "floor_p99_ms": f["p99_ms"],
+                                "floor_server_cpu_ms": f["server_cpu_ms"],
                                 "vs_floor": m["ops_per_s"] / f["ops_per_s"],
                             })  # fmt: skip
                 finally:
