@@ -191,8 +191,9 @@ def decision_params(d: Decision) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class DuplicateEvent(Exception):
-    """The decision's event id is already logged (a concurrent request with the same id)."""
+class DuplicateEvent(StorageError):
+    """A unique key was already taken: for a decision, its event id (a concurrent request with
+    the same id; the ledger returns the logged decision). Anywhere else it is a storage error."""
 
 
 class _Disconnected(Exception):
@@ -314,8 +315,8 @@ class HotPath:
             try:
                 with self._writer() if write else nullcontext(), self._connection() as conn:
                     return op(conn)
-            except self._integrity_error:
-                raise DuplicateEvent() from None
+            except self._integrity_error as exc:
+                raise DuplicateEvent(f"ledger constraint violated: {exc}") from None
             except _Disconnected as exc:
                 if attempt == 0:
                     continue
