@@ -1,29 +1,33 @@
 """The request path's SQL, sent through the DBAPI connection (sqlite3 or psycopg 3) directly.
 
 ``choose`` and ``reward`` are a handful of small statements each. Through SQLAlchemy Core each
-statement costs ~0.1 ms of Python (execution context, result wrapping, events) — more than the
-statement itself on SQLite and about as much as a localhost round trip on PostgreSQL — so these
-three operations use hand-written SQL on the pooled DBAPI connection:
+statement cost ~0.1 ms of Python (execution context, result wrapping, events): more than the
+statement itself on SQLite and about as much as a localhost round trip on PostgreSQL. So the
+operations on decisions and offer counters use hand-written SQL on the pooled DBAPI connection:
 
-* ``read_state``: the member's recent exposures and the offers' counters, read without a
-  transaction on PostgreSQL (autocommit; the guarded reservation below re-checks the caps) and in
-  one deferred transaction on SQLite;
+* ``read_state``: the member's recent exposures and the offers' counters in one ``UNION ALL``
+  statement (one snapshot; the guarded reservation below re-checks every cap anyway);
 * ``log_decision``: the guarded reservation ``UPDATE offers ... WHERE spent + committed + cost
   <= budget AND impressions < cap`` and the decision insert, atomically. On PostgreSQL both are
   one statement (a data-modifying CTE: one round trip, one commit); on SQLite they run inside
-  ``BEGIN IMMEDIATE``. Member frequency caps first lock the member's row, as before;
-* ``record_reward``: lock the decision (``FOR UPDATE`` on PostgreSQL, the write lock on
-  SQLite), then the shared settlement rules (:mod:`.settle`) and four writes in one transaction.
+  ``BEGIN IMMEDIATE``. Member frequency caps first lock the member's row;
+* ``record_reward``: read the decision, apply the shared settlement rules (:mod:`.settle`), and
+  write. On PostgreSQL the write is one compare-and-swap statement (decision, offer counters,
+  reward row and feedback event, guarded by the reward count and status that were read; a
+  lost race re-reads); on SQLite read and writes run under ``BEGIN IMMEDIATE``;
+* ``activate``, ``expire`` and the learning reads (``feedback_after``, ``decisions_by_event``).
 
-Everything else in the ledger stays on SQLAlchemy Core. The schema is the one the ORM models and
-the Alembic migrations define. Every engine, invariant and concurrency test runs this path on
-SQLite and on PostgreSQL; ``tests/test_ledger_sql.py`` covers the connection retry.
+Catalog, channels, snapshots and governance stay on SQLAlchemy Core, and the schema is the one
+the ORM models and the Alembic migrations define. Every engine, invariant and concurrency test
+runs this path on SQLite and on PostgreSQL; ``tests/test_ledger_sql.py`` covers the connection
+retry, duplicate event ids and multi-batch expiry.
 
 Connections come from the SQLAlchemy pool (``raw_connection``). The pool does not pre-ping
 (that was a round trip per checkout); instead a connection that turns out to be dead is
 invalidated and the operation retried once on a fresh one. The retry is safe: a decision is
 keyed by its unique event id and a reward by (event id, reward id), so a write that did commit
-before the connection dropped is found, not repeated.
+before the connection dropped is found, not repeated. On SQLite, this process's writers also
+queue on a file lock (:meth:`HotPath._writer`).
 """
 
 from __future__ import annotations
