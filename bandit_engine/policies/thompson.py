@@ -14,20 +14,6 @@ alpha, beta and the update counts.
 Offers a segment has never learned about share one prior bank per offer (seeded the same way
 with segment ``*`` and count 0), so a new segment costs no memory until it learns.
 
-Empirical-Bayes pooling (``pool_strength`` m > 0, off by default): the prior of the arm
-(segment j, offer o) is no longer the flat Beta(prior_alpha, prior_beta) but that prior plus
-``w = min(m, n)`` pseudo-observations at the offer's pooled mean ``p = s / n`` over the *other*
-segments (leave-one-out, so an arm never counts its own data twice; the shared prior bank of
-an unseen arm pools every segment): ``alpha0 = prior_alpha + w p``, ``beta0 = prior_beta +
-w (1 - p)``. ``p`` is rounded to 1/64 and ``w`` to 1/64 of an observation, and the rounded pair
-joins the bank's seed key, so a bank is still a pure function of (seed, segment, offer, update
-count, pooled prior). The pooled sums are read from the arms' own alpha and update counts, so
-the snapshot format is unchanged and a restore rebuilds the same priors. When an offer learns,
-its arm is redrawn at once; the other arms of that offer whose rounded prior moved are marked
-stale and redrawn when a decision next gathers them (a bank is a function of the current state,
-so when it is redrawn does not matter). The rounding keeps that to about one extra redraw per
-learn once the pooled means settle.
-
 >>> from bandit_engine.catalog import Offer
 >>> offers = tuple(Offer(f"o{i}", channels=["email"]) for i in range(3))
 >>> pol = Thompson(seed=1)
@@ -53,9 +39,6 @@ from ..errors import InvalidArgument
 from .base import Policy, Scoring
 
 _PRIOR_SEGMENT = "*"  # never a JSON list, so never a real segment key
-_W_GRID = 64  # pooled pseudo-observations are rounded to 1/64 of an observation
-_P_GRID = 64  # and the pooled mean to 1/64
-_MAX_POOL = 1e6
 
 
 def _positive(family: str, name: str, value: object) -> float:
@@ -66,17 +49,6 @@ def _positive(family: str, name: str, value: object) -> float:
         or value <= 0
     ):
         raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _non_negative(family: str, name: str, value: object, hi: float) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not (0 <= value <= hi)
-    ):
-        raise InvalidArgument(f"{family}: {name} must be a number in [0, {hi:g}], got {value!r}")
     return float(value)
 
 
@@ -92,8 +64,6 @@ class Thompson(Policy):
     ``segment_by`` names context keys; the segment of a request is the tuple of their values
     (missing -> ``None``) and each segment has its own posteriors (state grows with segments x
     offers learned, so segment by low-cardinality keys such as tier or top category).
-    ``pool_strength`` (default 0, off) shrinks each segment's arm toward the offer's mean over
-    the other segments with up to that many pseudo-observations (see the module docstring).
     """
 
     family = "thompson"
@@ -106,7 +76,6 @@ class Thompson(Policy):
         prior_beta: float = 1.0,
         propensity_draws: int = 256,
         segment_by: Sequence[str] = (),
-        pool_strength: float = 0.0,
     ) -> None:
         super().__init__(seed=seed)
         self.prior_alpha = _positive("thompson", "prior_alpha", prior_alpha)
@@ -126,7 +95,6 @@ class Thompson(Policy):
         if len(set(segment_by)) != len(segment_by):
             raise InvalidArgument(f"thompson: segment_by has duplicates: {list(segment_by)!r}")
         self.segment_by = tuple(segment_by)
-        self.pool_strength = _non_negative("thompson", "pool_strength", pool_strength, _MAX_POOL)
         self._seed64 = seed % 2**64
         self._gen = np.random.Generator(np.random.PCG64(0))  # reseeded per bank redraw
         self._reset()
@@ -140,18 +108,12 @@ class Thompson(Policy):
         self._alpha = np.empty(16)
         self._beta = np.empty(16)
         self._updates = np.zeros(16, dtype=np.int64)
-        # pooled prior of each row: (P, W), pooled mean P/64 over W/64 pseudo-observations
-        self._pool: list[tuple[int, int]] = []
-        self._stale: set[int] = set()  # rows whose pooled prior moved since their bank was drawn
         self._size = 0
         self._keys: list[tuple[str, str]] = []  # (segment key or "*", offer id) per column
         self._rows: dict[str, dict[str, int]] = {}  # segment -> offer id -> column
         self._prior_rows: dict[str, int] = {}  # offer id -> column of its shared prior bank
-        self._offer_rows: dict[str, list[int]] = {}  # offer id -> learned rows, creation order
 
-    def _new_row(
-        self, segment: str, offer_id: str, alpha: float, beta: float, n: int, draw: bool = True
-    ) -> int:
+    def _new_row(self, segment: str, offer_id: str, alpha: float, beta: float, n: int) -> int:
         r = self._size
         if r == self._alpha.size:
             cap = 2 * r
@@ -164,9 +126,7 @@ class Thompson(Policy):
         self._size = r + 1
         self._keys.append((segment, offer_id))
         self._alpha[r], self._beta[r], self._updates[r] = alpha, beta, n
-        self._pool.append((0, 0))
-        if draw:
-            self._redraw(r)
+        self._redraw(r)
         return r
 
     def _redraw(self, r: int) -> None:
@@ -174,14 +134,8 @@ class Thompson(Policy):
         a pure function of the learning log. Setting the state directly costs ~3 µs where
         seeding a new Generator through SeedSequence costs ~16 µs."""
         segment, offer_id = self._keys[r]
-        key = f"{self._seed64}|{segment}|{offer_id}|{int(self._updates[r])}"
-        alpha, beta = self._alpha[r], self._beta[r]
-        p, w = self._pool[r]
-        if w:  # a pooled prior: part of the key, so the bank stays a function of the state
-            key = f"{key}|{p}|{w}"
-            alpha += w * p / (_W_GRID * _P_GRID)
-            beta += w * (_P_GRID - p) / (_W_GRID * _P_GRID)
-        h = hashlib.blake2b(key.encode(), digest_size=32).digest()
+        key = f"{self._seed64}|{segment}|{offer_id}|{int(self._updates[r])}".encode()
+        h = hashlib.blake2b(key, digest_size=32).digest()
         self._gen.bit_generator.state = {
             "bit_generator": "PCG64",
             "state": {"state": int.from_bytes(h[:16], "little"),
@@ -189,58 +143,9 @@ class Thompson(Policy):
             "has_uint32": 0,
             "uinteger": 0,
         }  # fmt: skip
-        self._bank[:, r] = self._gen.beta(alpha, beta, size=self.propensity_draws)
-
-    # pooling ---------------------------------------------------------------------------------
-    def _pooled(self, successes: float, n: int) -> tuple[int, int]:
-        """Rounded pooled prior (P, W) from pooled successes and update counts: the mean to
-        1/64, min(pool_strength, n) pseudo-observations to 1/64; (0, 0) is the flat prior."""
-        w = round(min(float(n), self.pool_strength) * _W_GRID)
-        if n <= 0 or w == 0:
-            return 0, 0
-        return round(min(max(successes / n, 0.0), 1.0) * _P_GRID), w
-
-    def _pool_sums(self, rows: list[int]) -> tuple[list[float], list[int], float, int]:
-        """Per-row successes and counts of one offer's rows, and their totals (``fsum``: the
-        total does not depend on the order of the rows)."""
-        a0, alpha, updates = self.prior_alpha, self._alpha, self._updates
-        succ = [float(alpha[r]) - a0 for r in rows]
-        n = [int(updates[r]) for r in rows]
-        return succ, n, math.fsum(succ), sum(n)
-
-    def _refresh_pool(self, offer_id: str, learned: int | None) -> None:
-        """After ``learned`` (a row of ``offer_id``) changed: redraw its bank, and mark every
-        other bank of the offer whose rounded pooled prior moved as stale (redrawn when next
-        used). ``None`` (restore): redraw them all."""
-        rows = self._offer_rows[offer_id]
-        succ, n, s_tot, n_tot = self._pool_sums(rows)
-        pool, stale = self._pool, self._stale
-        for r, s, k in zip(rows, succ, n, strict=True):
-            target = self._pooled(s_tot - s, n_tot - k)  # leave-one-out
-            if target != pool[r]:
-                pool[r] = target
-                stale.add(r)
-        prior = self._prior_rows.get(offer_id)
-        if prior is not None:
-            target = self._pooled(s_tot, n_tot)  # an unseen arm pools every segment
-            if target != pool[prior]:
-                pool[prior] = target
-                stale.add(prior)
-        for r in rows if learned is None else (learned,):
-            stale.discard(r)
-            self._redraw(r)
-
-    def _new_prior_row(self, offer_id: str) -> int:
-        rows = self._offer_rows.get(offer_id)
-        if not rows:
-            return self._new_row(_PRIOR_SEGMENT, offer_id, self.prior_alpha, self.prior_beta, 0)
-        row = self._new_row(
-            _PRIOR_SEGMENT, offer_id, self.prior_alpha, self.prior_beta, 0, draw=False
+        self._bank[:, r] = self._gen.beta(
+            self._alpha[r], self._beta[r], size=self.propensity_draws
         )
-        _, _, s_tot, n_tot = self._pool_sums(rows)
-        self._pool[row] = self._pooled(s_tot, n_tot)
-        self._redraw(row)
-        return row
 
     def _segment(self, context: Mapping[str, Any]) -> str:
         if not self.segment_by:
@@ -259,14 +164,10 @@ class Thompson(Policy):
             if r is None:
                 r = prior_rows.get(oid)
                 if r is None:
-                    r = prior_rows[oid] = self._new_prior_row(oid)
+                    r = prior_rows[oid] = self._new_row(
+                        _PRIOR_SEGMENT, oid, self.prior_alpha, self.prior_beta, 0
+                    )
             rows.append(r)
-        stale = self._stale
-        if stale:  # pooled priors that moved since these banks were drawn
-            for r in rows:
-                if r in stale:
-                    stale.remove(r)
-                    self._redraw(r)
         return np.take(self._bank, rows, axis=1)
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
@@ -275,42 +176,25 @@ class Thompson(Policy):
         oid = s.offers[chosen].offer_id
         seg_rows = self._rows.setdefault(segment, {})
         row = seg_rows.get(oid)
-        pooled = self.pool_strength > 0
         if row is None:
-            row = seg_rows[oid] = self._new_row(
-                segment, oid, self.prior_alpha + r, self.prior_beta + 1.0 - r, 1, draw=not pooled
+            seg_rows[oid] = self._new_row(
+                segment, oid, self.prior_alpha + r, self.prior_beta + 1.0 - r, 1
             )
-            if pooled:
-                self._offer_rows.setdefault(oid, []).append(row)
-                self._refresh_pool(oid, row)
             return
         self._alpha[row] += r
         self._beta[row] += 1.0 - r
         self._updates[row] += 1
-        if pooled:
-            self._refresh_pool(oid, row)
-        else:
-            self._redraw(row)
+        self._redraw(row)
 
     # state -----------------------------------------------------------------------------------
     def posterior(
         self, offer_id: str, context: Mapping[str, Any] | None = None
     ) -> tuple[float, float]:
-        """(alpha, beta) of an offer in the segment of ``context`` (the prior if never learned),
-        the pooled prior's pseudo-counts included: the Beta its bank is drawn from."""
+        """(alpha, beta) of an offer in the segment of ``context`` (the prior if never learned)."""
         row = self._rows.get(self._segment(context or {}), {}).get(offer_id)
         if row is None:
-            rows = self._offer_rows.get(offer_id)
-            if not rows:
-                return self.prior_alpha, self.prior_beta
-            _, _, s_tot, n_tot = self._pool_sums(rows)
-            p, w = self._pooled(s_tot, n_tot)
-            alpha, beta = self.prior_alpha, self.prior_beta
-        else:
-            p, w = self._pool[row]
-            alpha, beta = float(self._alpha[row]), float(self._beta[row])
-        scale = _W_GRID * _P_GRID
-        return alpha + w * p / scale, beta + w * (_P_GRID - p) / scale
+            return self.prior_alpha, self.prior_beta
+        return float(self._alpha[row]), float(self._beta[row])
 
     def _learned_rows(self) -> list[int]:
         return [r for seg in self._rows.values() for r in seg.values()]
@@ -337,14 +221,9 @@ class Thompson(Policy):
         if not (len(segments) == len(offers) == len(alpha) == len(beta) == len(updates)):
             raise InvalidArgument("thompson: snapshot arrays have inconsistent lengths")
         self._reset()
-        pooled = self.pool_strength > 0
         for seg, oid, a, b, n in zip(segments, offers, alpha, beta, updates, strict=True):
-            row = self._new_row(str(seg), str(oid), float(a), float(b), int(n), draw=not pooled)
+            row = self._new_row(str(seg), str(oid), float(a), float(b), int(n))
             self._rows.setdefault(str(seg), {})[str(oid)] = row
-            if pooled:
-                self._offer_rows.setdefault(str(oid), []).append(row)
-        for oid in self._offer_rows:  # pooled priors, then the banks
-            self._refresh_pool(oid, None)
 
 
 FAMILIES: dict[str, Callable[..., Policy]] = {"thompson": Thompson}
