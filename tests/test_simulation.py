@@ -42,6 +42,7 @@ BAD_SCENARIOS = [
     ({"policies": [{"name": "p", "baseline": "magic"}]}, r"baseline must be one of"),
     ({"decisions": 0}, r"decisions must be >= 1"),
     ({"world": {"fatigue": -1}}, r"world.fatigue must be >= 0"),
+    ({"aggregation": "max"}, r"aggregation must be 'first' or 'sum'"),
 ]
 
 
@@ -276,3 +277,16 @@ def test_frequency_caps_pay_off_when_over_contact_makes_members_opt_out() -> Non
     # opted-out members get the channel default (no offer here), logged as without consent
     assert uncapped.reasons.get("no_consent", 0) > capped.reasons.get("no_consent", 0)
     assert "| opt-outs |" in c.table().splitlines()[0]
+
+
+@pytest.mark.parametrize("aggregation", ["first", "sum"])
+def test_scenario_aggregation_sets_when_the_engine_learns_a_redemption(aggregation: str) -> None:
+    """"first" settles and learns a redemption when it arrives; "sum" keeps the decision open
+    and learns every outcome (redeemed or not) when the window closes: equal feedback delays."""
+    s = Scenario.default().with_(aggregation=aggregation, members=100)
+    r = Simulator(s, decisions=300).run("thompson", PolicySpec("thompson"), 4, keep_engine=True)
+    assert r.engine is not None and r.redemptions > 0
+    assert {c.aggregation for c in r.engine.channels().values() if c.name in s.channels} == {aggregation}
+    redeemed = [d for d in r.engine.ledger.decisions() if d.reward]
+    assert len(redeemed) == r.redemptions
+    assert {d.status for d in redeemed} == ({"closed"} if aggregation == "first" else {"expired"})

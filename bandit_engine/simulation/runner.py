@@ -216,6 +216,7 @@ class Simulator:
             engine.set_channel(ChannelConfig(
                 ch, policy=spec, reward_window_days=s.reward_window_days,
                 holdout_fraction=s.holdout_fraction, exploration_floor=floor,
+                aggregation=s.aggregation,
             ))  # fmt: skip
         res = RunResult(name, seed, spec.to_dict())
         budgeted = [o for o in offers if o.budget_cents is not None]

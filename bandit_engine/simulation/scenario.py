@@ -139,6 +139,9 @@ class Scenario:
     reward_window_days: float = 7.0
     holdout_fraction: float = 0.05
     exploration_floor: float = 0.02
+    # the channels' reward aggregation: "first" learns a redemption when it arrives and a miss
+    # when the window closes; "sum" learns every outcome at window close (equal delays)
+    aggregation: str = "first"
     member_cap: Mapping[str, Any] | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
     start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00Z
@@ -148,6 +151,7 @@ class Scenario:
         _check(isinstance(self.decisions, int) and self.decisions >= 1, f"decisions must be >= 1, got {self.decisions!r}")
         _check(self.days > 0, f"days must be > 0, got {self.days!r}")
         _check(self.members >= 1, f"members must be >= 1, got {self.members!r}")
+        _check(self.aggregation in ("first", "sum"), f"aggregation must be 'first' or 'sum', got {self.aggregation!r}")
         _check(bool(self.offers), "a scenario needs at least one offer")
         _check(bool(self.policies), "a scenario needs at least one policy")
         ids = [o.offer_id for o in self.offers]
