@@ -132,11 +132,14 @@ class WalCheckpointer:
     def _run(self, path: str, interval: float, restart_bytes: int) -> None:
         conn = sqlite3.connect(path, timeout=1.0, isolation_level=None)
         wal = f"{path}-wal"
+        ready = False
         try:
-            conn.execute("PRAGMA journal_mode=WAL")  # else this connection sees no WAL to checkpoint
-            conn.execute("PRAGMA synchronous=NORMAL")
             while not self._stop.wait(interval):
                 with contextlib.suppress(sqlite3.Error, OSError):  # busy: the next round catches up
+                    if not ready:  # else this connection sees no WAL to checkpoint
+                        conn.execute("PRAGMA journal_mode=WAL")
+                        conn.execute("PRAGMA synchronous=NORMAL")
+                        ready = True
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     if os.path.getsize(wal) > restart_bytes:
                         conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()
@@ -157,16 +160,16 @@ class SqlLedger:
         self._engine = make_engine(url, autocheckpoint=not background_checkpoints)
         self._dialect = self._engine.dialect.name
         self._hot = HotPath(self._engine)
+        if upgrade:
+            from .migrate import upgrade_schema
+
+            self._guard(lambda: upgrade_schema(self._engine))
         database = self._engine.url.database
         self._checkpointer = (
             WalCheckpointer(database)
             if background_checkpoints and self._dialect == "sqlite" and database and database != ":memory:"
             else None
         )
-        if upgrade:
-            from .migrate import upgrade_schema
-
-            self._guard(lambda: upgrade_schema(self._engine))
 
     # plumbing --------------------------------------------------------------------------------
     def _guard(self, fn: Callable[[], T]) -> T:
