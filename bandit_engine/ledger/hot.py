@@ -71,17 +71,17 @@ _PG_TYPES = {
     "reward_count": "INTEGER",
 }  # fmt: skip
 
-_SELECT_DECISION = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE event_id = :eid"
-_HISTORY = (
-    "SELECT offer_id, channel, issued_at, reward, status FROM decisions "
-    "WHERE member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL ORDER BY seq"
-)
-_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers WHERE "
+_DECISIONS = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions"
+_SELECT_DECISION = f"{_DECISIONS} WHERE event_id = :eid"
+_MEMBER_EXPOSURES = "member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL"
+_HISTORY = f"SELECT offer_id, channel, issued_at, reward, status FROM decisions WHERE {_MEMBER_EXPOSURES} ORDER BY seq"
+_ALL_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers"
+_STATES = f"{_ALL_STATES} WHERE "
 # the member's history and the offers' counters in one round trip: (0, seq, history...) rows,
 # then (1, 0, counters...) rows
 _READ_STATE = (
     "SELECT 0, seq, offer_id, channel, issued_at, reward, status, NULL, NULL, NULL, NULL "
-    "FROM decisions WHERE member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL "
+    f"FROM decisions WHERE {_MEMBER_EXPOSURES} "
     "UNION ALL SELECT 1, 0, offer_id, NULL, NULL, NULL, NULL, spent_cents, committed_cents, "
     "impressions, settled_cents FROM offers WHERE {ids} ORDER BY 1, 2"
 )
@@ -100,12 +100,8 @@ _RESERVE_AND_INSERT = (  # PostgreSQL: both in one statement, so one round trip 
     f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
     "RETURNING seq"
 )
-_ALL_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers"
-_DUE = (
-    f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE status = 'open' AND deadline < :now "
-    "ORDER BY seq LIMIT :limit"
-)
-_DECISIONS_IN = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions WHERE event_id "
+_DUE = f"{_DECISIONS} WHERE status = 'open' AND deadline < :now ORDER BY seq LIMIT :limit"
+_DECISIONS_IN = f"{_DECISIONS} WHERE event_id "
 _FEEDBACK_AFTER = (
     "SELECT seq, event_id, channel, reward, learn FROM feedback WHERE seq > :seq ORDER BY seq "
     "LIMIT :limit"

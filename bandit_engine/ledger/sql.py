@@ -277,14 +277,11 @@ class SqlLedger:
         reward_id: str | None = None,
         aggregation: str | Mapping[str, str] = "first",
     ) -> RewardOutcome:
-        try:
-            return self._hot.record_reward(
-                event_id, value, cost_cents, now_ms, reward_id=reward_id, aggregation=aggregation
-            )
-        except DuplicateEvent:  # a concurrent reward with the same reward id committed first
-            return self._hot.record_reward(
-                event_id, value, cost_cents, now_ms, reward_id=reward_id, aggregation=aggregation
-            )
+        # concurrent rewards of one event are serialized by the hot path (the write lock on
+        # SQLite, the compare-and-swap on PostgreSQL), so a unique key never fails here
+        return self._hot.record_reward(
+            event_id, value, cost_cents, now_ms, reward_id=reward_id, aggregation=aggregation
+        )
 
     def activate(self, event_id: str, now_ms: int) -> Decision:
         return self._hot.activate(event_id, now_ms)
