@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from bandit_engine import Offer
+from bandit_engine import ChannelConfig, Offer, PolicySpec
 from bandit_engine.api import open_engine, open_governance
 from tests.api_fixtures import free_port, stop_server
 
@@ -32,6 +32,9 @@ DELAY = SYNC_INTERVAL + 1.5  # documented bound used by the assertion (interval 
 @pytest.fixture
 def served(postgres_url: str) -> Any:
     eng = open_engine(postgres_url, seed=3)
+    # a wide exploration floor keeps every eligible offer at p >= 0.1, so the impression cap is
+    # reached whatever the (thread-interleaved) rewards teach Thompson about that offer
+    eng.set_channel(ChannelConfig("email", policy=PolicySpec("thompson"), exploration_floor=0.5))
     eng.add_offer(Offer("budget-a", ["email"], cost=1.0, budget=40.0, features={"category": "home"}))
     eng.add_offer(Offer("impr-b", ["email"], cost=0.5, max_impressions=60, features={"category": "toys"}))
     eng.add_offer(Offer("member-c", ["email"], cost=0.1, member_cap={"max": 1, "window_days": 30},
