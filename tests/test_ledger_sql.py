@@ -8,6 +8,7 @@ a racing duplicate event id, and expiry across several batches.
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import psycopg
@@ -15,6 +16,7 @@ import pytest
 
 from bandit_engine import ChannelConfig, Engine, PolicySpec
 from bandit_engine.engine import EngineConfig
+from bandit_engine.ledger.sql import SqlLedger
 from tests.conftest import _psycopg_url, catalog
 
 
@@ -119,3 +121,68 @@ def test_background_checkpoints_keep_the_sqlite_wal_off_the_request_path(tmp_pat
     finally:
         ledger.close()
     assert not any(t.name == "bandit-engine-wal-checkpoint" and t.is_alive() for t in threading.enumerate())
+
+
+def test_id_lists_travel_as_one_text_parameter_that_round_trips(postgres_url, tmp_path) -> None:
+    """``HotPath._ids`` encodes a list of ids as one text value; the database must read back
+    exactly the ids, whatever characters they hold (ids are validated upstream, the encoding
+    must not depend on it)."""
+    ids = ["plain", 'quo"te', "back\\slash", "com,ma", "{brace}", "sp ace", "NULL", ""]
+    for url in (postgres_url, f"sqlite:///{tmp_path / 'ids.db'}"):
+        ledger = SqlLedger(url)
+        try:
+            hot = ledger._hot
+            sql = (
+                "SELECT unnest(CAST(%(ids)s AS VARCHAR[]))" if hot._pg
+                else "SELECT value FROM json_each(:ids)"
+            )
+            with hot._connection() as cur:
+                got = [r[0] for r in cur.execute(sql, {"ids": hot._ids(ids)}).fetchall()]
+            assert got == ids, url
+            assert hot._ids(ids) is hot._ids(list(ids))  # small sets are cached
+        finally:
+            ledger.close()
+
+
+def _backends(url: str, app: str) -> int:
+    with psycopg.connect(_psycopg_url(url.split("?")[0]), autocommit=True) as conn:
+        return int(conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+        ).fetchone()[0])  # fmt: skip
+
+
+def test_each_thread_owns_one_connection_and_none_outlives_its_thread_or_the_ledger(postgres_url) -> None:
+    """The request path keeps one connection per thread (no pool checkout per operation):
+    threads never share one, a thread reuses its own, the connections of ended threads are
+    closed when a new thread opens one, and ``close`` closes the rest."""
+    app = f"be-{uuid.uuid4().hex[:10]}"
+    ledger = SqlLedger(f"{postgres_url}&application_name={app}")
+    try:
+        ledger.offer_states()  # the schema upgrade used the pool; this thread now owns one
+        pool_idle = _backends(postgres_url, app) - 1
+        seen: dict[int, int] = {}
+        go = threading.Barrier(4)
+
+        def work(i: int) -> None:
+            go.wait()
+            for _ in range(5):
+                ledger.offer_states()
+                with ledger._hot._connection() as cur:
+                    seen.setdefault(i, id(cur.connection))
+                    assert id(cur.connection) == seen[i]  # the same one every time
+            go.wait()  # every thread is alive while the others open theirs
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(seen.values())) == 4
+        assert _backends(postgres_url, app) == pool_idle + 5  # 4 threads + this one
+        t = threading.Thread(target=ledger.offer_states)  # a new thread reaps the ended ones
+        t.start()
+        t.join()
+        assert _backends(postgres_url, app) == pool_idle + 2
+    finally:
+        ledger.close()
+    assert _backends(postgres_url, app) == 0
