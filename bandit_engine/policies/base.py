@@ -11,6 +11,7 @@ A family implements either ``_draws`` (posterior samples of expected reward, ``(
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,25 @@ from ..errors import InvalidArgument
 from ..exploration import apply_floor, apply_pacing, check_pmf, pmf_from_draws
 
 _MAGIC = b"BEPOLICY1"
+
+
+def positive_param(family: str, name: str, value: object) -> float:
+    """A policy parameter that must be a finite number > 0 (a clear error otherwise)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def int_param(family: str, name: str, value: object, lo: int, hi: int) -> int:
+    """A policy parameter that must be an integer in ``[lo, hi]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
+        raise InvalidArgument(f"{family}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
 _EMPTY: Mapping[str, float] = MappingProxyType({})
 
 

@@ -35,7 +35,6 @@ not flops):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,7 +42,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from ..features import FeatureHasher, squash
-from .base import Policy, Scoring
+from .base import Policy, Scoring, int_param, positive_param
 
 _POOL_SIZE = 1 << 20
 _POOL_SEED = 20_240_601
@@ -59,23 +58,6 @@ def normal_pool() -> np.ndarray:
         pool.flags.writeable = False
         _pool = pool
     return _pool
-
-
-def _positive(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidArgument(f"lin_ts: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _int_in(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise InvalidArgument(f"lin_ts: {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 class LinTS(Policy):
@@ -94,10 +76,10 @@ class LinTS(Policy):
         propensity_draws: int = 128,
     ) -> None:
         super().__init__(seed=seed)
-        self.dim = _int_in("dim", dim, 2, 4096)
-        self.prior_variance = _positive("prior_variance", prior_variance)
-        self.noise_variance = _positive("noise_variance", noise_variance)
-        self.propensity_draws = _int_in("propensity_draws", propensity_draws, 1, 100_000)
+        self.dim = int_param("lin_ts", "dim", dim, 2, 4096)
+        self.prior_variance = positive_param("lin_ts", "prior_variance", prior_variance)
+        self.noise_variance = positive_param("lin_ts", "noise_variance", noise_variance)
+        self.propensity_draws = int_param("lin_ts", "propensity_draws", propensity_draws, 1, 100_000)
         self._hasher = FeatureHasher(self.dim)
         self._oc_cache: dict[tuple[tuple[str, float], ...], np.ndarray] = {}
         self._reset(16)

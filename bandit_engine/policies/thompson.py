@@ -29,33 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidArgument
-from .base import Policy, Scoring
+from .base import Policy, Scoring, int_param, positive_param
 
 _PRIOR_SEGMENT = "*"  # never a JSON list, so never a real segment key
-
-
-def _positive(family: str, name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _int_in(family: str, name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise InvalidArgument(f"{family}: {name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 class Thompson(Policy):
@@ -78,9 +60,9 @@ class Thompson(Policy):
         segment_by: Sequence[str] = (),
     ) -> None:
         super().__init__(seed=seed)
-        self.prior_alpha = _positive("thompson", "prior_alpha", prior_alpha)
-        self.prior_beta = _positive("thompson", "prior_beta", prior_beta)
-        self.propensity_draws = _int_in(
+        self.prior_alpha = positive_param("thompson", "prior_alpha", prior_alpha)
+        self.prior_beta = positive_param("thompson", "prior_beta", prior_beta)
+        self.propensity_draws = int_param(
             "thompson", "propensity_draws", propensity_draws, 1, 100_000
         )
         if isinstance(segment_by, str) or not isinstance(segment_by, Sequence):
