@@ -34,7 +34,7 @@ from bandit_engine.simulation.scenario import PolicyEntry
 from bandit_engine.simulation.world import LIFECYCLES, TIERS
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ("thompson", "thompson_segmented", "lin_ts", "vw")
+OURS = ("thompson", "thompson_segmented", "lin_ts", "shared_ts", "vw")
 PEERS = ("mabwiser_lints", "vw_default")
 
 
@@ -146,7 +146,7 @@ def run(quick: bool = False) -> list[dict]:
 
     # tight budget: gap to the budget-feasible oracle, overspend
     c, secs = _quality(ROOT / "simulations/tight_budget.toml", decisions, seeds,
-                       ("random", "thompson_segmented", "thompson_hard_stop", "lin_ts", "lin_ts_hard_stop"), peers=False)  # fmt: skip
+                       ("random", "thompson_segmented", "thompson_hard_stop", "lin_ts", "lin_ts_hard_stop", "shared_ts"), peers=False)  # fmt: skip
     summary = {r["policy"]: r for r in c.summary()}
     for name, r in summary.items():
         if name in ("oracle", "random"):

@@ -303,7 +303,7 @@ def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
         ws.learn_one(parser.parse_json(line))
 
 
-@pytest.mark.parametrize("family", ["lin_ts", "vw", "thompson"])
+@pytest.mark.parametrize("family", ["lin_ts", "vw", "thompson", "shared_ts"])
 def test_restart_decides_exactly_like_no_restart(ledger_url, clock, family) -> None:
     """Kill an engine mid-stream (new Engine on the same database, no close, stale snapshot):
     its decisions equal those of an engine that never stopped (on the in-memory ledger, which

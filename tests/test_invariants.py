@@ -188,7 +188,7 @@ OPS = st.lists(
 )
 
 
-@pytest.mark.parametrize("family", ["thompson", "lin_ts", "vw"])
+@pytest.mark.parametrize("family", ["thompson", "lin_ts", "vw", "shared_ts"])
 def test_replay_from_the_log_reproduces_the_policy(family: str) -> None:
     """Any interleaving of choose / reward / expire / clock jumps: an engine reopened on the same
     log (latest snapshot + replayed tail) holds the same model as the one that never stopped."""

@@ -49,8 +49,8 @@ def _load_builtin() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import baselines, linear, thompson, vw
+    from . import baselines, linear, shared, thompson, vw
 
-    for mod in (baselines, thompson, linear, vw):
+    for mod in (baselines, thompson, linear, shared, vw):
         for family, factory in mod.FAMILIES.items():
             register(family, factory)

@@ -1,0 +1,446 @@
+"""Shared linear Thompson sampling: ONE Bayesian linear model over every offer of a channel.
+
+``lin_ts`` keeps a disjoint model per offer, so each offer learns only from the decisions that
+chose it (a tenth of them with ten offers) and a new offer starts from nothing. Here the score
+of offer ``a`` for a decision is ``theta . phi(context, a)`` with one weight vector ``theta``
+for all offers, so every decision teaches every offer that shares a feature with the chosen
+one, and a new offer starts from what its features already earned (cold start).
+
+It is a family of its own rather than an option of ``lin_ts`` because nothing of the
+per-offer machinery carries over: the state is one posterior over feature columns (not a row
+per offer), the draws are joint across offers (not independent per arm), the snapshot format
+differs, and so do the parameters (``interactions``, ``max_features`` instead of ``dim``).
+
+Features ``phi(context, a)``, by namespace (as VW's ``-q``):
+
+* ``b``: a bias (1);
+* ``c``: the shared context (request context plus the ``member.*`` history summary);
+* ``a``: the offer's own features (:attr:`Offer.features`: kind, category, depth, ...);
+* ``i``: an offer-id indicator (a per-offer intercept);
+* ``h``: the member x offer history (``seen``, ``redeemed``, ``ignored``, ``cat_seen``,
+  ``cat_redeemed``; they let the model learn fatigue);
+* quadratic interactions between namespaces, chosen by ``interactions`` (default ``["ca"]``):
+  ``ca`` crosses every context feature with every offer feature (``share_home x
+  category=home``, ``promo_share x depth``, ``tier=gold x kind=points``, ...), ``ci`` every
+  context feature with the offer id (a disjoint per-offer model, as a deviation from the shared
+  one), ``ha`` history with offer features, and so on for any pair of ``c``, ``a``, ``i``,
+  ``h``.
+
+Strings enter as ``name=value`` indicators, bools as 0/1, numbers squashed (signed log1p); an
+interaction's value is the product of its two values. Nothing is specific to a catalog or a
+world: the features come from whatever the offers and the context carry.
+
+Model: ``r = theta . phi + N(0, noise_variance)``, ``theta ~ N(0, prior_variance * I)``. Each
+feature gets its own column the first time a *learned* decision carries it (no hashing, so no
+collisions; at most ``max_features`` columns, later new features are not learned). The
+posterior is kept as its mean ``mu`` and full covariance ``cov`` over the learned columns,
+updated by one rank-one (Kalman / Sherman-Morrison) step per reward, never inverted. The
+defaults (``prior_variance=0.02``, ``noise_variance=0.05``, ``interactions=["ca"]``) were tuned
+on seeds 11 and 12 of ``simulations/default.toml``: a decision carries ~30 context features
+crossed with ~3 offer features, so the per-weight prior must be small for the prior variance of
+a whole score to stay near the reward scale.
+
+Thompson draws are joint. Sampling ``theta ~ N(mu, cov)`` and scoring the ``K`` eligible
+offers is the same as sampling their scores from ``N(Phi mu, Phi cov Phi')``, a ``K x K``
+covariance (features no decision has taught yet keep their independent prior, so a new offer
+or a new context value gets prior variance). A decision therefore factors that ``K x K``
+matrix (Cholesky) and maps ``propensity_draws`` standard normals through it: exact joint
+draws from the current posterior (shared features move every offer's draw together, so they
+do not add noise to the argmax), with no ``n x n`` factorization and nothing refreshed lazily.
+The normals are a window of the fixed pool shared with ``lin_ts`` at an offset drawn from the
+event generator, so the pmf is a pure function of the policy state and the event generator.
+
+Cost (measured on the default scenario's catalog, ``K = 10``, ~300 learned features after
+6 000 rewards, one core): a decision ~0.3 ms (feature ids are built with numpy from the
+context's and the offers' atoms; then one ``K x n`` by ``n x n`` product), a reward ~0.1 ms
+(one ``n x n`` rank-one update). ``lin_ts`` takes ~0.06 ms for each. The snapshot holds the
+atom names, the feature pairs, ``mu`` and ``cov`` (``8 n^2`` bytes: 0.7 MB at ``n = 300``).
+On a box whose cores are busy, multithreaded BLAS slows these small products down; the
+simulations were measured with ``OPENBLAS_NUM_THREADS=1``.
+
+>>> from bandit_engine.catalog import Offer
+>>> offers = tuple(Offer(f"o{i}", channels=["email"], features={"category": c})
+...                for i, c in enumerate(["home", "beauty"]))
+>>> pol = SharedTS(seed=0)
+>>> home, beauty = Scoring("m1", {"likes": "home"}, offers), Scoring("m2", {"likes": "beauty"}, offers)
+>>> for _ in range(50):
+...     pol.learn(home, 0, 0.5, 1.0); pol.learn(home, 1, 0.5, 0.0)
+...     pol.learn(beauty, 0, 0.5, 0.0); pol.learn(beauty, 1, 0.5, 1.0)
+>>> new = Offer("o2", channels=["email"], features={"category": "beauty"})  # never shown
+>>> pol.mean(Scoring("m3", {"likes": "beauty"}, (offers[0], new))).round(1)  # from its features
+array([0. , 0.9])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy.linalg import blas
+
+from ..errors import InvalidArgument
+from ..features import squash
+from .base import Policy, Scoring, int_param, positive_param
+from .linear import _POOL_SIZE, normal_pool
+
+FAMILY = "shared_ts"
+NAMESPACES = "caih"  # context, offer features, offer id, member x offer history
+DEFAULT_INTERACTIONS = ("ca",)
+
+
+def _check_interactions(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise InvalidArgument(
+            f"{FAMILY}: interactions must be a list of namespace pairs such as 'ca', got {value!r}"
+        )
+    out: list[str] = []
+    for q in value:
+        if (
+            not isinstance(q, str)
+            or len(q) != 2
+            or q[0] not in NAMESPACES
+            or q[1] not in NAMESPACES
+            or q[0] == q[1]
+        ):
+            raise InvalidArgument(
+                f"{FAMILY}: an interaction must be two different letters of {NAMESPACES!r} "
+                f"(context, offer features, offer id, history), got {q!r}"
+            )
+        if q in out or q[::-1] in out:
+            raise InvalidArgument(f"{FAMILY}: interaction {q!r} is listed twice")
+        out.append(q)
+    return tuple(out)
+
+
+def _atoms(features: Mapping[str, Any], prefix: str) -> list[tuple[str, float]]:
+    """``(name, value)`` of a feature mapping; zeros are left out (they add nothing)."""
+    out: list[tuple[str, float]] = []
+    for k, v in features.items():
+        if isinstance(v, str):
+            out.append((f"{prefix}{k}={v}", 1.0))
+        elif isinstance(v, bool):
+            if v:
+                out.append((prefix + k, 1.0))
+        else:
+            x = squash(float(v))
+            if x != 0.0:
+                out.append((prefix + k, x))
+    return out
+
+
+_BIAS = 0  # atom 0 is the bias; a single feature ``x`` is the pair (x, bias)
+_CODE = 1 << 24  # pair (x, y) -> x * _CODE + y, to find features shared by several offers
+
+
+class _Features:
+    """One decision's features as pairs of atom ids: ``rows`` (offer index), ``x``, ``y``, ``v``.
+
+    Atoms are names such as ``c:tier=gold`` or ``a:category=home``; a feature is a pair of
+    atoms (an interaction) or an atom paired with the bias (a single feature)."""
+
+    __slots__ = ("rows", "x", "y", "v")
+
+    def __init__(self, rows: np.ndarray, x: np.ndarray, y: np.ndarray, v: np.ndarray) -> None:
+        self.rows, self.x, self.y, self.v = rows, x, y, v
+
+
+class SharedTS(Policy):
+    """Contextual Thompson sampling with one Bayesian linear model shared by all offers."""
+
+    family = FAMILY
+    uses_offer_context = True
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        interactions: Sequence[str] = DEFAULT_INTERACTIONS,
+        prior_variance: float = 0.02,
+        noise_variance: float = 0.05,
+        propensity_draws: int = 128,
+        max_features: int = 4096,
+    ) -> None:
+        super().__init__(seed=seed)
+        self.interactions = _check_interactions(interactions)
+        self.prior_variance = positive_param(FAMILY, "prior_variance", prior_variance)
+        self.noise_variance = positive_param(FAMILY, "noise_variance", noise_variance)
+        self.propensity_draws = int_param(FAMILY, "propensity_draws", propensity_draws, 1, 100_000)
+        self.max_features = int_param(FAMILY, "max_features", max_features, 1, 16_384)
+        self._offer_atoms: dict[tuple[str, Any], tuple[list[str], list[float]]] = {}
+        self._reset()
+
+    # storage ---------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._atoms: list[str] = ["b"]  # atom names; ids are positions (0 = bias)
+        self._atom_id: dict[str, int] = {"b": _BIAS}
+        self._pairs: list[tuple[int, int]] = []  # (x, y) atom pair per model column
+        # (x, y) -> column: the sorted codes x * _CODE + y of the learned pairs, and their
+        # columns (a sorted array, not an atoms x atoms table: that grows with the square of
+        # the context's distinct values)
+        self._codes = np.zeros(0, dtype=np.int64)
+        self._code_cols = np.zeros(0, dtype=np.int64)
+        self._mu = np.zeros(0)
+        self._cov = np.zeros((0, 0))
+
+    def _add_atoms(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self._atom_id:
+                self._atom_id[name] = len(self._atoms)
+                self._atoms.append(name)
+
+    def _index_pairs(self, first: int) -> None:
+        """Add the pairs of columns ``first..`` to the sorted code index."""
+        new = np.array(self._pairs[first:], dtype=np.int64).reshape(-1, 2)
+        codes = np.concatenate([self._codes, new[:, 0] * _CODE + new[:, 1]])
+        cols = np.concatenate([self._code_cols, np.arange(first, len(self._pairs))])
+        order = np.argsort(codes, kind="stable")
+        self._codes, self._code_cols = codes[order], cols[order]
+
+    def _add_columns(self, pairs: list[tuple[int, int]]) -> None:
+        """Columns for features seen for the first time (prior: independent, mean 0)."""
+        n, k = len(self._pairs), len(pairs)
+        cov = np.zeros((n + k, n + k))
+        cov[:n, :n] = self._cov
+        cov[range(n, n + k), range(n, n + k)] = self.prior_variance
+        self._cov = cov
+        self._mu = np.concatenate([self._mu, np.zeros(k)])
+        self._pairs.extend(pairs)
+        self._index_pairs(n)
+
+    # features --------------------------------------------------------------------------------
+    def _offer_parts(self, offer: Any) -> tuple[list[str], list[float]]:
+        """An offer's feature atoms and the id atom; cached (an offer's features are immutable)."""
+        key = (offer.offer_id, tuple(offer.features.items()))
+        parts = self._offer_atoms.get(key)
+        if parts is None:
+            atoms = _atoms(offer.features, "a:")
+            parts = ([n for n, _ in atoms], [v for _, v in atoms])
+            if len(self._offer_atoms) >= 4096:
+                self._offer_atoms.clear()
+            self._offer_atoms[key] = parts
+        return parts
+
+    def _features(self, s: Scoring, only: int | None = None, *, grow: bool = False) -> _Features:
+        """The features of every offer of ``s`` (or of offer ``only``).
+
+        Atoms this policy never learned get provisional ids past the known ones (``grow``: they
+        are added for good, as ``learn`` does)."""
+        atom_id = self._atom_id
+        provisional: dict[str, int] = {}
+
+        def ids(names: list[str]) -> list[int]:
+            out = []
+            for name in names:
+                i = atom_id.get(name)
+                if i is None:
+                    i = provisional.get(name)
+                    if i is None:
+                        i = provisional[name] = len(atom_id) + len(provisional)
+                out.append(i)
+            return out
+
+        ctx = s._cache.get(FAMILY)
+        if ctx is None:
+            ctx = s._cache[FAMILY] = _atoms(s.context, "c:")
+        offers = range(len(s.offers)) if only is None else (only,)
+        ns: dict[str, tuple[list[str], list[float], list[int]]] = {
+            "a": ([], [], []), "i": ([], [], []), "h": ([], [], [])
+        }  # fmt: skip
+        for r, j in enumerate(offers):
+            names, vals = self._offer_parts(s.offers[j])
+            na, va, ra = ns["a"]
+            na += names
+            va += vals
+            ra += [r] * len(names)
+            ns["i"][0].append(f"i:{s.offers[j].offer_id}")
+            ns["i"][1].append(1.0)
+            ns["i"][2].append(r)
+            hist = _atoms(s.offer_context[j], "h:")
+            nh, vh, rh = ns["h"]
+            nh += [n for n, _ in hist]
+            vh += [v for _, v in hist]
+            rh += [r] * len(hist)
+        k = len(offers)
+        names_all = [n for n, _ in ctx] + ns["a"][0] + ns["i"][0] + ns["h"][0]
+        if grow:
+            self._add_atoms(names_all)
+        nc = len(ctx)
+        arr = {
+            "c": (
+                np.array(ids([n for n, _ in ctx]), dtype=np.int64),
+                np.array([v for _, v in ctx]),
+                None,
+            )
+        }
+        for q in "aih":
+            names, vals, rows = ns[q]
+            arr[q] = (
+                np.array(ids(names), dtype=np.int64),
+                np.array(vals),
+                np.array(rows, dtype=np.int64),
+            )
+        # single features: the bias and the context (shared by every offer), then a, i, h
+        parts_r = [np.repeat(np.arange(k), nc + 1)]
+        parts_x = [np.tile(np.concatenate([[_BIAS], arr["c"][0]]), k)]
+        parts_v = [np.tile(np.concatenate([[1.0], arr["c"][1]]), k)]
+        for q in "aih":
+            xq, vq, rq = arr[q]
+            parts_r.append(rq)
+            parts_x.append(xq)
+            parts_v.append(vq)
+        parts_y = [np.zeros(len(p), dtype=np.int64) for p in parts_x]
+        for p, q in self.interactions:
+            if "c" in (p, q):  # the context is shared: cross it with every offer's atoms at once
+                o = q if p == "c" else p
+                xo, vo, ro = arr[o]
+                xc, vc = arr["c"][0], arr["c"][1]
+                xs, ys = (xc[:, None], xo[None, :]) if p == "c" else (xo[None, :], xc[:, None])
+                parts_x.append(np.broadcast_to(xs, (nc, xo.size)).ravel())
+                parts_y.append(np.broadcast_to(ys, (nc, xo.size)).ravel())
+                parts_v.append(np.outer(vc, vo).ravel())
+                parts_r.append(np.broadcast_to(ro[None, :], (nc, xo.size)).ravel())
+            else:  # both per offer: cross within each offer
+                xp, vp, rp = arr[p]
+                xq, vq, rq = arr[q]
+                same = rp[:, None] == rq[None, :]
+                ii, jj = np.nonzero(same)
+                parts_x.append(xp[ii])
+                parts_y.append(xq[jj])
+                parts_v.append(vp[ii] * vq[jj])
+                parts_r.append(rp[ii])
+        return _Features(
+            np.concatenate(parts_r), np.concatenate(parts_x), np.concatenate(parts_y),
+            np.concatenate(parts_v),
+        )  # fmt: skip
+
+    def _columns(self, f: _Features) -> np.ndarray:
+        """Model column of each feature, -1 for features never learned."""
+        if not self._codes.size:
+            return np.full(f.x.size, -1, dtype=np.int64)
+        q = f.x * _CODE + f.y  # provisional atom ids are past every learned one: no false hit
+        pos = np.minimum(np.searchsorted(self._codes, q), self._codes.size - 1)
+        return np.where(self._codes[pos] == q, self._code_cols[pos], -1)
+
+    # hooks -----------------------------------------------------------------------------------
+    def _draws(self, s: Scoring, rng: np.random.Generator) -> np.ndarray:
+        f = self._features(s)
+        k = len(s.offers)
+        cols = self._columns(f)
+        known = cols >= 0
+        cov = np.zeros((k, k))
+        m = np.zeros(k)
+        if known.any():
+            n = len(self._pairs)
+            kc = cols[known]
+            used, inv = np.unique(kc, return_inverse=True)
+            if 2 * used.size >= n:  # most of the model is in play: no gather
+                used, inv, block = np.arange(n), kc, self._cov
+            else:
+                block = self._cov[np.ix_(used, used)]
+            phi = np.zeros((k, used.size))
+            phi[f.rows[known], inv] = f.v[known]  # a row never holds a feature twice
+            m = phi @ self._mu[used]
+            cov += phi @ block @ phi.T
+        if not known.all():  # never learned: independent prior, shared by the offers having it
+            unk = ~known
+            _, inv = np.unique(f.x[unk] * _CODE + f.y[unk], return_inverse=True)
+            phu = np.zeros((k, int(inv.max()) + 1))
+            phu[f.rows[unk], inv] = f.v[unk]
+            cov += self.prior_variance * (phu @ phu.T)
+        chol = _factor(0.5 * (cov + cov.T))
+        n_draws = self.propensity_draws
+        span = _POOL_SIZE - n_draws * k + 1
+        if span >= _POOL_SIZE // 2:
+            start = int(rng.random() * span)
+            z = normal_pool()[start : start + n_draws * k].reshape(n_draws, k)
+        else:  # a huge offer set: draw fresh normals
+            z = rng.standard_normal((n_draws, k), dtype=np.float32)
+        draws = z @ chol.T
+        draws += m
+        return draws
+
+    def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        room = self.max_features - len(self._pairs)
+        f = self._features(s, chosen, grow=room > 0)  # no new atoms once no column can be added
+        cols = self._columns(f)
+        if (cols < 0).any():
+            bad = cols < 0
+            new = list(dict.fromkeys(zip(f.x[bad].tolist(), f.y[bad].tolist(), strict=True)))
+            if room > 0:
+                self._add_columns(new[:room])
+                cols = self._columns(f)
+        keep = cols >= 0
+        if not keep.any():
+            return
+        idx, x = cols[keep], f.v[keep]
+        u = x @ self._cov[idx]  # cov x (cov is symmetric: rows are columns)
+        denom = self.noise_variance + float(x @ u[idx])
+        self._mu += u * ((reward - float(x @ self._mu[idx])) / denom)
+        # cov -= u u' / denom, in place (cov is symmetric, so its C order is a Fortran order)
+        self._cov = blas.dger(-1.0 / denom, u, u, a=self._cov.T, overwrite_a=1).T
+
+    # state -----------------------------------------------------------------------------------
+    def feature_names(self) -> list[str]:
+        """The learned features, in column order (``x*y`` for an interaction)."""
+        a = self._atoms
+        return [a[x] if y == _BIAS else f"{a[x]}*{a[y]}" for x, y in self._pairs]
+
+    def mean(self, s: Scoring) -> np.ndarray:
+        """Posterior mean reward of each offer in ``s`` (features never learned count 0)."""
+        f = self._features(s)
+        cols = self._columns(f)
+        known = cols >= 0
+        return np.bincount(
+            f.rows[known], weights=f.v[known] * self._mu[cols[known]], minlength=len(s.offers)
+        )
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "interactions": list(self.interactions),
+            "atoms": list(self._atoms),
+            "pairs": np.array(self._pairs, dtype=np.int32).reshape(-1, 2),
+            "mu": self._mu.copy(),
+            "cov": np.ascontiguousarray(self._cov),
+        }
+
+    def _set_state(self, state: Mapping[str, Any]) -> None:
+        if list(state.get("interactions", [])) != list(self.interactions):
+            raise InvalidArgument(
+                f"{FAMILY}: snapshot has interactions {state.get('interactions')!r}, "
+                f"this policy {list(self.interactions)!r}"
+            )
+        atoms = [str(a) for a in state["atoms"]]
+        pairs = [(int(x), int(y)) for x, y in state["pairs"]]
+        n = len(pairs)
+        mu, cov = state["mu"], state["cov"]
+        if (
+            mu.shape != (n,)
+            or cov.shape != (n, n)
+            or not atoms
+            or atoms[0] != "b"
+            or len(set(atoms)) != len(atoms)
+            or any(not (0 <= v < len(atoms)) for p in pairs for v in p)
+        ):
+            raise InvalidArgument(f"{FAMILY}: snapshot arrays do not match its feature list")
+        self._reset()
+        self._add_atoms(atoms[1:])
+        self._pairs = pairs
+        self._index_pairs(0)
+        self._mu = np.array(mu, dtype=np.float64)
+        self._cov = np.array(cov, dtype=np.float64)
+
+
+def _factor(cov: np.ndarray) -> np.ndarray:
+    """A lower factor ``L`` with ``L L' = cov`` (cov is PSD up to rounding)."""
+    scale = float(np.trace(cov)) / cov.shape[0] or 1.0
+    try:
+        return np.linalg.cholesky(cov + np.eye(cov.shape[0]) * (1e-10 * scale))
+    except np.linalg.LinAlgError:  # rank-deficient beyond rounding: eigen-factor instead
+        w, v = np.linalg.eigh(cov)
+        return v * np.sqrt(np.maximum(w, 0.0))
+
+
+FAMILIES: dict[str, Callable[..., Policy]] = {FAMILY: SharedTS}
+
+__all__ = ["FAMILIES", "SharedTS"]
