@@ -27,8 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## make bench: speed and quality benchmarks, each against a floor measured in the same run
+## (one BLAS thread: the figures are per core, and the small matrices gain nothing from more)
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 simulate: $(STAMP)
 	$(BIN)/bandit-engine simulate simulations/default.toml
