@@ -24,12 +24,12 @@ retry, duplicate event ids and multi-batch expiry.
 
 Each thread owns one DBAPI connection and cursor for the ledger's life (taken from the
 SQLAlchemy pool once and detached from it, see :meth:`HotPath._owned`): a checkout and
-check-in per operation cost about 0.05 ms of CPU, as much as a PostgreSQL read itself. Connections are not pre-pinged
-(that was a round trip per operation); instead a connection that turns out to be dead is
-invalidated and the operation retried once on a fresh one. The retry is safe: a decision is
-keyed by its unique event id and a reward by (event id, reward id), so a write that did commit
-before the connection dropped is found, not repeated. On SQLite, this process's writers also
-queue on a file lock (:meth:`HotPath._writer`).
+check-in per operation cost about 0.05 ms of CPU, as much as a PostgreSQL read itself.
+Connections are not pre-pinged (that was a round trip per operation); instead a connection
+that turns out to be dead is invalidated and the operation retried once on a fresh one. The
+retry is safe: a decision is keyed by its unique event id and a reward by (event id, reward
+id), so a write that did commit before the connection dropped is found, not repeated. On
+SQLite, this process's writers also queue on a file lock (:meth:`HotPath._writer`).
 """
 
 from __future__ import annotations
@@ -263,19 +263,19 @@ class HotPath:
 
         A checkout from the pool and back per operation (plus switching psycopg's autocommit on
         and off) cost about 0.05 ms of CPU; a connection owned by its thread for the ledger's
-        life costs nothing per operation. Owned connections leave the
-        pool (``detach``), so threads never wait for a pool slot, and they are closed by
-        :meth:`close` or when their thread has ended. An in-memory SQLite database has exactly
-        one connection (``StaticPool``), which every thread then shares, as before. A
-        connection inherited across ``fork`` is never used (nor closed) by the child."""
+        life costs nothing per operation. Owned connections leave the pool (``detach``), so
+        threads never wait for a pool slot; they are closed by :meth:`close`, or by the next
+        thread that opens one once their own thread has ended. An in-memory SQLite database
+        has exactly one connection (``StaticPool``), which every thread then shares, as before.
+        A connection inherited across ``fork`` is never used (nor closed) by the child."""
         local = self._local
         cur = getattr(local, "cur", None)
-        if cur is not None and local.pid == self._pid():
+        if cur is not None and local.pid == os.getpid():
             return cur
         fairy = self._engine.raw_connection()
         conn = fairy.driver_connection
         cur = conn.cursor()  # type: ignore[union-attr]
-        local.cur, local.fairy, local.pid = cur, fairy, self._pid()
+        local.cur, local.fairy, local.pid = cur, fairy, os.getpid()
         if self._shared:
             return cur  # the one in-memory connection stays checked out; the pool keeps it
         fairy.detach()
@@ -287,10 +287,6 @@ class HotPath:
             self._owners[threading.current_thread()] = (fairy, local.pid)
         return cur
 
-    @staticmethod
-    def _pid() -> int:
-        return os.getpid()
-
     def _drop_owned(self) -> None:
         local = self._local
         fairy = getattr(local, "fairy", None)
@@ -300,7 +296,7 @@ class HotPath:
                 del self._owners[threading.current_thread()]
 
     def _close_fairy(self, fairy: Any, pid: int) -> None:
-        if pid != self._pid():
+        if pid != os.getpid():
             return  # inherited across fork: the parent's connection, not ours to close
         with suppress(Exception):  # a connection that is already gone
             fairy.close()
