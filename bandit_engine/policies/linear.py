@@ -60,6 +60,17 @@ def normal_pool() -> np.ndarray:
     return _pool
 
 
+def standard_normals(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    """``(n, k)`` standard normals for one decision: a window of :func:`normal_pool` at an
+    offset drawn from the event generator (one random number instead of ``n * k`` draws), or
+    fresh draws when the pool is too small for a window. A pure function of the generator."""
+    span = _POOL_SIZE - n * k + 1
+    if span >= _POOL_SIZE // 2:
+        start = int(rng.random() * span)
+        return normal_pool()[start : start + n * k].reshape(n, k)
+    return rng.standard_normal((n, k), dtype=np.float32)  # a huge offer set
+
+
 class LinTS(Policy):
     """Contextual Thompson sampling, one Bayesian linear regression per offer."""
 
@@ -204,14 +215,7 @@ class LinTS(Policy):
                 m, s2 = ax[:, d], q
             else:
                 m[seen], s2[seen] = ax[:, d], q
-        n = self.propensity_draws
-        span = _POOL_SIZE - n * k + 1
-        if span >= _POOL_SIZE // 2:
-            start = int(rng.random() * span)
-            z = normal_pool()[start : start + n * k].reshape(n, k)
-        else:  # a huge offer set: draw fresh normals
-            z = rng.standard_normal((n, k), dtype=np.float32)
-        draws = z * np.sqrt(s2)
+        draws = standard_normals(rng, self.propensity_draws, k) * np.sqrt(s2)
         draws += m
         return draws
 
@@ -278,4 +282,4 @@ class LinTS(Policy):
 
 FAMILIES: dict[str, Callable[..., Policy]] = {"lin_ts": LinTS}
 
-__all__ = ["FAMILIES", "LinTS", "normal_pool"]
+__all__ = ["FAMILIES", "LinTS", "normal_pool", "standard_normals"]

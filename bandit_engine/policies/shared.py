@@ -82,7 +82,7 @@ from scipy.linalg import blas
 from ..errors import InvalidArgument
 from ..features import squash
 from .base import Policy, Scoring, int_param, positive_param
-from .linear import _POOL_SIZE, normal_pool
+from .linear import standard_normals
 
 FAMILY = "shared_ts"
 NAMESPACES = "caih"  # context, offer features, offer id, member x offer history
@@ -349,14 +349,7 @@ class SharedTS(Policy):
             phu[f.rows[unk], inv] = f.v[unk]
             cov += self.prior_variance * (phu @ phu.T)
         chol = _factor(0.5 * (cov + cov.T))
-        n_draws = self.propensity_draws
-        span = _POOL_SIZE - n_draws * k + 1
-        if span >= _POOL_SIZE // 2:
-            start = int(rng.random() * span)
-            z = normal_pool()[start : start + n_draws * k].reshape(n_draws, k)
-        else:  # a huge offer set: draw fresh normals
-            z = rng.standard_normal((n_draws, k), dtype=np.float32)
-        draws = z @ chol.T
+        draws = standard_normals(rng, self.propensity_draws, k) @ chol.T
         draws += m
         return draws
 
