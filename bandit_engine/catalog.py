@@ -301,6 +301,15 @@ class ChannelConfig:
 
     ``holdout_fraction`` of members (stable hash of member and ``salt``) get ``default_offer``
     (business as usual, or nothing when ``None``) and are logged with ``group="holdout"``.
+
+    ``provisional_reward`` (None = off): learn every served, active, learnable treatment
+    decision when it is made as if its reward were this value (typically 0, "no redemption
+    yet"), and when its real outcome settles learn only the correction (final - provisional).
+    The learner then hears about misses at once instead of when the reward window closes
+    (under ``aggregation="first"`` it otherwise hears successes early and misses late). Only
+    for policy families that can correct exactly (thompson, lin_ts, shared_ts, uniform,
+    fixed; not vw); once every window has closed the model is the one learned from the final
+    rewards.
     """
 
     name: str
@@ -312,6 +321,7 @@ class ChannelConfig:
     default_offer: str | None = None
     exploration_floor: float = 0.01
     salt: str = ""
+    provisional_reward: float | None = None
 
     def __post_init__(self) -> None:
         check_id("channel", self.name)
@@ -327,6 +337,9 @@ class ChannelConfig:
             raise InvalidArgument(f"aggregation must be 'first' or 'sum', got {self.aggregation!r}")
         if self.default_offer is not None:
             check_id("default_offer", self.default_offer)
+        if self.provisional_reward is not None:
+            _num("provisional_reward", self.provisional_reward, lo=-1e9, hi=1e9)
+            object.__setattr__(self, "provisional_reward", float(self.provisional_reward))
         if not isinstance(self.salt, str):
             raise InvalidArgument(f"salt must be a string, got {self.salt!r}")
         if not self.salt:
@@ -347,6 +360,7 @@ class ChannelConfig:
             "default_offer": self.default_offer,
             "exploration_floor": self.exploration_floor,
             "salt": self.salt,
+            "provisional_reward": self.provisional_reward,
         }
 
     @classmethod

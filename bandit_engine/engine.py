@@ -255,7 +255,13 @@ class Engine:
         """Configure a channel. A new policy spec takes over by replaying the channel's log."""
         if not isinstance(channel, ChannelConfig):
             raise InvalidArgument(f"set_channel takes a ChannelConfig, got {type(channel).__name__}")
-        make_policy(channel.policy, seed=self.config.seed)  # validate before storing
+        pol = make_policy(channel.policy, seed=self.config.seed)  # validate before storing
+        if channel.provisional_reward is not None and not pol.supports_correction:
+            raise InvalidArgument(
+                f"channel {channel.name!r}: provisional_reward needs a policy family that can "
+                f"correct a learned reward exactly; {channel.policy.family!r} cannot (it would "
+                "keep the provisional reward forever): unset provisional_reward or change family"
+            )
         self.ledger.put_channel(channel)
         self._refresh_catalog(force=True)
 
@@ -330,9 +336,27 @@ class Engine:
             return
         decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
         for f in learnable:
-            self._learn_one(policies[f.channel].policy, decisions[f.event_id], f.reward)
+            self._learn_one(policies[f.channel].policy, decisions[f.event_id], f)
 
-    def _learn_one(self, pol: Policy, d: Decision, reward: float) -> None:
+    def _learn_one(self, pol: Policy, d: Decision, f: Feedback) -> None:
+        """Apply one learnable feedback event: ``final`` is learned; ``provisional`` is learned
+        and its ``correction`` revises it by (final - the decision's provisional reward). A
+        family that cannot correct skips the provisional event and learns the correction as
+        the final reward (so a log written with provisional learning replays into any family)."""
+        kind = f.kind
+        if kind == "final" or not pol.supports_correction:
+            if kind == "provisional":
+                return
+            reward = f.reward
+            delta = None
+        elif kind == "provisional":
+            reward, delta = f.reward, None
+        else:  # correction
+            if d.provisional is None:
+                raise InvalidArgument(f"correction of event {d.event_id!r}: nothing provisional")
+            delta = pol.correction(d.provisional, f.reward)
+            if delta == 0.0:
+                return
         offers = self._catalog.offers
         missing = [i for i in d.eligible if i not in offers]
         if missing:
@@ -344,7 +368,11 @@ class Engine:
             tuple(offers[i] for i in d.eligible),
             tuple(oc.get(i, {}) for i in d.eligible) if oc and pol.uses_offer_context else (),
         )
-        pol.learn(s, d.eligible.index(d.offer_id), d.probability, reward)  # type: ignore[arg-type]
+        chosen = d.eligible.index(d.offer_id)  # type: ignore[arg-type]
+        if delta is None:
+            pol.learn(s, chosen, d.probability, reward)  # type: ignore[arg-type]
+        else:
+            pol.correct(s, chosen, d.probability, delta)  # type: ignore[arg-type]
 
     def _on_feedback(
         self, feedback: Iterable[Feedback], known: Mapping[str, Decision] | None = None
@@ -367,7 +395,7 @@ class Engine:
                     self._replay(f.channel, cp)  # another writer's feedback came first
                     continue
                 if f.learn:
-                    self._learn_one(cp.policy, known[f.event_id], f.reward)
+                    self._learn_one(cp.policy, known[f.event_id], f)
                 cp.applied_seq = f.seq
                 self._since_snapshot += 1
             if self._since_snapshot >= self.config.snapshot_every:
@@ -466,6 +494,7 @@ class Engine:
             )  # fmt: skip
             scoring = Scoring(member_id, {**ctx, **shared}, tuple(eligible), per_offer, prices)
             rng = event_rng(self.config.seed, event_id, attempt)
+            provisional = cfg.provisional_reward if active else None
             with self._lock:
                 pmf = pol.pmf(scoring, rng, cfg.exploration_floor)
             i = sample(pmf, rng)
@@ -476,9 +505,10 @@ class Engine:
                 context=scoring.context,
                 offer_context={o.offer_id: f for o, f in zip(eligible, per_offer, strict=False) if f},
                 reserved_cents=offer.cost_cents, learnable=True, status="open",
+                provisional=provisional,
             )  # fmt: skip
             try:
-                return self.ledger.log_decision(
+                d, fb = self.ledger.log_decision_feedback(
                     d, offer, constraints.member_caps(offer, self.config.member_cap)
                 )
             except CapExceeded as exc:
@@ -489,6 +519,10 @@ class Engine:
                 states = self.ledger.offer_states(
                     [o.offer_id for o in eligible if o.offer_id in cat.stateful]
                 )
+                continue
+            if fb is not None:  # learned provisionally: the policy hears of it now
+                self._on_feedback([fb], {d.event_id: d})
+            return d
         return self._log_none(common, ctx, "contention")
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:

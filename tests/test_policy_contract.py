@@ -637,3 +637,131 @@ def test_shared_ts_scores_a_never_shown_offer_from_its_features() -> None:
     # far more of it (its own intercept is still unknown, so everybody explores it a little)
     assert np.mean(means[True]) > np.mean(means[False]) + 0.15
     assert np.mean(picks[True]) > 1.5 * np.mean(picks[False])  # measured: 0.32 and 0.18
+
+
+# provisional learning: learn(provisional) now, correct(final - provisional) later -------------
+CORRECTABLE = [c for c in CASES if c.family != "vw"]
+
+
+def _model(pol: Policy) -> dict[str, np.ndarray]:
+    """What the family has learned, keyed by meaning (rows and columns are created in the
+    order things are first learned, which differs between the two learning orders)."""
+    from bandit_engine.policies.linear import LinTS
+    from bandit_engine.policies.shared import SharedTS
+    from bandit_engine.policies.thompson import Thompson
+
+    out: dict[str, np.ndarray] = {}
+    if isinstance(pol, Thompson):
+        for seg, rows in pol._rows.items():
+            for oid, r in rows.items():
+                out[f"{seg}|{oid}"] = np.array([pol._alpha[r], pol._beta[r]])
+    elif isinstance(pol, LinTS):
+        d = pol.dim
+        for oid, r in pol._index.items():
+            out[f"{oid}:a_inv"] = pol._model[r, :d].copy()
+            out[f"{oid}:theta"] = pol._model[r, d].copy()
+            out[f"{oid}:b"] = pol._b[r].copy()
+    elif isinstance(pol, SharedTS):
+        names = pol.feature_names()
+        order = np.argsort(names)
+        out["names"] = np.array(sorted(names))
+        out["mu"] = pol._mu[order]
+        out["cov"] = pol._cov[np.ix_(order, order)]
+    return out
+
+
+def _delayed_log(n: int = 240) -> list[tuple[int, str, int, float]]:
+    """(time, "choose"/"settle", decision t, final reward) in time order: decision t is made at
+    time 10 t and settles 1..60 steps later, with rewards 0, 1, 0.5 and (clipped by
+    thompson) 1.7 and -0.4."""
+    rng = np.random.default_rng(5)
+    events = []
+    for t in range(n):
+        final = float(rng.choice([0.0, 0.0, 1.0, 0.5, 1.7, -0.4]))
+        events.append((10 * t, "choose", t, final))
+        events.append((10 * t + int(rng.integers(1, 600)), "settle", t, final))
+    return sorted(events, key=lambda e: (e[0], e[1] == "choose"))
+
+
+@pytest.mark.parametrize("case", CORRECTABLE, ids=[c.id for c in CORRECTABLE])
+@pytest.mark.parametrize("provisional", [0.0, 0.3])
+def test_provisional_then_correction_equals_learning_the_final_reward(
+    case: Case, provisional: float
+) -> None:
+    direct, corrected = make(case), make(case)
+    assert corrected.supports_correction
+    corrections = 0
+    for _, what, t, final in _delayed_log():
+        s, chosen = scoring(t), (t * 3) % len(OFFERS)
+        if what == "choose":
+            corrected.learn(s, chosen, 0.2, provisional)
+            continue
+        direct.learn(s, chosen, 0.2, final)
+        delta = corrected.correction(provisional, final)
+        if delta != 0.0:
+            corrected.correct(s, chosen, 0.2, delta)
+            corrections += 1
+    assert corrected.version == direct.version + corrections
+    a, b = _model(direct), _model(corrected)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype.kind in "US":
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-9, atol=1e-9, err_msg=key)
+    if case.family in ("lin_ts", "shared_ts"):
+        for t in range(700, 720):
+            np.testing.assert_allclose(
+                corrected.pmf(scoring(t), event_rng(3, f"p{t}"), FLOOR),
+                direct.pmf(scoring(t), event_rng(3, f"p{t}"), FLOOR),
+                rtol=0, atol=1e-12,
+            )  # fmt: skip
+
+
+def test_a_correction_moves_the_model_and_a_wrong_one_does_not_match() -> None:
+    """The check above can fail: skipping a correction leaves another model."""
+    for family in ("thompson", "lin_ts", "shared_ts"):
+        direct, corrected = make(Case(family)), make(Case(family))
+        s = scoring(1)
+        direct.learn(s, 2, 0.2, 1.0)
+        corrected.learn(s, 2, 0.2, 0.0)
+        before = _model(corrected)
+        corrected.correct(s, 2, 0.2, 0.5)  # half of what it should be
+        after = _model(corrected)
+        assert any(not np.allclose(before[k], after[k]) for k in before if k != "names")
+        assert any(not np.allclose(after[k], _model(direct)[k]) for k in after if k != "names")
+
+
+def test_thompson_correction_is_clipped_like_learning() -> None:
+    pol = make(Case("thompson"))
+    assert pol.correction(0.0, 1.7) == 1.0
+    assert pol.correction(0.3, -2.0) == -0.3
+    assert make(Case("lin_ts")).correction(0.0, 1.7) == 1.7
+
+
+def test_vw_cannot_correct() -> None:
+    pol = make(Case("vw"))
+    assert not pol.supports_correction
+    with pytest.raises(InvalidArgument, match=r"vw: this policy family cannot correct"):
+        pol.correct(scoring(0), 1, 0.2, 1.0)
+    assert pol.version == 0
+
+
+BAD_CORRECT = [
+    ({"chosen": 5}, r"chosen index 5 outside 0\.\.4"),
+    ({"probability": 0.0}, r"probability must be in \(0, 1\], got 0\.0"),
+    ({"delta": math.nan}, r"delta must be finite, got nan"),
+]
+
+
+@pytest.mark.parametrize("case", CORRECTABLE, ids=[c.id for c in CORRECTABLE])
+@pytest.mark.parametrize("bad,message", BAD_CORRECT, ids=[str(b) for b, _ in BAD_CORRECT])
+def test_correct_rejects_bad_arguments(case: Case, bad: dict[str, Any], message: str) -> None:
+    pol = make(case)
+    pol.learn(scoring(0), 1, 0.2, 0.0)
+    data = pol.serialize()
+    args = {"chosen": 1, "probability": 0.2, "delta": 1.0, **bad}
+    with pytest.raises(InvalidArgument, match=message):
+        pol.correct(scoring(0), **args)
+    assert pol.version == 1
+    assert pol.serialize() == data

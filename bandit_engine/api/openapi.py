@@ -75,6 +75,7 @@ CHANNEL_PROPS: dict[str, Any] = {
     "holdout_fraction": {"type": "number", "minimum": 0, "maximum": 1},
     "default_offer": {"type": ["string", "null"]},
     "exploration_floor": {"type": "number", "minimum": 1e-6, "maximum": 1}, "salt": {"type": "string"},
+    "provisional_reward": {"type": ["number", "null"]},
 }  # fmt: skip
 DECISION = {
     "type": "object", "required": ["event_id", "offer_id", "probability", "group", "policy"],

@@ -46,6 +46,14 @@ class Ledger(Protocol):
         already logged, returns the stored decision unchanged."""
         ...
 
+    def log_decision_feedback(
+        self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
+    ) -> tuple[Decision, Feedback | None]:
+        """:meth:`log_decision`, also writing (in the same transaction) the decision's
+        ``provisional`` feedback event when it has a ``provisional`` reward and serves an offer;
+        returns it too (None when there is none, or when the event id was already logged)."""
+        ...
+
     def record_reward(
         self,
         event_id: str,

@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - not on Windows: SQLite's own busy hand
 from ..catalog import MemberCap, Offer
 from ..errors import CapExceeded, RewardWindowClosed, StorageError, UnknownEvent
 from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome
-from .settle import OfferDelta, settle_expiry, settle_reward
+from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
 
 T = TypeVar("T")
 MAX_CAS_ATTEMPTS = 16
@@ -104,10 +104,22 @@ _RESERVE_AND_INSERT = (  # PostgreSQL: both in one statement, so one round trip 
     f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
     "RETURNING seq"
 )
+# PostgreSQL, a decision learned provisionally: the reservation, the decision and its
+# provisional feedback event in one statement (no row when the reservation fails)
+_RESERVE_INSERT_PROVISIONAL = (
+    f"WITH r AS ({_RESERVE}), d AS (INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
+    f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
+    "RETURNING seq), "
+    "f AS (INSERT INTO feedback (event_id, channel, reward, learn, kind) "
+    "SELECT CAST(:event_id AS VARCHAR), CAST(:channel AS VARCHAR), "
+    "CAST(:fb_reward AS DOUBLE PRECISION), CAST(:fb_learn AS BOOLEAN), 'provisional' FROM d "
+    "RETURNING seq) "
+    "SELECT d.seq, f.seq FROM d, f"
+)
 _DUE = f"{_DECISIONS} WHERE status = 'open' AND deadline < :now ORDER BY seq LIMIT :limit"
 _DECISIONS_IN = f"{_DECISIONS} WHERE event_id "
 _FEEDBACK_AFTER = (
-    "SELECT seq, event_id, channel, reward, learn FROM feedback WHERE seq > :seq ORDER BY seq "
+    "SELECT seq, event_id, channel, reward, learn, kind FROM feedback WHERE seq > :seq ORDER BY seq "
     "LIMIT :limit"
 )
 _CAP_DIAGNOSIS = "SELECT impressions, max_impressions FROM offers WHERE offer_id = :oid"
@@ -136,9 +148,10 @@ _SETTLE_REWARD_CAS = (
     "ap AS (UPDATE offers SET spent_cents = spent_cents + :d_spent, "
     "committed_cents = committed_cents + :d_committed, settled_cents = settled_cents + :d_settled "
     "WHERE offer_id = :oid AND EXISTS (SELECT 1 FROM dc)), "
-    "fb AS (INSERT INTO feedback (event_id, channel, reward, learn) "
+    "fb AS (INSERT INTO feedback (event_id, channel, reward, learn, kind) "
     "SELECT CAST(:eid AS VARCHAR), CAST(:channel AS VARCHAR), CAST(:fb_reward AS DOUBLE PRECISION), "
-    "CAST(:learn AS BOOLEAN) FROM dc WHERE CAST(:emit AS BOOLEAN) RETURNING seq) "
+    "CAST(:learn AS BOOLEAN), CAST(:kind AS VARCHAR) FROM dc WHERE CAST(:emit AS BOOLEAN) "
+    "RETURNING seq) "
     "SELECT (SELECT seq FROM dc), (SELECT seq FROM fb)"
 )
 _INSERT_REWARD = (
@@ -155,8 +168,8 @@ _APPLY = (
     "WHERE offer_id = :oid"
 )
 _INSERT_FEEDBACK = (
-    "INSERT INTO feedback (event_id, channel, reward, learn) VALUES (:eid, :channel, :reward, :learn) "
-    "RETURNING seq"
+    "INSERT INTO feedback (event_id, channel, reward, learn, kind) "
+    "VALUES (:eid, :channel, :reward, :learn, :kind) RETURNING seq"
 )
 
 
@@ -177,6 +190,7 @@ def decision_from_row(r: tuple[Any, ...]) -> Decision:
         context=p["context"], offer_context=p["offer_context"], reason=p["reason"],
         reserved_cents=int(r[12]), spent_cents=int(r[13]), active=bool(r[14]),
         learnable=bool(r[15]), status=r[16], reward=r[17], reward_count=int(r[18]), seq=int(r[0]),
+        provisional=p.get("provisional"),
     )  # fmt: skip
 
 
@@ -185,6 +199,8 @@ def decision_params(d: Decision) -> dict[str, Any]:
         "eligible": list(d.eligible), "pmf": list(d.pmf), "context": dict(d.context),
         "offer_context": {k: dict(v) for k, v in d.offer_context.items()}, "reason": d.reason,
     }  # fmt: skip
+    if d.provisional is not None:
+        payload["provisional"] = d.provisional
     return {
         "event_id": d.event_id, "member_id": d.member_id, "channel": d.channel, "grp": d.group,
         "offer_id": d.offer_id, "probability": d.probability, "policy_name": d.policy_name,
@@ -224,7 +240,9 @@ class HotPath:
                 "due": _DUE + (" FOR UPDATE" if self._pg else ""),
                 "states": _STATES + ids_in, "read_state": _READ_STATE.format(ids=ids_in),
                 "reserve": _RESERVE, "insert_decision": _INSERT_DECISION,
-                "reserve_and_insert": _RESERVE_AND_INSERT, "cap_diagnosis": _CAP_DIAGNOSIS,
+                "reserve_and_insert": _RESERVE_AND_INSERT,
+                "reserve_insert_provisional": _RESERVE_INSERT_PROVISIONAL,
+                "cap_diagnosis": _CAP_DIAGNOSIS,
                 "member_row": _MEMBER_ROW, "touch_member": _TOUCH_MEMBER,
                 "count_exposures": _COUNT_EXPOSURES, "count_offer_exposures": _COUNT_OFFER_EXPOSURES,
                 "decision_for_reward": _DECISION_FOR_REWARD,
@@ -448,7 +466,7 @@ class HotPath:
 
     def feedback_after(self, seq: int, limit: int) -> list[Feedback]:
         rows = self._run(lambda conn: self._q(conn, "feedback_after", {"seq": seq, "limit": limit}).fetchall())
-        return [Feedback(int(r[0]), r[1], r[2], float(r[3]), bool(r[4])) for r in rows]
+        return [Feedback(int(r[0]), r[1], r[2], float(r[3]), bool(r[4]), r[5]) for r in rows]
 
     def offer_states(self, offer_ids: Iterable[str] | None) -> dict[str, OfferState]:
         ids = None if offer_ids is None else list(offer_ids)
@@ -466,37 +484,56 @@ class HotPath:
     # writes ----------------------------------------------------------------------------------
     def log_decision(
         self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
-    ) -> int:
-        """Reserve (when an offer is served) and insert atomically; returns the decision's seq.
+    ) -> tuple[int, Feedback | None]:
+        """Reserve (when an offer is served) and insert atomically; returns the decision's seq
+        and, for a decision learned provisionally, its provisional feedback event (written in
+        the same transaction).
 
         Raises :class:`CapExceeded` (nothing written) or :class:`DuplicateEvent`."""
         params = decision_params(decision)
+        prov = decision.provisional if offer is not None else None
         if offer is not None:
             params["oid"], params["cost"] = offer.offer_id, decision.reserved_cents
+        fb_learn = decision.learnable and decision.active
+        if prov is not None:
+            params["fb_reward"], params["fb_learn"] = prov, fb_learn
 
-        def op(conn: Any) -> int:
+        def op(conn: Any) -> tuple[int, int | None]:
             # one statement (no offer; or PostgreSQL reserve+insert, no member cap) needs no BEGIN
             single = offer is None or (self._pg and not member_caps)
             if not single:
                 self._begin(conn, True)
             if offer is not None and member_caps:
                 self._check_member_caps(conn, decision, member_caps)
+            fb_seq = None
             if offer is None:
                 seq = self._q(conn, "insert_decision", params).fetchone()[0]
             elif self._pg:
-                row = self._q(conn, "reserve_and_insert", params).fetchone()
+                name = "reserve_and_insert" if prov is None else "reserve_insert_provisional"
+                row = self._q(conn, name, params).fetchone()
                 if row is None:
                     self._cap_exceeded(conn, offer)
                 seq = row[0]
+                if prov is not None:
+                    fb_seq = row[1]
             else:
                 if self._q(conn, "reserve", params).fetchone() is None:
                     self._cap_exceeded(conn, offer)
                 seq = self._q(conn, "insert_decision", params).fetchone()[0]
+                if prov is not None:
+                    fb_seq = self._q(conn, "insert_feedback", {
+                        "eid": decision.event_id, "channel": decision.channel, "reward": prov,
+                        "learn": fb_learn, "kind": "provisional",
+                    }).fetchone()[0]  # fmt: skip
             if not single:
                 conn.execute("COMMIT")
-            return int(seq)
+            return int(seq), None if fb_seq is None else int(fb_seq)
 
-        return self._run(op, write=True)
+        seq, fb_seq = self._run(op, write=True)
+        if fb_seq is None:
+            return seq, None
+        fb = Feedback(fb_seq, decision.event_id, decision.channel, prov, fb_learn, "provisional")  # type: ignore[arg-type]
+        return seq, fb
 
     def _check_member_caps(self, conn: Any, d: Decision, caps: Mapping[str, MemberCap]) -> None:
         self._q(conn, "member_row", {"member": d.member_id})
@@ -548,6 +585,7 @@ class HotPath:
                 return RewardOutcome(event_id, "duplicate", d.reward, d.spent_cents, None, d)
             new, delta, fb_reward = settle_reward(d, value, cost_cents, now_ms, agg)
             learn = new.learnable and new.active
+            kind = settlement_kind(new)
             if not locking:
                 seq, fb_seq = self._q(conn, "settle_reward_cas", {
                     "seq": d.seq, "old_count": d.reward_count, "status": new.status,
@@ -556,11 +594,11 @@ class HotPath:
                     "eid": event_id, "rid": rid, "value": value, "cost": delta.spent, "at": now_ms,
                     "oid": new.offer_id, "d_spent": delta.spent, "d_committed": delta.committed,
                     "d_settled": delta.settled, "channel": new.channel, "fb_reward": fb_reward,
-                    "learn": learn, "emit": fb_reward is not None,
+                    "learn": learn, "emit": fb_reward is not None, "kind": kind,
                 }).fetchone()  # fmt: skip
                 if seq is None:
                     return None  # lost the race to another writer of this decision: re-read
-                fb = None if fb_seq is None else Feedback(int(fb_seq), event_id, new.channel, fb_reward, learn)  # type: ignore[arg-type]
+                fb = None if fb_seq is None else Feedback(int(fb_seq), event_id, new.channel, fb_reward, learn, kind)  # type: ignore[arg-type]
             else:
                 self._q(conn, "insert_reward", {"eid": event_id, "rid": rid, "value": value,
                                                 "cost": delta.spent, "at": now_ms})  # fmt: skip
@@ -585,9 +623,11 @@ class HotPath:
         if fb_reward is None:
             return None
         learn = new.learnable and new.active
+        kind = settlement_kind(new)
         seq = self._q(conn, "insert_feedback", {"eid": new.event_id, "channel": new.channel,
-                                                "reward": fb_reward, "learn": learn}).fetchone()[0]  # fmt: skip
-        return Feedback(int(seq), new.event_id, new.channel, fb_reward, learn)
+                                                "reward": fb_reward, "learn": learn,
+                                                "kind": kind}).fetchone()[0]  # fmt: skip
+        return Feedback(int(seq), new.event_id, new.channel, fb_reward, learn, kind)
 
     def _update_decision(self, conn: Any, d: Decision) -> None:
         self._q(conn, "settle_decision", {

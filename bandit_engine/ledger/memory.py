@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from ..catalog import ChannelConfig, MemberCap, Offer
 from ..errors import CapExceeded, RewardWindowClosed, UnknownEvent
 from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
-from .settle import OfferDelta, settle_expiry, settle_reward
+from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
 
 
 class MemoryLedger:
@@ -87,10 +87,15 @@ class MemoryLedger:
     def log_decision(
         self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
     ) -> Decision:
+        return self.log_decision_feedback(decision, offer, member_caps)[0]
+
+    def log_decision_feedback(
+        self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
+    ) -> tuple[Decision, Feedback | None]:
         with self._lock:
             existing = self._decisions.get(decision.event_id)
             if existing is not None:
-                return existing
+                return existing, None
             if offer is not None:
                 self._check_member_caps(decision, member_caps)
                 st = self._state[offer.offer_id]
@@ -114,7 +119,10 @@ class MemoryLedger:
             if offer is not None:
                 self._by_member[stored.member_id].append(stored.event_id)
                 self._open[stored.event_id] = None
-            return stored
+            fb = None
+            if stored.provisional is not None:
+                fb = self._emit(stored, stored.provisional, "provisional")
+            return stored, fb
 
     def _check_member_caps(self, decision: Decision, caps: Mapping[str, MemberCap]) -> None:
         if not caps:
@@ -209,8 +217,11 @@ class MemoryLedger:
         if d.status != "open":
             self._open.pop(d.event_id, None)
 
-    def _emit(self, d: Decision, reward: float) -> Feedback:
-        fb = Feedback(len(self._feedback) + 1, d.event_id, d.channel, reward, d.learnable and d.active)
+    def _emit(self, d: Decision, reward: float, kind: str | None = None) -> Feedback:
+        fb = Feedback(
+            len(self._feedback) + 1, d.event_id, d.channel, reward, d.learnable and d.active,
+            kind or settlement_kind(d),  # type: ignore[arg-type]
+        )
         self._feedback.append(fb)
         return fb
 

@@ -104,6 +104,8 @@ class FeedbackRow(Base):
     channel: Mapped[str] = mapped_column(String(128))
     reward: Mapped[float] = mapped_column(Float)
     learn: Mapped[bool] = mapped_column(Boolean)
+    # 'final', 'provisional' or 'correction' (see records.Feedback)
+    kind: Mapped[str] = mapped_column(String(16), default="final", server_default="final")
 
 
 class SnapshotRow(Base):

@@ -56,6 +56,10 @@ class Decision:
     reward_count: int = 0
     spent_cents: int = 0
     seq: int = 0
+    # the reward learned for this decision when it was chosen (``ChannelConfig.
+    # provisional_reward``), None if it was not learned provisionally; its settlement is then
+    # logged as a correction of this value
+    provisional: float | None = None
 
     def with_(self, **changes: Any) -> Decision:
         """A copy with ``changes`` (like :func:`dataclasses.replace`, which costs ~18 µs on this
@@ -88,6 +92,7 @@ class Decision:
             "active": self.active,
             "status": self.status,
             "reward": self.reward,
+            "provisional": self.provisional,
         }
 
 
@@ -109,15 +114,24 @@ def _make_copier() -> Any:
 _copy_decision = _make_copier()
 
 
+FeedbackKind = Literal["final", "provisional", "correction"]
+
+
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    """A learning event, in log order (``seq``). The learner applies these and nothing else."""
+    """A learning event, in log order (``seq``). The learner applies these and nothing else.
+
+    ``kind``: ``final`` learns ``reward``; ``provisional`` learns the channel's provisional
+    reward when the decision is made; ``correction`` carries the decision's final ``reward``
+    and revises what its provisional event taught (by ``reward - decision.provisional``; a
+    family that cannot correct skips the provisional event and learns this one as final)."""
 
     seq: int
     event_id: str
     channel: str
     reward: float
     learn: bool
+    kind: FeedbackKind = "final"
 
 
 @dataclass(frozen=True, slots=True)

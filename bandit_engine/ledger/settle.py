@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import CostAboveReservation, InvalidArgument, RewardWindowClosed
-from .records import Decision
+from .records import Decision, FeedbackKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +76,9 @@ def settle_expiry(
     reward = d.reward if d.reward is not None else default_reward
     new = d.with_(status="expired", reserved_cents=d.spent_cents, reward=reward)
     return new, _delta(d, new), reward
+
+
+def settlement_kind(d: Decision) -> FeedbackKind:
+    """The kind of a decision's settlement feedback: a correction of its provisional reward if
+    it was learned provisionally when chosen, else the final reward."""
+    return "final" if d.provisional is None else "correction"

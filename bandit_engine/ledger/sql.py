@@ -258,14 +258,19 @@ class SqlLedger:
     def log_decision(
         self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
     ) -> Decision:
+        return self.log_decision_feedback(decision, offer, member_caps)[0]
+
+    def log_decision_feedback(
+        self, decision: Decision, offer: Offer | None, member_caps: Mapping[str, MemberCap]
+    ) -> tuple[Decision, Feedback | None]:
         try:
-            seq = self._hot.log_decision(decision, offer, member_caps)
+            seq, fb = self._hot.log_decision(decision, offer, member_caps)
         except DuplicateEvent:
             existing = self.get_decision(decision.event_id)
             if existing is None:
                 raise StorageError(f"decision {decision.event_id!r} violates a constraint") from None
-            return existing  # a concurrent request logged this event id first
-        return decision.with_(seq=seq)
+            return existing, None  # a concurrent request logged this event id first
+        return decision.with_(seq=seq), fb
 
     def record_reward(
         self,

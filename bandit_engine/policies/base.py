@@ -90,6 +90,9 @@ class Policy(ABC):
     uses_offer_context: ClassVar[bool] = False
     # number of posterior draws used to compute Thompson propensities (documented default)
     propensity_draws: int = 0
+    # True when ``correct`` can revise a reward already learned exactly (conjugate families):
+    # only such families may learn provisionally (``ChannelConfig.provisional_reward``)
+    supports_correction: ClassVar[bool] = False
 
     def __init__(self, *, seed: int = 0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -120,6 +123,27 @@ class Policy(ABC):
             raise InvalidArgument(f"reward must be finite, got {reward!r}")
         self._learn(s, chosen, float(probability), float(reward))
         self.version += 1
+
+    def correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
+        """Revise a reward learned earlier for this decision by ``delta`` (final - provisional,
+        see :meth:`correction`): afterwards the state is the one ``learn`` with the final
+        reward would have given (exactly, up to floating point, for the conjugate families).
+        ``s``, ``chosen`` and ``probability`` must be those of the decision's ``learn``."""
+        if not self.supports_correction:
+            raise InvalidArgument(f"{self.family}: this policy family cannot correct a reward")
+        if not (0 <= chosen < len(s.offers)):
+            raise InvalidArgument(f"chosen index {chosen} outside 0..{len(s.offers) - 1}")
+        if not (0.0 < probability <= 1.0):
+            raise InvalidArgument(f"probability must be in (0, 1], got {probability!r}")
+        if not np.isfinite(delta):
+            raise InvalidArgument(f"delta must be finite, got {delta!r}")
+        self._correct(s, chosen, float(probability), float(delta))
+        self.version += 1
+
+    def correction(self, provisional: float, final: float) -> float:
+        """The ``delta`` that turns a decision learned with reward ``provisional`` into one
+        learned with ``final`` (a family that transforms rewards, e.g. clips them, overrides)."""
+        return float(final) - float(provisional)
 
     def serialize(self) -> bytes:
         """State as deterministic bytes (no pickle): a JSON header, then raw array/blob bytes.
@@ -178,6 +202,9 @@ class Policy(ABC):
         raise NotImplementedError
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        raise NotImplementedError
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
         raise NotImplementedError
 
     def _get_state(self) -> dict[str, Any]:

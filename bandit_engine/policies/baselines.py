@@ -27,12 +27,16 @@ class Uniform(Policy):
     """Uniform over the eligible offers. Paced, so budget pacing tilts it like any other family."""
 
     family = "uniform"
+    supports_correction = True
 
     def _distribution(self, s: Scoring) -> np.ndarray:
         k = len(s.offers)
         return np.full(k, 1.0 / k)
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        return None
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
         return None
 
 
@@ -44,6 +48,7 @@ class Fixed(Policy):
 
     family = "fixed"
     paced = False
+    supports_correction = True
 
     def __init__(self, *, seed: int = 0, offers: Sequence[str] = ()) -> None:
         super().__init__(seed=seed)
@@ -73,6 +78,9 @@ class Fixed(Policy):
         return p
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
+        return None
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
         return None
 
 

@@ -76,6 +76,7 @@ class LinTS(Policy):
 
     family = "lin_ts"
     uses_offer_context = True
+    supports_correction = True
 
     def __init__(
         self,
@@ -231,6 +232,20 @@ class LinTS(Policy):
         a_inv -= np.outer(ax, ax) / (1.0 + x @ ax)
         self._b[r] += reward * x
         self._model[r, d] = a_inv @ self._b[r]
+        self._mirror(r)
+        self._updates[r] += 1
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
+        """``theta = A_inv b`` is linear in the rewards: add ``delta * x`` to ``b`` (the
+        precision does not depend on rewards, so ``A_inv`` is unchanged)."""
+        x = self._features(s, chosen)[0]
+        oid = s.offers[chosen].offer_id
+        r = self._index.get(oid)
+        if r is None:
+            r = self._new_row(oid)
+        d = self.dim
+        self._b[r] += delta * x
+        self._model[r, d] = self._model[r, :d] @ self._b[r]
         self._mirror(r)
         self._updates[r] += 1
 

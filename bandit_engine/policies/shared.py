@@ -150,6 +150,7 @@ class SharedTS(Policy):
 
     family = FAMILY
     uses_offer_context = True
+    supports_correction = True
 
     def __init__(
         self,
@@ -372,6 +373,19 @@ class SharedTS(Policy):
         self._mu += u * ((reward - float(x @ self._mu[idx])) / denom)
         # cov -= u u' / denom, in place (cov is symmetric, so its C order is a Fortran order)
         self._cov = blas.dger(-1.0 / denom, u, u, a=self._cov.T, overwrite_a=1).T
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
+        """The posterior mean is ``cov (prior terms + sum x r / noise_variance)`` with ``cov``
+        independent of the rewards, so revising one reward by ``delta`` adds
+        ``cov x delta / noise_variance`` with the current ``cov`` (whatever was learned since).
+        Features without a column were not learned by the decision's ``learn`` either."""
+        f = self._features(s, chosen)
+        cols = self._columns(f)
+        keep = cols >= 0
+        if not keep.any():
+            return
+        idx, x = cols[keep], f.v[keep]
+        self._mu += (x @ self._cov[idx]) * (delta / self.noise_variance)
 
     # state -----------------------------------------------------------------------------------
     def feature_names(self) -> list[str]:

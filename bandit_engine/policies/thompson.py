@@ -49,6 +49,7 @@ class Thompson(Policy):
     """
 
     family = "thompson"
+    supports_correction = True
 
     def __init__(
         self,
@@ -165,6 +166,29 @@ class Thompson(Policy):
             return
         self._alpha[row] += r
         self._beta[row] += 1.0 - r
+        self._updates[row] += 1
+        self._redraw(row)
+
+    def correction(self, provisional: float, final: float) -> float:
+        clip = lambda r: min(max(float(r), 0.0), 1.0)  # noqa: E731 - as ``_learn`` clips
+        return clip(final) - clip(provisional)
+
+    def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
+        """Move ``delta`` of the arm's pseudo-count from failures to successes (the fractional
+        update of a reward ``r`` added ``r`` to alpha and ``1 - r`` to beta). The arm's bank is
+        redrawn with its update count advanced, so banks stay a pure function of the log."""
+        segment = self._segment(s.context)
+        oid = s.offers[chosen].offer_id
+        seg_rows = self._rows.setdefault(segment, {})
+        row = seg_rows.get(oid)
+        if row is None:  # not learned here before (cannot happen when replaying a whole log)
+            seg_rows[oid] = self._new_row(
+                segment, oid, self.prior_alpha + max(delta, 0.0),
+                self.prior_beta + max(-delta, 0.0), 1,
+            )  # fmt: skip
+            return
+        self._alpha[row] += delta
+        self._beta[row] -= delta
         self._updates[row] += 1
         self._redraw(row)
 

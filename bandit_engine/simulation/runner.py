@@ -28,6 +28,7 @@ from scipy import stats
 from ..catalog import ChannelConfig, MemberCap, PolicySpec
 from ..clock import MS_PER_DAY, ManualClock
 from ..engine import Engine
+from ..policies.registry import make_policy
 from .oracles import attach, sim_families, solve_budget_duals, static_probabilities
 from .scenario import PolicyEntry, Scenario
 from .world import World
@@ -212,11 +213,14 @@ class Simulator:
             engine.add_offer(o)
         floor = s.exploration_floor if learning else 1e-6
         window_ms = int(s.reward_window_days * MS_PER_DAY)
+        provisional = s.provisional_reward
+        if provisional is not None and not make_policy(spec, seed=seed).supports_correction:
+            provisional = None  # a family that cannot correct learns final rewards only
         for ch in s.channels:
             engine.set_channel(ChannelConfig(
                 ch, policy=spec, reward_window_days=s.reward_window_days,
                 holdout_fraction=s.holdout_fraction, exploration_floor=floor,
-                aggregation=s.aggregation,
+                aggregation=s.aggregation, provisional_reward=provisional,
             ))  # fmt: skip
         res = RunResult(name, seed, spec.to_dict())
         budgeted = [o for o in offers if o.budget_cents is not None]

@@ -142,6 +142,10 @@ class Scenario:
     # the channels' reward aggregation: "first" learns a redemption when it arrives and a miss
     # when the window closes; "sum" learns every outcome at window close (equal delays)
     aggregation: str = "first"
+    # the channels' provisional_reward (None = off): learn each decision when made as if its
+    # reward were this value, then correct it when the outcome settles (policies that cannot
+    # correct, e.g. vw and the oracles, run without it)
+    provisional_reward: float | None = None
     member_cap: Mapping[str, Any] | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
     start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00Z
@@ -152,6 +156,11 @@ class Scenario:
         _check(self.days > 0, f"days must be > 0, got {self.days!r}")
         _check(self.members >= 1, f"members must be >= 1, got {self.members!r}")
         _check(self.aggregation in ("first", "sum"), f"aggregation must be 'first' or 'sum', got {self.aggregation!r}")
+        _check(
+            self.provisional_reward is None
+            or (not isinstance(self.provisional_reward, bool) and isinstance(self.provisional_reward, int | float)),
+            f"provisional_reward must be a number, got {self.provisional_reward!r}",
+        )
         _check(bool(self.offers), "a scenario needs at least one offer")
         _check(bool(self.policies), "a scenario needs at least one policy")
         ids = [o.offer_id for o in self.offers]
