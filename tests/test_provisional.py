@@ -365,3 +365,20 @@ def test_http_channel_put_sets_provisional_reward(tmp_path) -> None:
         assert r.status_code == 422, r.json
     finally:
         api.engine.ledger.close()
+
+
+def test_simulation_scenarios_pass_provisional_reward_to_families_that_can_correct() -> None:
+    from bandit_engine.catalog import PolicySpec as Spec
+    from bandit_engine.simulation.runner import Simulator
+    from bandit_engine.simulation.scenario import Scenario
+
+    scenario = Scenario.default().with_(provisional_reward=0.0)
+    sim = Simulator(scenario, decisions=200)
+    for family, expected in (("thompson", 0.0), ("vw", None)):
+        r = sim.run(family, Spec(family), 1, keep_engine=True)
+        channels = r.engine.channels()
+        assert {channels[c].provisional_reward for c in scenario.channels} == {expected}, family
+        kinds = {f.kind for f in r.engine.ledger.feedback_after(0, 100_000)}
+        assert ("provisional" in kinds) == (expected is not None), family
+    with pytest.raises(InvalidArgument, match="provisional_reward must be a number"):
+        Scenario.default().with_(provisional_reward="0")
