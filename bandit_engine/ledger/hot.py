@@ -99,17 +99,19 @@ _INSERT_DECISION = (
     f"INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in _INSERT_COLUMNS)}) RETURNING seq"
 )
-_RESERVE_AND_INSERT = (  # PostgreSQL: both in one statement, so one round trip and one commit
-    f"WITH r AS ({_RESERVE}) INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
+# PostgreSQL: the decision insert fed by the reservation ``r`` (no row when it failed)
+_INSERT_RESERVED = (
+    f"INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
     f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
     "RETURNING seq"
+)
+_RESERVE_AND_INSERT = (  # PostgreSQL: both in one statement, so one round trip and one commit
+    f"WITH r AS ({_RESERVE}) {_INSERT_RESERVED}"
 )
 # PostgreSQL, a decision learned provisionally: the reservation, the decision and its
 # provisional feedback event in one statement (no row when the reservation fails)
 _RESERVE_INSERT_PROVISIONAL = (
-    f"WITH r AS ({_RESERVE}), d AS (INSERT INTO decisions ({', '.join(_INSERT_COLUMNS)}) "
-    f"SELECT {', '.join(f'CAST(:{c} AS {_PG_TYPES[c]})' for c in _INSERT_COLUMNS)} FROM r "
-    "RETURNING seq), "
+    f"WITH r AS ({_RESERVE}), d AS ({_INSERT_RESERVED}), "
     "f AS (INSERT INTO feedback (event_id, channel, reward, learn, kind) "
     "SELECT CAST(:event_id AS VARCHAR), CAST(:channel AS VARCHAR), "
     "CAST(:fb_reward AS DOUBLE PRECISION), CAST(:fb_learn AS BOOLEAN), 'provisional' FROM d "

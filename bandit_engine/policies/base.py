@@ -115,12 +115,7 @@ class Policy(ABC):
         return apply_floor(p, floor)
 
     def learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
-        if not (0 <= chosen < len(s.offers)):
-            raise InvalidArgument(f"chosen index {chosen} outside 0..{len(s.offers) - 1}")
-        if not (0.0 < probability <= 1.0):
-            raise InvalidArgument(f"probability must be in (0, 1], got {probability!r}")
-        if not np.isfinite(reward):
-            raise InvalidArgument(f"reward must be finite, got {reward!r}")
+        self._check_update(s, chosen, probability, "reward", reward)
         self._learn(s, chosen, float(probability), float(reward))
         self.version += 1
 
@@ -131,14 +126,18 @@ class Policy(ABC):
         ``s``, ``chosen`` and ``probability`` must be those of the decision's ``learn``."""
         if not self.supports_correction:
             raise InvalidArgument(f"{self.family}: this policy family cannot correct a reward")
+        self._check_update(s, chosen, probability, "delta", delta)
+        self._correct(s, chosen, float(probability), float(delta))
+        self.version += 1
+
+    @staticmethod
+    def _check_update(s: Scoring, chosen: int, probability: float, name: str, value: float) -> None:
         if not (0 <= chosen < len(s.offers)):
             raise InvalidArgument(f"chosen index {chosen} outside 0..{len(s.offers) - 1}")
         if not (0.0 < probability <= 1.0):
             raise InvalidArgument(f"probability must be in (0, 1], got {probability!r}")
-        if not np.isfinite(delta):
-            raise InvalidArgument(f"delta must be finite, got {delta!r}")
-        self._correct(s, chosen, float(probability), float(delta))
-        self.version += 1
+        if not np.isfinite(value):
+            raise InvalidArgument(f"{name} must be finite, got {value!r}")
 
     def correction(self, provisional: float, final: float) -> float:
         """The ``delta`` that turns a decision learned with reward ``provisional`` into one

@@ -221,30 +221,31 @@ class LinTS(Policy):
         return draws
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
-        x = self._features(s, chosen)[0]
-        oid = s.offers[chosen].offer_id
-        r = self._index.get(oid)
-        if r is None:
-            r = self._new_row(oid)
-        d = self.dim
-        a_inv = self._model[r, :d]
+        r, x = self._row_and_features(s, chosen)
+        a_inv = self._model[r, : self.dim]
         ax = a_inv @ x
         a_inv -= np.outer(ax, ax) / (1.0 + x @ ax)
         self._b[r] += reward * x
-        self._model[r, d] = a_inv @ self._b[r]
-        self._mirror(r)
-        self._updates[r] += 1
+        self._refresh(r)
 
     def _correct(self, s: Scoring, chosen: int, probability: float, delta: float) -> None:
         """``theta = A_inv b`` is linear in the rewards: add ``delta * x`` to ``b`` (the
         precision does not depend on rewards, so ``A_inv`` is unchanged)."""
-        x = self._features(s, chosen)[0]
+        r, x = self._row_and_features(s, chosen)
+        self._b[r] += delta * x
+        self._refresh(r)
+
+    def _row_and_features(self, s: Scoring, chosen: int) -> tuple[int, np.ndarray]:
+        """The chosen offer's model row (created on first use) and its feature vector."""
         oid = s.offers[chosen].offer_id
         r = self._index.get(oid)
         if r is None:
             r = self._new_row(oid)
+        return r, self._features(s, chosen)[0]
+
+    def _refresh(self, r: int) -> None:
+        """``theta = A_inv b`` of row ``r`` after an update, and its float32 mirror."""
         d = self.dim
-        self._b[r] += delta * x
         self._model[r, d] = self._model[r, :d] @ self._b[r]
         self._mirror(r)
         self._updates[r] += 1
