@@ -343,15 +343,10 @@ class Engine:
         and its ``correction`` revises it by (final - the decision's provisional reward). A
         family that cannot correct skips the provisional event and learns the correction as
         the final reward (so a log written with provisional learning replays into any family)."""
-        kind = f.kind
-        if kind == "final" or not pol.supports_correction:
-            if kind == "provisional":
-                return
-            reward = f.reward
-            delta = None
-        elif kind == "provisional":
-            reward, delta = f.reward, None
-        else:  # correction
+        correcting = f.kind == "correction" and pol.supports_correction
+        if f.kind == "provisional" and not pol.supports_correction:
+            return
+        if correcting:
             if d.provisional is None:
                 raise InvalidArgument(f"correction of event {d.event_id!r}: nothing provisional")
             delta = pol.correction(d.provisional, f.reward)
@@ -369,10 +364,10 @@ class Engine:
             tuple(oc.get(i, {}) for i in d.eligible) if oc and pol.uses_offer_context else (),
         )
         chosen = d.eligible.index(d.offer_id)  # type: ignore[arg-type]
-        if delta is None:
-            pol.learn(s, chosen, d.probability, reward)  # type: ignore[arg-type]
-        else:
+        if correcting:
             pol.correct(s, chosen, d.probability, delta)  # type: ignore[arg-type]
+        else:
+            pol.learn(s, chosen, d.probability, f.reward)  # type: ignore[arg-type]
 
     def _on_feedback(
         self, feedback: Iterable[Feedback], known: Mapping[str, Decision] | None = None

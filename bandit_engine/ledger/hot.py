@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover - not on Windows: SQLite's own busy hand
 
 from ..catalog import MemberCap, Offer
 from ..errors import CapExceeded, RewardWindowClosed, StorageError, UnknownEvent
-from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome
+from .records import Decision, Feedback, FeedbackKind, HistoryItem, OfferState, RewardOutcome
 from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
 
 T = TypeVar("T")
@@ -500,14 +500,14 @@ class HotPath:
         if prov is not None:
             params["fb_reward"], params["fb_learn"] = prov, fb_learn
 
-        def op(conn: Any) -> tuple[int, int | None]:
+        def op(conn: Any) -> tuple[int, Feedback | None]:
             # one statement (no offer; or PostgreSQL reserve+insert, no member cap) needs no BEGIN
             single = offer is None or (self._pg and not member_caps)
             if not single:
                 self._begin(conn, True)
             if offer is not None and member_caps:
                 self._check_member_caps(conn, decision, member_caps)
-            fb_seq = None
+            fb = None
             if offer is None:
                 seq = self._q(conn, "insert_decision", params).fetchone()[0]
             elif self._pg:
@@ -517,25 +517,18 @@ class HotPath:
                     self._cap_exceeded(conn, offer)
                 seq = row[0]
                 if prov is not None:
-                    fb_seq = row[1]
+                    fb = Feedback(int(row[1]), decision.event_id, decision.channel, prov, fb_learn, "provisional")  # type: ignore[arg-type]
             else:
                 if self._q(conn, "reserve", params).fetchone() is None:
                     self._cap_exceeded(conn, offer)
                 seq = self._q(conn, "insert_decision", params).fetchone()[0]
                 if prov is not None:
-                    fb_seq = self._q(conn, "insert_feedback", {
-                        "eid": decision.event_id, "channel": decision.channel, "reward": prov,
-                        "learn": fb_learn, "kind": "provisional",
-                    }).fetchone()[0]  # fmt: skip
+                    fb = self._insert_feedback(conn, decision, prov, "provisional")
             if not single:
                 conn.execute("COMMIT")
-            return int(seq), None if fb_seq is None else int(fb_seq)
+            return int(seq), fb
 
-        seq, fb_seq = self._run(op, write=True)
-        if fb_seq is None:
-            return seq, None
-        fb = Feedback(fb_seq, decision.event_id, decision.channel, prov, fb_learn, "provisional")  # type: ignore[arg-type]
-        return seq, fb
+        return self._run(op, write=True)
 
     def _check_member_caps(self, conn: Any, d: Decision, caps: Mapping[str, MemberCap]) -> None:
         self._q(conn, "member_row", {"member": d.member_id})
@@ -624,12 +617,15 @@ class HotPath:
                                     "d_committed": delta.committed, "d_settled": delta.settled})  # fmt: skip
         if fb_reward is None:
             return None
-        learn = new.learnable and new.active
-        kind = settlement_kind(new)
-        seq = self._q(conn, "insert_feedback", {"eid": new.event_id, "channel": new.channel,
-                                                "reward": fb_reward, "learn": learn,
+        return self._insert_feedback(conn, new, fb_reward, settlement_kind(new))
+
+    def _insert_feedback(self, conn: Any, d: Decision, reward: float, kind: FeedbackKind) -> Feedback:
+        """Append a feedback event for ``d`` (learned only if ``d`` is learnable and active)."""
+        learn = d.learnable and d.active
+        seq = self._q(conn, "insert_feedback", {"eid": d.event_id, "channel": d.channel,
+                                                "reward": reward, "learn": learn,
                                                 "kind": kind}).fetchone()[0]  # fmt: skip
-        return Feedback(int(seq), new.event_id, new.channel, fb_reward, learn, kind)
+        return Feedback(int(seq), d.event_id, d.channel, reward, learn, kind)
 
     def _update_decision(self, conn: Any, d: Decision) -> None:
         self._q(conn, "settle_decision", {
