@@ -9,6 +9,7 @@ a racing duplicate event id, and expiry across several batches.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import psycopg
@@ -151,6 +152,15 @@ def _backends(url: str, app: str) -> int:
         ).fetchone()[0])  # fmt: skip
 
 
+def _settled_backends(url: str, app: str, expected: int, timeout: float = 5.0) -> int:
+    """The backend count once it reaches ``expected`` or ``timeout`` passes: a closed
+    connection's backend leaves ``pg_stat_activity`` a moment after the client hung up."""
+    deadline = time.monotonic() + timeout
+    while (n := _backends(url, app)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return n
+
+
 def test_each_thread_owns_one_connection_and_none_outlives_its_thread_or_the_ledger(postgres_url) -> None:
     """The request path keeps one connection per thread (no pool checkout per operation):
     threads never share one, a thread reuses its own, the connections of ended threads are
@@ -182,7 +192,7 @@ def test_each_thread_owns_one_connection_and_none_outlives_its_thread_or_the_led
         t = threading.Thread(target=ledger.offer_states)  # a new thread reaps the ended ones
         t.start()
         t.join()
-        assert _backends(postgres_url, app) == pool_idle + 2
+        assert _settled_backends(postgres_url, app, pool_idle + 2) == pool_idle + 2
     finally:
         ledger.close()
-    assert _backends(postgres_url, app) == 0
+    assert _settled_backends(postgres_url, app, 0) == 0
