@@ -39,7 +39,7 @@ def run(paced: bool, budget: float, seed: int = 0):
     for i in range(N):
         clock.set(start + i * step)
         seg = int(segs[i])
-        d = eng.choose(f"m{i}", "email", {"seg": f"s{seg}"})
+        d = eng.choose(f"m{i}", "email", {"seg": f"s{seg}"}, event_id=f"e{seed}-{i}")  # seeded draws
         p = P_BEST if d.offer_id == "best" else p_alt(seg)
         r = float(coins[i] < p)
         total += r
