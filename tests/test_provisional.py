@@ -317,17 +317,20 @@ def test_migration_adds_the_kind_column_to_an_existing_database(backend, tmp_pat
         else request.getfixturevalue("postgres_url")
     )  # fmt: skip
     old = make_engine(url)
-    upgrade_schema(old, "0002")
-    assert current_revision(old) == "0002"
-    with old.begin() as c:
-        cols = [r[0] for r in c.execute(text(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'feedback'"
-            if backend == "postgres" else "SELECT name FROM pragma_table_info('feedback')"
-        ))]  # fmt: skip
-        assert "kind" not in cols
-        c.execute(text("INSERT INTO feedback (event_id, channel, reward, learn) "
-                       "VALUES ('old-1', 'email', 1.0, false)"))  # fmt: skip
-    old.dispose()
+    try:  # disposed even when an assertion fails: a leaked connection warns in a later test
+        upgrade_schema(old, "0002")
+        assert current_revision(old) == "0002"
+        with old.begin() as c:
+            cols = [r[0] for r in c.execute(text(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'feedback' AND table_schema = current_schema()"
+                if backend == "postgres" else "SELECT name FROM pragma_table_info('feedback')"
+            ))]  # fmt: skip
+            assert "kind" not in cols
+            c.execute(text("INSERT INTO feedback (event_id, channel, reward, learn) "
+                           "VALUES ('old-1', 'email', 1.0, false)"))  # fmt: skip
+    finally:
+        old.dispose()
     ledger = SqlLedger(url)  # opening upgrades the schema
     try:
         assert current_revision(ledger.engine) == "0003"
