@@ -281,6 +281,27 @@ def test_member_history_personalizes_identical_segments(engine: Engine) -> None:
     assert later_b.offer_context == {}
 
 
+def test_history_features_say_how_recently_an_offer_and_its_category_were_shown() -> None:
+    """Counts over the history window cannot tell an exposure of yesterday from one of weeks
+    ago; ``days_since_seen`` / ``days_since_cat_seen`` can (absent when never shown)."""
+    from bandit_engine.features import summarize_history
+    from bandit_engine.ledger.records import HistoryItem
+
+    now = 100 * MS_PER_DAY
+    offers = [Offer("h1", ["email"]), Offer("h2", ["email"]), Offer("b1", ["email"])]
+    category_of = {"h1": "home", "h2": "home", "b1": "beauty"}
+
+    def item(offer_id: str, days_ago: float) -> HistoryItem:
+        return HistoryItem(offer_id, "email", int(now - days_ago * MS_PER_DAY), None, "expired")
+
+    recent = summarize_history([item("h1", 20), item("h1", 1.5)], offers, category_of, now)[1]
+    old = summarize_history([item("h1", 21), item("h1", 20)], offers, category_of, now)[1]
+    assert recent[0]["seen"] == old[0]["seen"] == 2  # the counts are the same ...
+    assert recent[0]["days_since_seen"] == 1.5 and old[0]["days_since_seen"] == 20.0  # ... recency is not
+    assert "days_since_seen" not in recent[1] and recent[1]["days_since_cat_seen"] == 1.5
+    assert recent[2] == {}
+
+
 def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
     from vowpal_wabbit_next import DSJsonFormatParser, Workspace
 
@@ -456,3 +477,4 @@ def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
         assert changed == replace(d, **{f.name: marker})
     with pytest.raises(TypeError):
         d.with_(no_such_field=1)
+
