@@ -478,3 +478,81 @@ def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
     with pytest.raises(TypeError):
         d.with_(no_such_field=1)
 
+
+def _grouped(engine: Engine, group: str | None = "all", channels=("email", "push")) -> None:
+    for ch in channels:
+        engine.set_channel(ChannelConfig(ch, policy=PolicySpec("lin_ts", {"dim": 16}), model_group=group))
+    for o in catalog(3):
+        engine.add_offer(Offer(o.offer_id, list(channels), cost=o.cost_cents / 100, features=o.features))
+
+
+def test_a_model_group_learns_one_model_for_its_channels(engine: Engine) -> None:
+    _grouped(engine)
+    pol = engine.policy("email")
+    assert engine.policy("push") is pol
+    d = engine.choose("m-1", "push", {"tier": "gold"})
+    assert d.context["channel"] == "push"  # scored (and learned) with the channel it was served on
+    before = pol.version
+    engine.reward(d.event_id, 1.0)
+    assert engine.policy("email").version == before + 1  # a push reward teaches the email model
+
+
+def test_channels_without_a_group_learn_alone(engine: Engine) -> None:
+    _grouped(engine, group=None)
+    assert engine.policy("push") is not engine.policy("email")
+    d = engine.choose("m-1", "push", {"tier": "gold"})
+    assert "channel" not in d.context
+    engine.reward(d.event_id, 1.0)
+    assert engine.policy("email").version == 0
+
+
+def test_channels_of_a_model_group_need_the_same_policy(engine: Engine) -> None:
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts"), model_group="g"))
+    with pytest.raises(InvalidArgument, match="model_group"):
+        engine.set_channel(ChannelConfig("push", policy=PolicySpec("thompson"), model_group="g"))
+    engine.set_channel(ChannelConfig("push", policy=PolicySpec("thompson"), model_group="other"))
+    with pytest.raises(InvalidArgument, match="model_group"):
+        ChannelConfig("email", model_group="no spaces")
+    assert ChannelConfig.from_dict(ChannelConfig("email", model_group="g").to_dict()).model_group == "g"
+
+
+def test_a_model_group_is_snapshotted_once_and_restored_on_reopen(tmp_path, clock) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    e = Engine.open(url, clock=clock, seed=3)
+    try:
+        _grouped(e)
+        for i in range(30):
+            d = e.choose(f"m{i % 7}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"e{i}")
+            e.reward(d.event_id, float(i % 3 == 0))
+        live = e.policy("push").serialize()
+        assert e.policy("email").version == 30
+        e.snapshot()
+        assert e.ledger.latest_snapshot("*group:all") is not None
+        assert e.ledger.latest_snapshot("email") is None
+    finally:
+        e.ledger.close()
+    reopened = Engine.open(url, clock=clock, seed=3)
+    try:
+        assert reopened.policy("email") is reopened.policy("push")
+        assert reopened.policy("email").serialize() == live
+    finally:
+        reopened.ledger.close()
+
+
+def test_a_syncing_worker_learns_a_model_group_from_every_channel(ledger_url: str, clock) -> None:
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    writer = Engine.open(ledger_url, clock=clock, seed=5)
+    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
+                    config=EngineConfig(seed=5, learn_in_process=False))  # fmt: skip
+    try:
+        _grouped(writer)
+        for i in range(20):
+            d = writer.choose(f"m{i % 5}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"s{i}")
+            writer.reward(d.event_id, float(i % 4 == 0))
+        assert reader.sync() == 20
+        assert reader.policy("push").serialize() == writer.policy("email").serialize()
+        assert reader.sync() == 0
+    finally:
+        reader.ledger.close()
+        writer.ledger.close()
