@@ -310,6 +310,12 @@ class ChannelConfig:
     for policy families that can correct exactly (thompson, lin_ts, shared_ts, uniform,
     fixed; not vw); once every window has closed the model is the one learned from the final
     rewards.
+
+    ``model_group`` (None = the channel learns alone): channels naming the same group learn ONE
+    model together (they must use the same policy spec). Each decision is scored with the
+    channel name added to its context as ``channel``, so the model can learn what differs by
+    channel while a member's preferences, learned on any channel, serve every channel. With
+    three channels each model otherwise learns from a third of the decisions.
     """
 
     name: str
@@ -322,9 +328,14 @@ class ChannelConfig:
     exploration_floor: float = 0.01
     salt: str = ""
     provisional_reward: float | None = None
+    model_group: str | None = None
 
     def __post_init__(self) -> None:
         check_id("channel", self.name)
+        if self.model_group is not None:
+            check_id("model_group", self.model_group)
+            if len(self.model_group) > 100:  # its snapshots are keyed "*group:<name>"
+                raise InvalidArgument(f"model_group must be at most 100 characters, got {self.model_group!r}")
         if isinstance(self.policy, Mapping):
             object.__setattr__(self, "policy", PolicySpec(**self.policy))
         if not isinstance(self.policy, PolicySpec):
@@ -349,6 +360,12 @@ class ChannelConfig:
     def reward_window_ms(self) -> int:
         return int(self.reward_window_days * MS_PER_DAY)
 
+    @property
+    def model_key(self) -> str:
+        """Which model the channel learns (and its snapshots' key): its own (its name) or its
+        group's (``*group:<model_group>``; ``*`` is never in a channel name, so no clash)."""
+        return self.name if self.model_group is None else f"*group:{self.model_group}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -361,6 +378,7 @@ class ChannelConfig:
             "exploration_floor": self.exploration_floor,
             "salt": self.salt,
             "provisional_reward": self.provisional_reward,
+            "model_group": self.model_group,
         }
 
     @classmethod

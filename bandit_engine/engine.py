@@ -262,8 +262,27 @@ class Engine:
                 f"correct a learned reward exactly; {channel.policy.family!r} cannot (it would "
                 "keep the provisional reward forever): unset provisional_reward or change family"
             )
+        if channel.model_group is not None:
+            for other in self._refresh_catalog(force=True).channels.values():
+                if (
+                    other.name != channel.name
+                    and other.model_group == channel.model_group
+                    and other.policy.to_dict() != channel.policy.to_dict()
+                ):
+                    raise InvalidArgument(
+                        f"channel {channel.name!r}: model_group {channel.model_group!r} is learned "
+                        f"by channel {other.name!r} with another policy spec; the channels of a "
+                        "group share one model, so they need the same policy"
+                    )
         self.ledger.put_channel(channel)
         self._refresh_catalog(force=True)
+
+    def _model_key(self, channel: str) -> str:
+        """The model a channel learns (``ChannelConfig.model_key``)."""
+        cfg = self._catalog.channels.get(channel)
+        if cfg is None:
+            cfg = self._refresh_catalog(force=True).channels.get(channel)
+        return channel if cfg is None else cfg.model_key
 
     def offer_state(self, offer_id: str) -> OfferState:
         self.get_offer(offer_id)
@@ -285,30 +304,33 @@ class Engine:
         return key[1]
 
     def policy(self, channel: str) -> Policy:
-        """The channel's policy, restored from its latest snapshot plus the log tail."""
+        """The channel's policy (its group's, with ``model_group``), restored from its latest
+        snapshot plus the log tail."""
         cfg = self.channel(channel)
         key = self._spec_key(cfg)
-        cp = self._policies.get(channel)
+        model = cfg.model_key
+        cp = self._policies.get(model)
         if cp is not None and cp.spec_key == key:
             return cp.policy
         with self._lock:
             pol = make_policy(cfg.policy, seed=self.config.seed)
             applied = 0
-            snap = self.ledger.latest_snapshot(channel)
+            snap = self.ledger.latest_snapshot(model)
             if snap is not None and snap.policy_name == key:
                 pol.restore(snap.data)
                 applied = snap.feedback_seq
             cp = _ChannelPolicy(key, pol, applied)
-            self._policies[channel] = cp
-            self._replay(channel, cp)
+            self._policies[model] = cp
+            self._replay(model, cp)
             return pol
 
-    def _replay(self, channel: str, cp: _ChannelPolicy) -> None:
+    def _replay(self, model: str, cp: _ChannelPolicy) -> None:
+        """Learn the log tail of every channel that learns ``model``."""
         while True:
             batch = self.ledger.feedback_after(cp.applied_seq, 5000)
             if not batch:
                 return
-            self._learn_batch([f for f in batch if f.channel == channel], {channel: cp})
+            self._learn_batch([f for f in batch if self._model_key(f.channel) == model], {model: cp})
             cp.applied_seq = batch[-1].seq
 
     def sync(self) -> int:
@@ -323,7 +345,10 @@ class Engine:
                 batch = self.ledger.feedback_after(seq, 5000)
                 if not batch:
                     break
-                todo = [f for f in batch if f.channel in cps and f.seq > cps[f.channel].applied_seq]
+                todo = [
+                    f for f in batch
+                    if (k := self._model_key(f.channel)) in cps and f.seq > cps[k].applied_seq
+                ]  # fmt: skip
                 self._learn_batch(todo, cps)
                 seq = batch[-1].seq
                 for cp in cps.values():
@@ -336,7 +361,7 @@ class Engine:
             return
         decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
         for f in learnable:
-            self._learn_one(policies[f.channel].policy, decisions[f.event_id], f)
+            self._learn_one(policies[self._model_key(f.channel)].policy, decisions[f.event_id], f)
 
     def _learn_one(self, pol: Policy, d: Decision, f: Feedback) -> None:
         """Apply one learnable feedback event: ``final`` is learned; ``provisional`` is learned
@@ -380,14 +405,15 @@ class Engine:
             if known is None:
                 known = self.ledger.decisions_by_event(f.event_id for f in feedback if f.learn)
             for f in feedback:
-                cp = self._policies.get(f.channel)
+                model = self._model_key(f.channel)
+                cp = self._policies.get(model)
                 if cp is None:
                     self.policy(f.channel)  # restores and replays up to the log's end
                     continue
                 if f.seq <= cp.applied_seq:
                     continue
                 if f.seq != cp.applied_seq + 1:
-                    self._replay(f.channel, cp)  # another writer's feedback came first
+                    self._replay(model, cp)  # another writer's feedback came first
                     continue
                 if f.learn:
                     self._learn_one(cp.policy, known[f.event_id], f)
@@ -401,9 +427,9 @@ class Engine:
         with self._lock:
             now = self.clock.now_ms()
             n = 0
-            for channel, cp in self._policies.items():
+            for model, cp in self._policies.items():  # a channel, or "*group:<model_group>"
                 self.ledger.save_snapshot(
-                    Snapshot(channel, cp.spec_key, cp.policy.version, cp.applied_seq,
+                    Snapshot(model, cp.spec_key, cp.policy.version, cp.applied_seq,
                              cp.policy.serialize(), now)  # fmt: skip
                 )
                 n += 1
@@ -487,6 +513,8 @@ class Engine:
                 pacing.prices(eligible, states, now, self.config.pacing_gain)
                 if cat.paced.get(channel) else None
             )  # fmt: skip
+            if cfg.model_group is not None:  # one model for several channels: tell them apart
+                shared = {**shared, "channel": channel}
             scoring = Scoring(member_id, {**ctx, **shared}, tuple(eligible), per_offer, prices)
             rng = event_rng(self.config.seed, event_id, attempt)
             provisional = cfg.provisional_reward if active else None

@@ -6,7 +6,12 @@ once their behaviour differs. History enters as:
 
 * shared features (``member.*``): counts over the history window and days since the last offer;
 * member x offer features (one mapping per eligible offer): ``seen``, ``redeemed``,
-  ``ignored`` for this offer, ``cat_seen``/``cat_redeemed`` for its category.
+  ``ignored`` for this offer, ``cat_seen``/``cat_redeemed`` for its category, and their
+  recency: ``days_since_seen`` (since this offer was last shown to the member) and
+  ``days_since_cat_seen`` (since an offer of its category was), present only when shown in
+  the window. The counts cover the whole history window, so late in a campaign they no longer
+  tell a member who saw an offer yesterday from one who saw it weeks ago; the recency does,
+  with no time constant to choose (the model weighs it).
 
 :class:`FeatureHasher` maps such mappings to fixed-size vectors for the linear policies.
 """
@@ -40,6 +45,7 @@ def summarize_history(
     shared: dict[str, float] = {}
     if not history:
         return shared, tuple({} for _ in offers) if per_offer_features else ()
+    # per offer: seen, redeemed, ignored, last shown; per category: seen, redeemed, last shown
     per_offer: dict[str, list[float]] = {}
     per_cat: dict[str, list[float]] = {}
     redeemed = ignored = 0
@@ -50,19 +56,21 @@ def summarize_history(
         ign = h.status == "expired" and not pos
         redeemed += pos
         ignored += ign
-        st = per_offer.setdefault(h.offer_id, [0.0, 0.0, 0.0])
+        st = per_offer.setdefault(h.offer_id, [0.0, 0.0, 0.0, 0.0])
         st[0] += 1
         st[1] += pos
         st[2] += ign
+        st[3] = max(st[3], h.issued_at)
         cat = category_of.get(h.offer_id)
         if cat is not None:
-            cs = per_cat.setdefault(cat, [0.0, 0.0])
+            cs = per_cat.setdefault(cat, [0.0, 0.0, 0.0])
             cs[0] += 1
             cs[1] += pos
+            cs[2] = max(cs[2], h.issued_at)
     shared["member.exposures"] = float(len(history))
     shared["member.redemptions"] = float(redeemed)
     shared["member.ignored"] = float(ignored)
-    shared["member.days_since_offer"] = round((now_ms - last) / MS_PER_DAY, 3)
+    shared["member.days_since_offer"] = _days(now_ms - last)
     if not per_offer_features:
         return shared, ()
     out: list[dict[str, float]] = []
@@ -70,14 +78,18 @@ def summarize_history(
         oid = o.offer_id
         st = per_offer.get(oid)
         cs = per_cat.get(category_of.get(oid))  # type: ignore[arg-type]
-        if st is None:
-            out.append({} if cs is None else {"cat_seen": cs[0], "cat_redeemed": cs[1]})
-        elif cs is None:
-            out.append({"seen": st[0], "redeemed": st[1], "ignored": st[2]})
-        else:
-            out.append({"seen": st[0], "redeemed": st[1], "ignored": st[2],
-                        "cat_seen": cs[0], "cat_redeemed": cs[1]})  # fmt: skip
+        f: dict[str, float] = {}
+        if st is not None:
+            f.update(seen=st[0], redeemed=st[1], ignored=st[2],
+                     days_since_seen=_days(now_ms - st[3]))  # fmt: skip
+        if cs is not None:
+            f.update(cat_seen=cs[0], cat_redeemed=cs[1], days_since_cat_seen=_days(now_ms - cs[2]))
+        out.append(f)
     return shared, tuple(out)
+
+
+def _days(ms: float) -> float:
+    return round(max(0.0, ms) / MS_PER_DAY, 3)
 
 
 def squash(x: float) -> float:

@@ -194,7 +194,8 @@ def _engine_artifacts(engine: Any, out: Path) -> None:
             if n >= DSJSON_SAMPLE:
                 break
     for ch in engine.channels():
-        if engine.ledger.latest_snapshot(ch) is not None or ch in engine._policies:
+        model = engine.channel(ch).model_key
+        if engine.ledger.latest_snapshot(model) is not None or model in engine._policies:
             (out / f"policy_{ch}.snapshot").write_bytes(engine.policy(ch).serialize())
 
 

@@ -281,6 +281,27 @@ def test_member_history_personalizes_identical_segments(engine: Engine) -> None:
     assert later_b.offer_context == {}
 
 
+def test_history_features_say_how_recently_an_offer_and_its_category_were_shown() -> None:
+    """Counts over the history window cannot tell an exposure of yesterday from one of weeks
+    ago; ``days_since_seen`` / ``days_since_cat_seen`` can (absent when never shown)."""
+    from bandit_engine.features import summarize_history
+    from bandit_engine.ledger.records import HistoryItem
+
+    now = 100 * MS_PER_DAY
+    offers = [Offer("h1", ["email"]), Offer("h2", ["email"]), Offer("b1", ["email"])]
+    category_of = {"h1": "home", "h2": "home", "b1": "beauty"}
+
+    def item(offer_id: str, days_ago: float) -> HistoryItem:
+        return HistoryItem(offer_id, "email", int(now - days_ago * MS_PER_DAY), None, "expired")
+
+    recent = summarize_history([item("h1", 20), item("h1", 1.5)], offers, category_of, now)[1]
+    old = summarize_history([item("h1", 21), item("h1", 20)], offers, category_of, now)[1]
+    assert recent[0]["seen"] == old[0]["seen"] == 2  # the counts are the same ...
+    assert recent[0]["days_since_seen"] == 1.5 and old[0]["days_since_seen"] == 20.0  # ... recency is not
+    assert "days_since_seen" not in recent[1] and recent[1]["days_since_cat_seen"] == 1.5
+    assert recent[2] == {}
+
+
 def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
     from vowpal_wabbit_next import DSJsonFormatParser, Workspace
 
@@ -456,3 +477,82 @@ def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
         assert changed == replace(d, **{f.name: marker})
     with pytest.raises(TypeError):
         d.with_(no_such_field=1)
+
+
+def _grouped(engine: Engine, group: str | None = "all", channels=("email", "push")) -> None:
+    for ch in channels:
+        engine.set_channel(ChannelConfig(ch, policy=PolicySpec("lin_ts", {"dim": 16}), model_group=group))
+    for o in catalog(3):
+        engine.add_offer(Offer(o.offer_id, list(channels), cost=o.cost_cents / 100, features=o.features))
+
+
+def test_a_model_group_learns_one_model_for_its_channels(engine: Engine) -> None:
+    _grouped(engine)
+    pol = engine.policy("email")
+    assert engine.policy("push") is pol
+    d = engine.choose("m-1", "push", {"tier": "gold"})
+    assert d.context["channel"] == "push"  # scored (and learned) with the channel it was served on
+    before = pol.version
+    engine.reward(d.event_id, 1.0)
+    assert engine.policy("email").version == before + 1  # a push reward teaches the email model
+
+
+def test_channels_without_a_group_learn_alone(engine: Engine) -> None:
+    _grouped(engine, group=None)
+    assert engine.policy("push") is not engine.policy("email")
+    d = engine.choose("m-1", "push", {"tier": "gold"})
+    assert "channel" not in d.context
+    engine.reward(d.event_id, 1.0)
+    assert engine.policy("email").version == 0
+
+
+def test_channels_of_a_model_group_need_the_same_policy(engine: Engine) -> None:
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts"), model_group="g"))
+    with pytest.raises(InvalidArgument, match="model_group"):
+        engine.set_channel(ChannelConfig("push", policy=PolicySpec("thompson"), model_group="g"))
+    engine.set_channel(ChannelConfig("push", policy=PolicySpec("thompson"), model_group="other"))
+    with pytest.raises(InvalidArgument, match="model_group"):
+        ChannelConfig("email", model_group="no spaces")
+    assert ChannelConfig.from_dict(ChannelConfig("email", model_group="g").to_dict()).model_group == "g"
+
+
+def test_a_model_group_is_snapshotted_once_and_restored_on_reopen(tmp_path, clock) -> None:
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    e = Engine.open(url, clock=clock, seed=3)
+    try:
+        _grouped(e)
+        for i in range(30):
+            d = e.choose(f"m{i % 7}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"e{i}")
+            e.reward(d.event_id, float(i % 3 == 0))
+        live = e.policy("push").serialize()
+        assert e.policy("email").version == 30
+        e.snapshot()
+        assert e.ledger.latest_snapshot("*group:all") is not None
+        assert e.ledger.latest_snapshot("email") is None
+    finally:
+        e.ledger.close()
+    reopened = Engine.open(url, clock=clock, seed=3)
+    try:
+        assert reopened.policy("email") is reopened.policy("push")
+        assert reopened.policy("email").serialize() == live
+    finally:
+        reopened.ledger.close()
+
+
+def test_a_syncing_worker_learns_a_model_group_from_every_channel(ledger_url: str, clock) -> None:
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    writer = Engine.open(ledger_url, clock=clock, seed=5)
+    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
+                    config=EngineConfig(seed=5, learn_in_process=False))  # fmt: skip
+    try:
+        _grouped(writer)
+        for i in range(20):
+            d = writer.choose(f"m{i % 5}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"s{i}")
+            writer.reward(d.event_id, float(i % 4 == 0))
+        assert reader.sync() == 20
+        assert reader.policy("push").serialize() == writer.policy("email").serialize()
+        assert reader.sync() == 0
+    finally:
+        reader.ledger.close()
+        writer.ledger.close()

@@ -290,3 +290,19 @@ def test_scenario_aggregation_sets_when_the_engine_learns_a_redemption(aggregati
     redeemed = [d for d in r.engine.ledger.decisions() if d.reward]
     assert len(redeemed) == r.redemptions
     assert {d.status for d in redeemed} == ({"closed"} if aggregation == "first" else {"expired"})
+
+
+def test_a_policy_entry_can_learn_one_model_for_every_channel() -> None:
+    """``model_group`` on a policy entry: every channel of the run learns the same model."""
+    from bandit_engine.simulation.scenario import PolicyEntry
+
+    s = Scenario.default().with_(members=100, policies=(
+        PolicyEntry("pooled", family="shared_ts", model_group="all"),
+        PolicyEntry("alone", family="shared_ts"),
+    ))  # fmt: skip
+    c = Simulator(s, decisions=300).compare([4], keep_engines=True)
+    pooled, alone = c.by("pooled")[0].engine, c.by("alone")[0].engine
+    pol = pooled.policy("email")
+    assert all(pooled.policy(ch) is pol for ch in s.channels) and pol.version > 0
+    assert {cfg.model_group for cfg in pooled.channels().values() if cfg.name in s.channels} == {"all"}
+    assert alone.policy("push") is not alone.policy("email")

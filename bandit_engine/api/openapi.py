@@ -76,6 +76,7 @@ CHANNEL_PROPS: dict[str, Any] = {
     "default_offer": {"type": ["string", "null"]},
     "exploration_floor": {"type": "number", "minimum": 1e-6, "maximum": 1}, "salt": {"type": "string"},
     "provisional_reward": {"type": ["number", "null"]},
+    "model_group": {"type": ["string", "null"]},
 }  # fmt: skip
 DECISION = {
     "type": "object", "required": ["event_id", "offer_id", "probability", "group", "policy"],

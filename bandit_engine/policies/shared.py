@@ -4,7 +4,9 @@
 chose it (a tenth of them with ten offers) and a new offer starts from nothing. Here the score
 of offer ``a`` for a decision is ``theta . phi(context, a)`` with one weight vector ``theta``
 for all offers, so every decision teaches every offer that shares a feature with the chosen
-one, and a new offer starts from what its features already earned (cold start).
+one, and a new offer starts from what its features already earned (cold start). With
+``ChannelConfig.model_group`` several channels learn this one model together (the channel
+enters the context as ``channel``), so a decision on any channel teaches all of them.
 
 It is a family of its own rather than an option of ``lin_ts`` because nothing of the
 per-offer machinery carries over: the state is one posterior over feature columns (not a row
@@ -18,7 +20,8 @@ Features ``phi(context, a)``, by namespace (as VW's ``-q``):
 * ``a``: the offer's own features (:attr:`Offer.features`: kind, category, depth, ...);
 * ``i``: an offer-id indicator (a per-offer intercept);
 * ``h``: the member x offer history (``seen``, ``redeemed``, ``ignored``, ``cat_seen``,
-  ``cat_redeemed``; they let the model learn fatigue);
+  ``cat_redeemed``, ``days_since_seen``, ``days_since_cat_seen``; they let the model learn
+  fatigue);
 * quadratic interactions between namespaces, chosen by ``interactions`` (default ``["ca"]``):
   ``ca`` crosses every context feature with every offer feature (``share_home x
   category=home``, ``promo_share x depth``, ``tier=gold x kind=points``, ...), ``ci`` every

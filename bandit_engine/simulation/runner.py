@@ -199,6 +199,7 @@ class Simulator:
         record_truth: bool = False,
         paced: bool = True,
         member_cap: MemberCap | None = None,
+        model_group: str | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> RunResult:
         s = self.scenario
@@ -220,7 +221,7 @@ class Simulator:
             engine.set_channel(ChannelConfig(
                 ch, policy=spec, reward_window_days=s.reward_window_days,
                 holdout_fraction=s.holdout_fraction, exploration_floor=floor,
-                aggregation=s.aggregation, provisional_reward=provisional,
+                aggregation=s.aggregation, provisional_reward=provisional, model_group=model_group,
             ))  # fmt: skip
         res = RunResult(name, seed, spec.to_dict())
         budgeted = [o for o in offers if o.budget_cents is not None]
@@ -365,7 +366,7 @@ class Simulator:
                 cap = None if entry.member_cap is None else MemberCap(**entry.member_cap)
                 r = self.run(entry.name, self.spec_for(entry, seed), seed, learning=learning,
                              keep_engine=keep_engines, progress=progress, paced=entry.pacing,
-                             member_cap=cap)  # fmt: skip
+                             member_cap=cap, model_group=entry.model_group)  # fmt: skip
                 runs.append(r)
                 if on_run:
                     on_run(r)

@@ -117,6 +117,8 @@ class PolicyEntry:
     offer: str | None = None  # batch_and_blast: the one offer everybody gets
     pacing: bool = True  # False: budgets are a hard stop (no pacing price)
     member_cap: Mapping[str, Any] | None = None  # overrides the scenario's engine member cap
+    # every channel learns one shared model (ChannelConfig.model_group), e.g. "all"; None: a model per channel
+    model_group: str | None = None
 
     def __post_init__(self) -> None:
         _check((self.family is None) != (self.baseline is None),
