@@ -97,8 +97,12 @@ class _Catalog:
     # offers whose counters matter to choose (budget, impression cap, member cap, pacing)
     stateful: set[str] = field(default_factory=set)
     paced: dict[str, bool] = field(default_factory=dict)  # channel -> has a paced offer
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_group -> its channels
 
     def __post_init__(self) -> None:
+        for cfg in sorted(self.channels.values(), key=lambda c: c.name):
+            if cfg.model_group is not None:
+                self.groups[cfg.model_group] = (*self.groups.get(cfg.model_group, ()), cfg.name)
         for channel, offers in self.by_channel.items():
             self.live[channel] = [
                 (o, o.starts_at is not None or o.ends_at is not None or bool(o.rules))
@@ -141,7 +145,7 @@ class Engine:
         self._catalog = _Catalog()
         self._policies: dict[str, _ChannelPolicy] = {}
         self._since_snapshot = 0
-        self._spec_keys: dict[int, tuple[Any, str]] = {}
+        self._spec_keys: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
         if not self.ledger.channels():
             for ch in default_channels().values():
                 self.ledger.put_channel(ch)
@@ -295,12 +299,19 @@ class Engine:
 
     # policies --------------------------------------------------------------------------------
     def _spec_key(self, cfg: ChannelConfig) -> str:
-        """Identifies a policy configuration (snapshots are only restored into the same one)."""
-        key = self._spec_keys.get(id(cfg.policy))
+        """Identifies a model: its policy configuration and, for a model group, the channels
+        that learn it (a model is a function of both and the log, so when either changes it is
+        rebuilt; snapshots are only restored into the same one)."""
+        members = self._catalog.groups.get(cfg.model_group, ()) if cfg.model_group is not None else ()
+        cache = (id(cfg.policy), members)
+        key = self._spec_keys.get(cache)
         if key is None or key[0] is not cfg.policy:
-            blob = json.dumps(cfg.policy.to_dict(), sort_keys=True, default=str)
+            spec: Any = cfg.policy.to_dict()
+            if members:
+                spec = {"policy": spec, "channels": list(members)}
+            blob = json.dumps(spec, sort_keys=True, default=str)
             key = (cfg.policy, f"{cfg.policy.family}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}")
-            self._spec_keys[id(cfg.policy)] = key
+            self._spec_keys[cache] = key
         return key[1]
 
     def policy(self, channel: str) -> Policy:
@@ -337,9 +348,13 @@ class Engine:
         """Apply every feedback event not yet learned, in log order. Returns how many."""
         with self._lock:
             before = sum(cp.policy.version for cp in self._policies.values())
-            for ch in self.channels():
+            channels = self.channels()
+            for ch in channels:
                 self.policy(ch)  # loads (and catches up) a channel seen for the first time
-            cps = dict(self._policies)
+            current = {cfg.model_key for cfg in channels.values()}
+            # only the models channels learn now: one a channel left is caught up from where it
+            # stopped if the channel returns (its log tail is replayed then)
+            cps = {k: cp for k, cp in self._policies.items() if k in current}
             seq = min((cp.applied_seq for cp in cps.values()), default=0)
             while True:  # one pass over the log tail for every channel
                 batch = self.ledger.feedback_after(seq, 5000)

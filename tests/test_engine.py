@@ -556,3 +556,51 @@ def test_a_syncing_worker_learns_a_model_group_from_every_channel(ledger_url: st
     finally:
         reader.ledger.close()
         writer.ledger.close()
+
+
+def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url: str, clock) -> None:
+    """A channel joining or leaving a group changes which feedback teaches which model: the
+    learning engine, a syncing worker and a worker started afterwards must hold the same models
+    (the group's: every feedback of its current channels; a channel alone: all of its own)."""
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    spec = PolicySpec("lin_ts", {"dim": 16})
+    writer = Engine.open(ledger_url, clock=clock, seed=7)
+
+    def worker() -> Engine:
+        return Engine(type(writer.ledger)(ledger_url), clock=clock, config=EngineConfig(seed=7, learn_in_process=False))
+
+    syncing = worker()
+    try:
+        writer.set_channel(ChannelConfig("email", policy=spec, model_group="g"))
+        writer.set_channel(ChannelConfig("push", policy=spec))
+        for o in catalog(3):
+            writer.add_offer(Offer(o.offer_id, ["email", "push"], cost=o.cost_cents / 100, features=o.features))
+
+        def traffic(tag: str) -> None:
+            for i in range(12):
+                d = writer.choose(f"m{i % 5}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"{tag}{i}")
+                writer.reward(d.event_id, float(i % 3 == 0))
+            syncing.sync()
+
+        traffic("alone-")
+        writer.set_channel(ChannelConfig("push", policy=spec, model_group="g"))  # push joins
+        traffic("joined-")
+        fresh = worker()
+        try:
+            for engine in (writer, syncing):
+                assert engine.policy("push").serialize() == fresh.policy("push").serialize()
+        finally:
+            fresh.ledger.close()
+        writer.set_channel(ChannelConfig("push", policy=spec))  # and leaves again
+        traffic("left-")
+        fresh = worker()
+        try:
+            for ch in ("email", "push"):
+                for engine in (writer, syncing):
+                    assert engine.policy(ch).serialize() == fresh.policy(ch).serialize(), ch
+        finally:
+            fresh.ledger.close()
+    finally:
+        syncing.ledger.close()
+        writer.ledger.close()
