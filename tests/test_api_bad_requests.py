@@ -174,6 +174,9 @@ CASES: list[tuple[str, str, str, str, Any, int, str]] = [
     ("channel-unknown-field", "PUT", "/v1/channels/email", "admin", {"budget": 1}, 422, "unknown_field"),
     ("channel-name-mismatch", "PUT", "/v1/channels/email", "admin", {"name": "push"}, 422, "invalid_argument"),
     ("channel-malformed", "PUT", "/v1/channels/email", "admin", (RAW, "{"), 400, "invalid_json"),
+    ("channel-model-group-space", "PUT", "/v1/channels/email", "admin", {"model_group": "a b"}, 422, "invalid_argument"),
+    ("channel-model-group-number", "PUT", "/v1/channels/email", "admin", {"model_group": 5}, 422, "invalid_argument"),
+    ("channel-model-group-long", "PUT", "/v1/channels/email", "admin", {"model_group": "g" * 101}, 422, "invalid_argument"),
     # --- changes, audit, reports
     ("approve-unknown", "POST", "/v1/changes/999/approve", "approver", None, 404, "unknown_change"),
     ("approve-non-int", "POST", "/v1/changes/abc/approve", "approver", None, 404, "not_found"),

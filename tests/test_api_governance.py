@@ -96,6 +96,29 @@ def test_channel_holdout_is_governed(api: Api) -> None:
     assert d["group"] == "holdout" and d["offer_id"] is None
 
 
+def test_channels_join_a_model_group_over_http(api: Api) -> None:
+    """``model_group`` is a learning setting (not governed): it applies at once, is audited,
+    and a group whose channels disagree on the policy is refused with nothing changed."""
+    spec = {"family": "lin_ts", "params": {"dim": 16}}
+    r = api.call("PUT", "/v1/channels/email", "admin", json={"policy": spec, "model_group": "web"})
+    assert r.status_code == 200 and r.json["model_group"] == "web"
+    before = api.call("GET", "/v1/channels", "admin").json
+    r = api.call("PUT", "/v1/channels/push", "admin", json={"model_group": "web"})  # still thompson
+    assert r.status_code == 422 and r.json["error"]["code"] == "invalid_argument"
+    assert "model_group" in r.json["error"]["message"]
+    assert api.call("GET", "/v1/channels", "admin").json == before
+    r = api.call("PUT", "/v1/channels/push", "admin", json={"policy": spec, "model_group": "web"})
+    assert r.status_code == 200
+    audit = api.call("GET", "/v1/audit", "analyst").json["entries"]
+    grouped = [e["target"] for e in audit if e["action"] == "channel.update" and "model_group" in e["detail"]]
+    assert sorted(grouped) == ["channel:email", "channel:push"]  # the refused PUT left no entry
+    v0 = choose(api, "m-g0")["policy"]["version"]
+    d = choose(api, "m-g1", channel="push")
+    assert api.call("POST", "/v1/reward", "decide", json={"event_id": d["event_id"], "reward": 1}).status_code == 200
+    api.engine.sync()
+    assert choose(api, "m-g2")["policy"]["version"] > v0  # a push reward teaches the email model
+
+
 def test_choose_reward_flow_and_idempotency(api: Api) -> None:
     d = choose(api, "m-5", event_id="evt-5", context={"tier": "gold", "visits": 3, "app": True})
     assert d["offer_id"] in ("plain-a", "plain-b", "capped") and 0 < d["probability"] <= 1
