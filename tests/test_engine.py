@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -429,16 +431,36 @@ def test_snapshots_are_pruned_to_the_newest_three(tmp_path, clock) -> None:
         e.ledger.close()
 
 
+def _worker(ledger_url: str, clock, seed: int) -> Engine:
+    """A serving worker: an engine that learns only by ``sync()`` (``learn_in_process=False``)."""
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    from bandit_engine.ledger.sql import SqlLedger
+
+    return Engine(SqlLedger(ledger_url), clock=clock, config=EngineConfig(seed=seed, learn_in_process=False))
+
+
+@contextmanager
+def _writer_and_worker(ledger_url: str, clock, seed: int) -> Iterator[tuple[Engine, Engine]]:
+    """An engine that learns in process and a serving worker on the same database."""
+    writer = Engine.open(ledger_url, clock=clock, seed=seed)
+    try:
+        reader = _worker(ledger_url, clock, seed)
+    except BaseException:
+        writer.ledger.close()
+        raise
+    try:
+        yield writer, reader
+    finally:
+        reader.ledger.close()
+        writer.ledger.close()
+
+
 def test_a_syncing_worker_learns_every_channel_from_one_pass_over_the_log(ledger_url: str, clock) -> None:
     """A serving worker (``learn_in_process=False``) learns only by ``sync()``: one read of the
     feedback tail dispatched to each channel's policy must leave every channel's model equal to
     that of the engine that learned in process, and a second sync must learn nothing."""
-    if ledger_url == "memory://":
-        pytest.skip("two engines share a database, not a process's memory")
-    writer = Engine.open(ledger_url, clock=clock, seed=5)
-    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
-                    config=EngineConfig(seed=5, learn_in_process=False))  # fmt: skip
-    try:
+    with _writer_and_worker(ledger_url, clock, 5) as (writer, reader):
         writer.set_channel(ChannelConfig("email", policy=PolicySpec("thompson")))
         writer.set_channel(ChannelConfig("push", policy=PolicySpec("lin_ts")))
         for o in catalog(3):
@@ -455,9 +477,6 @@ def test_a_syncing_worker_learns_every_channel_from_one_pass_over_the_log(ledger
             assert reader.policy(ch).serialize() == writer.policy(ch).serialize(), ch
             assert reader.policy(ch).version == 30
         assert reader.sync() == 0
-    finally:
-        writer.ledger.close()
-        reader.ledger.close()
 
 
 def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
@@ -540,12 +559,7 @@ def test_a_model_group_is_snapshotted_once_and_restored_on_reopen(tmp_path, cloc
 
 
 def test_a_syncing_worker_learns_a_model_group_from_every_channel(ledger_url: str, clock) -> None:
-    if ledger_url == "memory://":
-        pytest.skip("two engines share a database, not a process's memory")
-    writer = Engine.open(ledger_url, clock=clock, seed=5)
-    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
-                    config=EngineConfig(seed=5, learn_in_process=False))  # fmt: skip
-    try:
+    with _writer_and_worker(ledger_url, clock, 5) as (writer, reader):
         _grouped(writer)
         for i in range(20):
             d = writer.choose(f"m{i % 5}", ("email", "push")[i % 2], {"tier": "gold"}, event_id=f"s{i}")
@@ -553,25 +567,14 @@ def test_a_syncing_worker_learns_a_model_group_from_every_channel(ledger_url: st
         assert reader.sync() == 20
         assert reader.policy("push").serialize() == writer.policy("email").serialize()
         assert reader.sync() == 0
-    finally:
-        reader.ledger.close()
-        writer.ledger.close()
 
 
 def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url: str, clock) -> None:
     """A channel joining or leaving a group changes which feedback teaches which model: the
     learning engine, a syncing worker and a worker started afterwards must hold the same models
     (the group's: every feedback of its current channels; a channel alone: all of its own)."""
-    if ledger_url == "memory://":
-        pytest.skip("two engines share a database, not a process's memory")
     spec = PolicySpec("lin_ts", {"dim": 16})
-    writer = Engine.open(ledger_url, clock=clock, seed=7)
-
-    def worker() -> Engine:
-        return Engine(type(writer.ledger)(ledger_url), clock=clock, config=EngineConfig(seed=7, learn_in_process=False))
-
-    syncing = worker()
-    try:
+    with _writer_and_worker(ledger_url, clock, 7) as (writer, syncing):
         writer.set_channel(ChannelConfig("email", policy=spec, model_group="g"))
         writer.set_channel(ChannelConfig("push", policy=spec))
         for o in catalog(3):
@@ -586,7 +589,7 @@ def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url
         traffic("alone-")
         writer.set_channel(ChannelConfig("push", policy=spec, model_group="g"))  # push joins
         traffic("joined-")
-        fresh = worker()
+        fresh = _worker(ledger_url, clock, 7)
         try:
             for engine in (writer, syncing):
                 assert engine.policy("push").serialize() == fresh.policy("push").serialize()
@@ -594,13 +597,10 @@ def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url
             fresh.ledger.close()
         writer.set_channel(ChannelConfig("push", policy=spec))  # and leaves again
         traffic("left-")
-        fresh = worker()
+        fresh = _worker(ledger_url, clock, 7)
         try:
             for ch in ("email", "push"):
                 for engine in (writer, syncing):
                     assert engine.policy(ch).serialize() == fresh.policy(ch).serialize(), ch
         finally:
             fresh.ledger.close()
-    finally:
-        syncing.ledger.close()
-        writer.ledger.close()
