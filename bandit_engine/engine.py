@@ -344,12 +344,8 @@ class Engine:
             self._learn_batch([f for f in batch if self._model_key(f.channel) == model], {model: cp})
             cp.applied_seq = batch[-1].seq
 
-    def sync(self, limit: int | None = None) -> int:
-        """Apply the feedback events not yet learned, in log order: all of them, or with
-        ``limit`` stop once at least that many were learned (a serving worker catches up in
-        bounded steps, see ``api.sync.Syncer``). Returns how many were learned."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise InvalidArgument(f"limit must be a positive integer, got {limit!r}")
+    def sync(self) -> int:
+        """Apply every feedback event not yet learned, in log order. Returns how many."""
         with self._lock:
             before = sum(cp.policy.version for cp in self._policies.values())
             channels = self.channels()
@@ -360,10 +356,8 @@ class Engine:
             # stopped if the channel returns (its log tail is replayed then)
             cps = {k: cp for k, cp in self._policies.items() if k in current}
             seq = min((cp.applied_seq for cp in cps.values()), default=0)
-            step = 5000 if limit is None else min(limit, 5000)
-            learned = 0
-            while limit is None or learned < limit:  # one pass over the log tail for every channel
-                batch = self.ledger.feedback_after(seq, step)
+            while True:  # one pass over the log tail for every channel
+                batch = self.ledger.feedback_after(seq, 5000)
                 if not batch:
                     break
                 todo = [
@@ -374,7 +368,6 @@ class Engine:
                 seq = batch[-1].seq
                 for cp in cps.values():
                     cp.applied_seq = max(cp.applied_seq, seq)
-                learned = sum(cp.policy.version for cp in self._policies.values()) - before
             return sum(cp.policy.version for cp in self._policies.values()) - before
 
     def _learn_batch(self, feedback: list[Feedback], policies: Mapping[str, _ChannelPolicy]) -> None:

@@ -604,35 +604,3 @@ def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url
                     assert engine.policy(ch).serialize() == fresh.policy(ch).serialize(), ch
         finally:
             fresh.ledger.close()
-
-
-def test_sync_with_a_limit_catches_up_in_bounded_steps(ledger_url: str, clock) -> None:
-    """A serving worker learns at most about ``limit`` events per call (a request never pays for
-    a whole interval of feedback), and the steps add up to the model of one full sync."""
-    from bandit_engine.api.sync import Syncer
-
-    with _writer_and_worker(ledger_url, clock, 9) as (writer, reader):
-        for o in catalog(3):
-            writer.add_offer(o)
-        reader.sync()  # a running worker: its models are loaded (a first load replays the whole tail)
-        for i in range(250):
-            d = writer.choose(f"m{i % 11}", "email", {"x": float(i % 5)})
-            writer.reward(d.event_id, float(i % 3 == 0))
-        with pytest.raises(InvalidArgument):
-            reader.sync(limit=0)
-        steps = [reader.sync(limit=60)]
-        assert 60 <= steps[0] < 120
-        syncer = Syncer(reader, interval=3600, batch=60)  # the interval never elapses here
-        while reader.policy("email").version < 250:
-            before = reader.policy("email").version
-            syncer.maybe_sync()  # behind: syncs again at once, a bounded step each time
-            steps.append(reader.policy("email").version - before)
-            assert 0 < steps[-1] < 120 and len(steps) < 10
-        assert sum(steps) == 250
-        assert reader.policy("email").serialize() == writer.policy("email").serialize()
-        syncer.maybe_sync()  # caught up (a short step): waits for the interval again
-        d = writer.choose("m-late", "email", {"x": 1.0})
-        writer.reward(d.event_id, 1.0)
-        syncer.maybe_sync()
-        assert reader.policy("email").version == 250
-        assert reader.sync() == 1

@@ -6,10 +6,7 @@ Design (documented in the README's HTTP section):
   at most once per ``sync_interval`` seconds (default 1 s) before a choose. ``sync()`` replays
   the feedback log tail in log order; policy state is a deterministic function of that ordered
   log, so every worker converges on the same model and version. The cost when nothing is new is
-  one indexed query. One call learns at most ``sync_batch`` events (default 100, ~6 ms): a
-  worker further behind goes on at its next choose instead of waiting an interval, so no single
-  request pays for a whole interval's feedback (at 450 rewards/s a whole second of them took
-  ~30 ms, the p99 of every request queued behind it).
+  one indexed query.
 * ``bandit-engine learner`` runs the same replay in one process and writes a snapshot when
   something was learned (at most every ``--every`` seconds), so a (re)starting worker restores
   the latest snapshot and replays only the tail.
@@ -22,7 +19,6 @@ Design (documented in the README's HTTP section):
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from typing import Any
@@ -30,7 +26,6 @@ from typing import Any
 from ..ledger.records import Feedback
 
 DEFAULT_SYNC_INTERVAL = 1.0
-DEFAULT_SYNC_BATCH = 100
 DEFAULT_GAP_GRACE = 2.0
 
 
@@ -81,20 +76,16 @@ class GapSafeLedger:
 
 
 class Syncer:
-    """Calls ``engine.sync()`` at most once per ``interval`` seconds (0 = before every choose),
-    learning at most about ``batch`` events per call; while a call learned a full batch (more
-    may be waiting) the next choose syncs again without waiting for the interval."""
+    """Calls ``engine.sync()`` at most once per ``interval`` seconds (0 = before every choose)."""
 
-    def __init__(self, engine: Any, interval: float = DEFAULT_SYNC_INTERVAL, batch: int = DEFAULT_SYNC_BATCH) -> None:
+    def __init__(self, engine: Any, interval: float = DEFAULT_SYNC_INTERVAL) -> None:
         self.engine = engine
         self.interval = interval
-        self.batch = batch
-        self._last = -math.inf  # the first choose syncs
-        self._behind = False
+        self._last = 0.0
 
     def maybe_sync(self) -> None:
         now = time.monotonic()
-        if not self._behind and now - self._last < self.interval:
+        if now - self._last < self.interval:
             return
         self._last = now
-        self._behind = self.engine.sync(limit=self.batch) >= self.batch
+        self.engine.sync()
