@@ -344,30 +344,45 @@ class Engine:
             self._learn_batch([f for f in batch if self._model_key(f.channel) == model], {model: cp})
             cp.applied_seq = batch[-1].seq
 
-    def sync(self) -> int:
-        """Apply every feedback event not yet learned, in log order. Returns how many."""
+    def sync(self, *, chunk: int = 5000) -> int:
+        """Apply every feedback event not yet learned, in log order. Returns how far the loaded
+        policies' versions moved.
+
+        Learns ``chunk`` events at a time: the log and the decisions are read without the engine
+        lock, which is then held only to learn one chunk, so a concurrent ``choose`` waits for
+        at most one chunk (a serving worker's background syncer uses small chunks). Only events
+        past a model's ``applied_seq`` are learned and each chunk starts at or before the first
+        event some model still needs, so chunks never skip or repeat an event, even when
+        another thread learns or a model is rebuilt in between."""
+        if not isinstance(chunk, int) or chunk < 1:
+            raise InvalidArgument(f"chunk must be an integer >= 1, got {chunk!r}")
         with self._lock:
             before = sum(cp.policy.version for cp in self._policies.values())
             channels = self.channels()
             for ch in channels:
                 self.policy(ch)  # loads (and catches up) a channel seen for the first time
-            current = {cfg.model_key for cfg in channels.values()}
-            # only the models channels learn now: one a channel left is caught up from where it
-            # stopped if the channel returns (its log tail is replayed then)
-            cps = {k: cp for k, cp in self._policies.items() if k in current}
-            seq = min((cp.applied_seq for cp in cps.values()), default=0)
-            while True:  # one pass over the log tail for every channel
-                batch = self.ledger.feedback_after(seq, 5000)
-                if not batch:
-                    break
-                todo = [
-                    f for f in batch
-                    if (k := self._model_key(f.channel)) in cps and f.seq > cps[k].applied_seq
-                ]  # fmt: skip
-                self._learn_batch(todo, cps)
-                seq = batch[-1].seq
+        # only the models channels learn now: one a channel left is caught up from where it
+        # stopped if the channel returns (its log tail is replayed then)
+        current = {cfg.model_key for cfg in channels.values()}
+        while True:
+            with self._lock:
+                seq = min(
+                    (cp.applied_seq for k, cp in self._policies.items() if k in current), default=0
+                )
+            batch = self.ledger.feedback_after(seq, chunk)
+            if not batch:
+                break
+            learnable = [f for f in batch if f.learn and self._model_key(f.channel) in current]
+            decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
+            with self._lock:
+                cps = {k: cp for k, cp in self._policies.items() if k in current}
+                for f in learnable:
+                    cp = cps.get(self._model_key(f.channel))
+                    if cp is not None and f.seq > cp.applied_seq:
+                        self._learn_one(cp.policy, decisions[f.event_id], f)
                 for cp in cps.values():
-                    cp.applied_seq = max(cp.applied_seq, seq)
+                    cp.applied_seq = max(cp.applied_seq, batch[-1].seq)
+        with self._lock:
             return sum(cp.policy.version for cp in self._policies.values()) - before
 
     def _learn_batch(self, feedback: list[Feedback], policies: Mapping[str, _ChannelPolicy]) -> None:
@@ -533,8 +548,9 @@ class Engine:
             scoring = Scoring(member_id, {**ctx, **shared}, tuple(eligible), per_offer, prices)
             rng = event_rng(self.config.seed, event_id, attempt)
             provisional = cfg.provisional_reward if active else None
-            with self._lock:
+            with self._lock:  # the version read with the pmf: a syncing thread may learn meanwhile
                 pmf = pol.pmf(scoring, rng, cfg.exploration_floor)
+                common["policy_version"] = pol.version
             i = sample(pmf, rng)
             offer = eligible[i]
             d = Decision(

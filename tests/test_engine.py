@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -477,6 +478,48 @@ def test_a_syncing_worker_learns_every_channel_from_one_pass_over_the_log(ledger
             assert reader.policy(ch).serialize() == writer.policy(ch).serialize(), ch
             assert reader.policy(ch).version == 30
         assert reader.sync() == 0
+
+
+def test_a_chunked_sync_lets_decisions_through_between_chunks_and_learns_the_same(ledger_url: str, clock) -> None:
+    """``sync(chunk=n)`` reads the log and the decisions without the engine lock: a choose on
+    another thread completes while a sync is reading (it would wait for the whole sync if the
+    lock were held), records the version the model has at that moment, and the chunked sync
+    still ends on the model a one-pass sync builds, byte for byte."""
+    with _writer_and_worker(ledger_url, clock, 5) as (writer, reader):
+        writer.set_channel(ChannelConfig("push", policy=PolicySpec("lin_ts")))
+        for o in catalog(3):
+            writer.add_offer(o)
+        writer.add_offer(Offer("p-1", ["push"], cost=1.0, features={"category": "home"}))
+        reader.sync()
+        for i in range(60):
+            d = writer.choose(f"m{i % 7}", ("email", "push")[i % 2], {"x": float(i % 5)})
+            writer.reward(d.event_id, float(i % 3 == 0))
+        reads: list[tuple[int, bool]] = []
+        served: list[tuple[int, int]] = []
+        inner = reader.ledger.feedback_after
+
+        def feedback_after(seq: int, limit: int = 10_000) -> list:
+            reads.append((limit, reader._lock._is_owned()))
+            if limit == 7:  # a chunked read: decide from another thread meanwhile
+                out: list = []
+                t = threading.Thread(target=lambda: out.append(reader.choose(f"c{len(reads)}", "email")))
+                t.start()
+                t.join(timeout=10)
+                assert not t.is_alive(), "a choose waited for the sync"
+                served.append((out[0].policy_version, reader.policy("email").version))
+            return inner(seq, limit)
+
+        reader.ledger.feedback_after = feedback_after  # type: ignore[method-assign]
+        assert reader.sync(chunk=7) == 60
+        chunked = [owned for limit, owned in reads if limit == 7]
+        assert len(chunked) >= 60 // 7 and not any(chunked)
+        assert len({v for v, _ in served}) > 3  # decisions between chunks saw the model grow
+        assert all(recorded == current for recorded, current in served)
+        for ch in ("email", "push"):
+            assert reader.policy(ch).serialize() == writer.policy(ch).serialize(), ch
+        assert reader.sync(chunk=7) == 0
+        with pytest.raises(InvalidArgument):
+            reader.sync(chunk=0)
 
 
 def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:

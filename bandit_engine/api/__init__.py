@@ -67,8 +67,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["bandit_engine.governance"] = open_governance(eng)
     from .metrics import Metrics  # here, not at import: `serve` sets up multiprocess metrics first
 
-    app.extensions["bandit_engine.metrics"] = Metrics(eng)
-    app.extensions["bandit_engine.syncer"] = Syncer(eng, float(app.config["SYNC_INTERVAL"]))
+    metrics = app.extensions["bandit_engine.metrics"] = Metrics(eng)
+    app.extensions["bandit_engine.syncer"] = Syncer(
+        eng, float(app.config["SYNC_INTERVAL"]), on_error=metrics.sync_failures.inc
+    )
     register_error_handlers(app)
 
     from .openapi import openapi_document

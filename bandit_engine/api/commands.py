@@ -67,10 +67,12 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
             for k, v in opts.items():
                 self.cfg.set(k, v)
 
-        def load(self) -> Any:
+        def load(self) -> Any:  # in the worker, after the fork
             from . import create_app
 
-            return create_app(config)
+            app = create_app(config)
+            app.extensions["bandit_engine.syncer"].start()  # loads the models before traffic
+            return app
 
     _App().run()
 
@@ -100,8 +102,9 @@ def multiprocess_metrics() -> Iterator[None]:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--sync-interval", default=1.0, show_default=True, type=float,
-              help="Seconds between policy syncs from the feedback log, per worker.")
+@click.option("--sync-interval", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between policy syncs from the feedback log, per worker (a "
+                   "background thread; 0 syncs in the request before every choose).")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float) -> None:
     """Serve the HTTP API with gunicorn."""

@@ -54,6 +54,10 @@ class Metrics:
         )
         self.latency = Histogram("bandit_engine_request_seconds", "Request latency by route",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.sync_failures = Counter(
+            "bandit_engine_policy_sync_failures", "Background policy syncs from the feedback log "
+            "that failed (the worker keeps deciding with the policies it has)", registry=r,
+        )
         r.register(_BudgetCollector(engine))
 
     def observe_decision(self, d: Any) -> None:

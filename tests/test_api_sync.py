@@ -1,0 +1,93 @@
+"""A serving worker's background policy sync (``bandit_engine.api.sync.Syncer``), in process.
+
+The multi-process test (``test_api_multiprocess.py``) covers the served path end to end; here
+the thread's behaviour is pinned down: it learns with no request to drive it, survives the
+database failing under it (counted on ``/metrics``), and stops."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from bandit_engine import Engine, Offer
+from bandit_engine.api import create_app
+from bandit_engine.api.sync import Syncer
+
+
+def _until(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def _sync_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "bandit-engine-sync"]
+
+
+def test_a_worker_learns_in_the_background_and_survives_a_database_failure(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    writer = Engine.open(url, seed=11)  # learns in process: the reference model
+    app = create_app({"DATABASE_URL": url, "SYNC_INTERVAL": 0.05, "SEED": 11})
+    eng = app.extensions["bandit_engine"]
+    syncer: Syncer = app.extensions["bandit_engine.syncer"]
+    registry = app.extensions["bandit_engine.metrics"].registry
+    try:
+        for i, cat in enumerate(("home", "toys", "beauty")):
+            writer.add_offer(Offer(f"o{i}", ["email"], cost=1.0, features={"category": cat}))
+        before = len(_sync_threads())
+        syncer.maybe_sync()  # what a choose calls: starts the thread, does not sync itself
+        syncer.maybe_sync()
+        assert len(_sync_threads()) == before + 1
+
+        def rewards(n: int, start: int) -> None:
+            for i in range(start, start + n):
+                d = writer.choose(f"m{i % 9}", "email", {"tier": ("gold", "silver")[i % 2]})
+                writer.reward(d.event_id, float(i % 3 == 0))
+
+        def caught_up() -> bool:
+            return eng.policy("email").serialize() == writer.policy("email").serialize()
+
+        rewards(40, 0)
+        assert _until(caught_up), "no request was made: only the thread can have learned"
+        assert eng.policy("email").version == 40
+
+        with sqlite3.connect(tmp_path / "sync.db") as db:  # the log goes away under the thread
+            db.execute("ALTER TABLE feedback RENAME TO feedback_away")
+        assert _until(lambda: (registry.get_sample_value("bandit_engine_policy_sync_failures_total") or 0) >= 2)
+        with sqlite3.connect(tmp_path / "sync.db") as db:
+            db.execute("ALTER TABLE feedback_away RENAME TO feedback")
+        rewards(25, 40)
+        assert _until(caught_up), "the thread kept going after the failures"
+        assert eng.policy("email").version == 65
+    finally:
+        syncer.stop()
+        eng.ledger.close()
+        writer.ledger.close()
+    assert len(_sync_threads()) == before
+
+
+def test_sync_interval_zero_syncs_in_the_request_and_starts_no_thread(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'sync0.db'}"
+    writer = Engine.open(url, seed=3)
+    app = create_app({"DATABASE_URL": url, "SYNC_INTERVAL": 0, "SEED": 3})
+    eng = app.extensions["bandit_engine"]
+    try:
+        writer.add_offer(Offer("o1", ["email"], cost=1.0, features={"category": "home"}))
+        d = writer.choose("m1", "email")
+        writer.reward(d.event_id, 1.0)
+        before = len(_sync_threads())
+        app.extensions["bandit_engine.syncer"].maybe_sync()
+        assert eng.policy("email").version == 1  # learned at once, in this thread
+        assert len(_sync_threads()) == before
+    finally:
+        eng.ledger.close()
+        writer.ledger.close()
+    with pytest.raises(ValueError):
+        Syncer(eng, -1.0)
