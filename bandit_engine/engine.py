@@ -311,6 +311,8 @@ class Engine:
                 spec = {"policy": spec, "channels": list(members)}
             blob = json.dumps(spec, sort_keys=True, default=str)
             key = (cfg.policy, f"{cfg.policy.family}:{hashlib.sha1(blob.encode()).hexdigest()[:12]}")
+            if len(self._spec_keys) >= 1024:  # each catalog reload brings new spec objects
+                self._spec_keys.clear()
             self._spec_keys[cache] = key
         return key[1]
 

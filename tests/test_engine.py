@@ -522,6 +522,16 @@ def test_a_chunked_sync_lets_decisions_through_between_chunks_and_learns_the_sam
             reader.sync(chunk=0)
 
 
+def test_the_model_identity_cache_stays_bounded_over_catalog_reloads(engine: Engine) -> None:
+    """Each catalog reload (every sync of a serving worker) brings new channel config objects;
+    the cache of model identities keyed by them must not grow with uptime."""
+    key = engine._spec_key(engine.channel("email"))
+    for _ in range(1500):
+        engine.channels()  # reloads the channel configs
+        assert engine._spec_key(engine.channel("email")) == key
+    assert len(engine._spec_keys) <= 1024
+
+
 def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
     from dataclasses import fields, replace
 
