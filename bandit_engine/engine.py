@@ -358,9 +358,9 @@ class Engine:
         another thread learns or a model is rebuilt in between."""
         if not isinstance(chunk, int) or chunk < 1:
             raise InvalidArgument(f"chunk must be an integer >= 1, got {chunk!r}")
+        channels = self.channels()
         with self._lock:
             before = sum(cp.policy.version for cp in self._policies.values())
-            channels = self.channels()
             for ch in channels:
                 self.policy(ch)  # loads (and catches up) a channel seen for the first time
         # only the models channels learn now: one a channel left is caught up from where it
