@@ -177,35 +177,38 @@ def test_invariants_postgres_ledger(postgres_url) -> None:
     make_machine(fresh, 8, 25).TestCase().runTest()
 
 
-OPS = st.lists(
+OPS = st.lists(  # weighted so that most examples learn from a dozen or more feedback events
     st.tuples(
-        st.sampled_from(["choose", "choose", "reward", "expire", "advance"]),
+        st.sampled_from(["choose", "choose", "choose", "reward", "reward", "expire", "advance", "sync"]),
         st.integers(0, 9),
         st.sampled_from([0.0, 1.0]),
     ),
-    min_size=1,
-    max_size=40,
+    min_size=12,
+    max_size=60,
 )
 
 
 @pytest.mark.parametrize("family", ["thompson", "lin_ts", "vw", "shared_ts"])
 def test_replay_from_the_log_reproduces_the_policy(family: str) -> None:
     """Any interleaving of choose / reward / expire / clock jumps: an engine reopened on the same
-    log (latest snapshot + replayed tail) holds the same model as the one that never stopped."""
+    log (latest snapshot + replayed tail) holds the same model as the one that never stopped, and
+    so does a serving worker that synced from the log at any points, in chunks of any size."""
     from hypothesis import given
 
-    from bandit_engine import PolicySpec
+    from bandit_engine import EngineConfig, PolicySpec
 
     from .test_engine import probe
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(ops=OPS)
-    def run(ops) -> None:
+    @given(ops=OPS, chunk=st.integers(1, 6))
+    def run(ops, chunk: int) -> None:
         clock = ManualClock(start_ms=1_767_225_600_000)
         live = Engine.open("memory://", clock=clock, seed=3, snapshot_every=5)
         live.set_channel(ChannelConfig("email", reward_window_days=1.0, policy=PolicySpec(family)))
         for i in range(4):
             live.add_offer(Offer(f"offer-{i}", ["email"], cost=1.0, features={"category": f"c{i % 2}"}))
+        worker = Engine(live.ledger, clock=clock, config=EngineConfig(seed=3, learn_in_process=False))
+        worker.policy("email")  # loaded now, so everything later arrives through sync's chunks
         events: list[str] = []
         for n, (op, k, value) in enumerate(ops):
             if op == "choose":
@@ -218,8 +221,13 @@ def test_replay_from_the_log_reproduces_the_policy(family: str) -> None:
                 live.expire()
             elif op == "advance":
                 clock.advance(seconds=3600 * (k + 1) * 3)
+            elif op == "sync":
+                worker.sync(chunk=chunk)
         reopened = Engine(live.ledger, clock=clock, config=live.config)
         assert reopened.policy("email").version == live.policy("email").version
         assert probe(reopened) == probe(live)
+        worker.sync(chunk=chunk)
+        assert worker.policy("email").version == live.policy("email").version
+        assert probe(worker) == probe(live)
 
     run()
