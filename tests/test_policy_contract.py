@@ -60,6 +60,7 @@ CASES = [
     Case("shared_ts"),
     Case("shared_ts", {"interactions": ["ca", "hi"], "prior_variance": 4.0, "propensity_draws": 32}),
     Case("shared_ts", {"interactions": [], "max_features": 20, "noise_variance": 0.05}),
+    Case("shared_ts", {"exploration_scale": 0.35}),
     Case("vw"),
     Case("vw", {"explorer": "epsilon", "epsilon": 0.1}),
     Case("vw", {"explorer": "bag", "bag": 5}, exact_replay=False),
@@ -110,6 +111,11 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("shared_ts", {"noise_variance": math.nan}, InvalidArgument, r"shared_ts: noise_variance .*got nan"),
     ("shared_ts", {"propensity_draws": 0}, InvalidArgument, r"shared_ts: propensity_draws .*got 0"),
     ("shared_ts", {"max_features": 0}, InvalidArgument, r"shared_ts: max_features .*got 0"),
+    ("shared_ts", {"exploration_scale": 0}, InvalidArgument, r"shared_ts: exploration_scale .*got 0"),
+    ("shared_ts", {"exploration_scale": -0.5}, InvalidArgument, r"shared_ts: exploration_scale .*got -0\.5"),
+    ("shared_ts", {"exploration_scale": math.nan}, InvalidArgument, r"shared_ts: exploration_scale .*got nan"),
+    ("shared_ts", {"exploration_scale": True}, InvalidArgument, r"shared_ts: exploration_scale .*got True"),
+    ("shared_ts", {"exploration_scale": 10.5}, InvalidArgument, r"shared_ts: exploration_scale must be in \(0, 10\], got 10\.5"),
     ("shared_ts", {"dim": 64}, InvalidArgument, r"bad parameters for policy 'shared_ts'.*dim"),
     ("vw", {"explorer": "softmax"}, InvalidArgument, r"explorer must be one of .*'softmax'"),
     ("vw", {"explorer": "epsilon", "epsilon": 1.5}, InvalidArgument, r"epsilon must be .*1\.5"),
@@ -533,7 +539,7 @@ def test_shared_ts_draws_are_joint_posterior_draws(subset: str) -> None:
     from bandit_engine.policies.linear import normal_pool
 
     params = {"interactions": ["ca", "ha", "ih"], "prior_variance": 1.0, "noise_variance": 0.5}
-    pol = make(Case("shared_ts", {**params, "propensity_draws": 8}))
+    pol = make(Case("shared_ts", {**params, "propensity_draws": 8, "exploration_scale": 1.0}))
     play(pol, 200)
     new = Offer("brand-new", channels=["email"], features={"category": "a", "fresh": True})
     offers = {"all": OFFERS, "two of five": (OFFERS[3], OFFERS[1]), "with a new offer": (new, *OFFERS)}
@@ -565,6 +571,30 @@ def test_shared_ts_draws_are_joint_posterior_draws(subset: str) -> None:
     want = m + z @ np.linalg.cholesky(c + np.eye(k) * 1e-10 * np.trace(c) / k).T
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(pol.mean(s), m, atol=1e-12)  # type: ignore[attr-defined]
+
+
+def test_shared_ts_exploration_scale_narrows_the_draws_around_the_same_mean() -> None:
+    """``exploration_scale = c`` draws scores from ``N(m, c^2 C)``: the same normals, the mean
+    unchanged, the spread times ``c``. The state (and so the snapshot) does not depend on it."""
+    params = {"prior_variance": 1.0, "noise_variance": 0.5, "propensity_draws": 64}
+    base = make(Case("shared_ts", {**params, "exploration_scale": 1.0}))
+    play(base, 200)
+    pols = {1.0: base}
+    for c in (0.25, 3.0):
+        pol = make(Case("shared_ts", {**params, "exploration_scale": c}))
+        pol.restore(base.serialize())
+        assert pol.serialize() == base.serialize()
+        pols[c] = pol
+    s = scoring(9)
+    m = base.mean(s)  # type: ignore[attr-defined]
+    draws = {c: pol._draws(s, _StartOfPool()) for c, pol in pols.items()}  # type: ignore[arg-type]
+    for c in (0.25, 3.0):
+        np.testing.assert_allclose(draws[c], m + c * (draws[1.0] - m), rtol=1e-9, atol=1e-9)
+    # a narrower posterior draw puts more of the pmf on the mean's argmax, a wider one less
+    best = int(np.argmax(m))
+    mass = {c: np.mean([pol.pmf(s, event_rng(3, f"x{i}"), FLOOR)[best] for i in range(50)])
+            for c, pol in pols.items()}  # fmt: skip
+    assert mass[3.0] + 0.05 < mass[1.0] < mass[0.25] - 0.15, mass  # measured: 0.29, 0.41, 0.65
 
 
 # A world where the offers share structure: members like one category (their context says which,
