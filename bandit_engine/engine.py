@@ -374,12 +374,14 @@ class Engine:
             batch = self.ledger.feedback_after(seq, chunk)
             if not batch:
                 break
-            learnable = [f for f in batch if f.learn and self._model_key(f.channel) in current]
-            decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
+            learnable = [
+                (f, k) for f in batch if f.learn and (k := self._model_key(f.channel)) in current
+            ]
+            decisions = self.ledger.decisions_by_event(f.event_id for f, _ in learnable)
             with self._lock:
                 cps = {k: cp for k, cp in self._policies.items() if k in current}
-                for f in learnable:
-                    cp = cps.get(self._model_key(f.channel))
+                for f, k in learnable:
+                    cp = cps.get(k)
                     if cp is not None and f.seq > cp.applied_seq:
                         self._learn_one(cp.policy, decisions[f.event_id], f)
                 for cp in cps.values():
