@@ -130,3 +130,69 @@ def test_racing_rewards_settle_each_event_exactly_once(backend, request, tmp_pat
         assert len(eng.ledger.feedback_after(0)) == 3  # "sum" learns at window close
     finally:
         eng.ledger.close()
+
+
+THREADS = 4
+THREAD_CALLS = 60
+
+
+@pytest.mark.parametrize("url_kind", ["memory", "sqlite-in-memory", "sqlite", "postgres"])
+def test_threads_sharing_one_engine_and_a_syncing_thread_lose_nothing(
+    url_kind, request, tmp_path
+) -> None:
+    """A threaded server: request threads and a worker's background sync thread share one
+    Engine (and, for an in-memory SQLite database, its one connection)."""
+    import threading
+
+    from bandit_engine.api import open_engine
+    from bandit_engine.api.sync import Syncer
+
+    url = {
+        "memory": "memory://",
+        "sqlite-in-memory": "sqlite://",
+        "sqlite": f"sqlite:///{tmp_path / 'threads.db'}",
+    }.get(url_kind) or request.getfixturevalue("postgres_url")
+    eng = open_engine(url)
+    eng.set_channel(ChannelConfig("email", policy=PolicySpec("thompson")))
+    eng.add_offer(Offer("capped", ["email"], cost=1.0, budget=50.0))  # 50 affordable
+    eng.add_offer(Offer("free", ["email"], cost=0.0))
+    syncer = Syncer(eng, 0.001)
+    syncer.start()
+    errors: list[BaseException] = []
+    served: list[str | None] = []
+    redeemed: list[str] = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(THREAD_CALLS):
+                d = eng.choose(f"t{t}-m{i % 7}", "email", {"i": i % 3})
+                served.append(d.offer_id)
+                if d.offer_id is not None:
+                    eng.reward(d.event_id, float(i % 2))
+                    if i % 2:
+                        redeemed.append(d.offer_id)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(THREADS)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        syncer.stop()
+    try:
+        assert errors == []
+        assert len(served) == THREADS * THREAD_CALLS
+        assert eng.ledger.count_decisions() == THREADS * THREAD_CALLS
+        states = eng.ledger.offer_states()
+        # every decision was rewarded at once: a 1 books the cost, a 0 releases the reservation
+        assert states["capped"].impressions == Counter(served)["capped"]
+        assert states["capped"].committed_cents == 0
+        assert states["capped"].spent_cents == 100 * Counter(redeemed)["capped"] <= 5000
+        # the sync thread and a last sync learned every reward of the log, each exactly once
+        eng.sync()
+        assert eng.policy("email").version == len(eng.ledger.feedback_after(0)) == len(served)
+    finally:
+        eng.ledger.close()

@@ -38,8 +38,9 @@ import json
 import os
 import re
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -175,6 +176,24 @@ _INSERT_FEEDBACK = (
 )
 
 
+# engine -> the lock its one shared connection is used under (in-memory SQLite only)
+_SHARED_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
+
+
+def share_connection(engine: Engine) -> None:
+    """Mark ``engine`` as one connection shared by every thread (an in-memory SQLite
+    database): its users then hold :func:`connection_lock` for each whole operation."""
+    _SHARED_LOCKS[engine] = threading.RLock()
+
+
+def connection_lock(engine: Engine) -> AbstractContextManager[Any]:
+    """What a user of ``engine``'s connections holds for a whole operation. One shared
+    connection is one transaction for every thread, so a lock keeps two threads' statements
+    out of each other's transactions (a request and a worker's sync thread, say); elsewhere
+    nothing (each thread has a connection of its own)."""
+    return _SHARED_LOCKS.get(engine) or nullcontext()
+
+
 def _pyformat(sql: str) -> str:
     """``:name`` (sqlite3's named style) -> ``%(name)s`` (psycopg's)."""
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
@@ -262,6 +281,7 @@ class HotPath:
         self._thread_lock = threading.Lock()
         self._lock_file: Any = None
         self._shared = isinstance(engine.pool, StaticPool)
+        self._shared_lock = connection_lock(engine)  # a shared connection: one thread at a time
         self._ids_cache: dict[tuple[str, ...], str] = {}
         self._local = threading.local()
         self._owners: dict[threading.Thread, tuple[Any, int]] = {}  # thread -> (connection, pid)
@@ -286,7 +306,8 @@ class HotPath:
         life costs nothing per operation. Owned connections leave the pool (``detach``), so
         threads never wait for a pool slot; they are closed by :meth:`close`, or by the next
         thread that opens one once their own thread has ended. An in-memory SQLite database
-        has exactly one connection (``StaticPool``), which every thread then shares, as before.
+        has exactly one connection (``StaticPool``), which every thread then shares, one operation
+        at a time (:func:`connection_lock`).
         A connection inherited across ``fork`` is never used (nor closed) by the child."""
         local = self._local
         cur = getattr(local, "cur", None)
@@ -390,7 +411,7 @@ class HotPath:
         """Run ``op(conn)``; once more on a fresh connection if the first one was dead."""
         for attempt in (0, 1):
             try:
-                with self._writer() if write else nullcontext(), self._connection() as conn:
+                with self._shared_lock, self._writer() if write else nullcontext(), self._connection() as conn:
                     return op(conn)
             except self._integrity_error as exc:
                 raise DuplicateEvent(f"ledger constraint violated: {exc}") from None

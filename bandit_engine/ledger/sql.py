@@ -34,7 +34,14 @@ from sqlalchemy.pool import StaticPool
 
 from ..catalog import ChannelConfig, MemberCap, Offer
 from ..errors import StorageError
-from .hot import DECISION_COLUMNS, DuplicateEvent, HotPath, decision_from_row
+from .hot import (
+    DECISION_COLUMNS,
+    DuplicateEvent,
+    HotPath,
+    connection_lock,
+    decision_from_row,
+    share_connection,
+)
 from .models import (
     CatalogVersionRow,
     ChannelRow,
@@ -57,9 +64,12 @@ def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
-        if url in ("sqlite://", "sqlite:///:memory:"):
+        shared = url in ("sqlite://", "sqlite:///:memory:")
+        if shared:  # an in-memory database is one connection: every thread shares it
             kwargs["poolclass"] = StaticPool
         engine = create_engine(url, **kwargs)
+        if shared:
+            share_connection(engine)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -90,7 +100,7 @@ def transaction(engine: Engine, *, write: bool = False, what: str = "ledger") ->
     Database failures become :class:`StorageError` (503); integrity errors pass through for
     the caller to interpret (a duplicate event id, say)."""
     try:
-        with engine.connect() as conn:
+        with connection_lock(engine), engine.connect() as conn:
             if write:
                 conn = conn.execution_options(ledger_write=True)
             with conn.begin():
