@@ -499,6 +499,12 @@ class Engine:
         ctx = check_features("context", context)
         if len(ctx) > MAX_CONTEXT_KEYS:
             raise InvalidArgument(f"context has {len(ctx)} keys; at most {MAX_CONTEXT_KEYS}")
+        for k in ctx:
+            if k == "channel" or k.startswith("member."):
+                raise InvalidArgument(
+                    f"context key {k!r} is reserved: the engine adds the member's history as "
+                    "'member.*' features, and the request's channel as 'channel'"
+                )
         if not isinstance(active, bool) or not isinstance(consent, bool):
             raise InvalidArgument("active and consent must be booleans")
         if event_id is not None:

@@ -569,6 +569,19 @@ def test_a_model_group_learns_one_model_for_its_channels(engine: Engine) -> None
     assert engine.policy("email").version == before + 1  # a push reward teaches the email model
 
 
+@pytest.mark.parametrize("group", ["all", None])
+@pytest.mark.parametrize("key", ["channel", "member.exposures", "member.anything"])
+def test_the_engines_own_context_keys_are_refused_not_overwritten(engine: Engine, group, key) -> None:
+    """A caller's ``channel`` or ``member.*`` would be silently replaced by the engine's own
+    feature (on a grouped channel, or always): refused, on every channel alike, so grouping
+    channels later cannot start failing a caller that worked before."""
+    _grouped(engine, group=group)
+    with pytest.raises(InvalidArgument, match="reserved"):
+        engine.choose("m-1", "push", {"tier": "gold", key: 1})
+    assert engine.ledger.count_decisions() == 0
+    assert engine.choose("m-1", "push", {"tier": "gold", "member_since": 2019}).offer_id is not None
+
+
 def test_channels_without_a_group_learn_alone(engine: Engine) -> None:
     _grouped(engine, group=None)
     assert engine.policy("push") is not engine.policy("email")

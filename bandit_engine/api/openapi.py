@@ -60,6 +60,10 @@ RULE = {"type": "object", "required": ["field", "op", "value"], "additionalPrope
                        "value": {}}}  # fmt: skip
 FEATURES = {"type": "object", "maxProperties": 64,
             "additionalProperties": {"type": ["number", "string", "boolean"]}}  # fmt: skip
+# a choose's context: the engine's own feature names are refused (the history's ``member.*``
+# and the request's ``channel``)
+CONTEXT = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1,
+           "not": {"anyOf": [{"const": "channel"}, {"pattern": r"^member\."}]}}}  # fmt: skip
 OFFER_PROPS: dict[str, Any] = {
     "channels": {"type": "array", "items": ID, "minItems": 1},
     "features": FEATURES, "cost": MONEY, "budget": OPT_MONEY,
@@ -99,7 +103,7 @@ def openapi_document() -> dict[str, Any]:
             "200": _ok("the decision (a re-sent event_id returns the original)", DECISION),
             "404": _err("unknown channel"), "409": _err("event id reused for another member")},
             _body({"type": "object", "additionalProperties": False, "required": ["member_id", "channel"],
-                   "properties": {"member_id": ID, "channel": ID, "context": FEATURES, "event_id": ID,
+                   "properties": {"member_id": ID, "channel": ID, "context": CONTEXT, "event_id": ID,
                                   "activate": {"type": "boolean"}}}))},  # fmt: skip
         "/v1/reward": {"post": _op("Record the reward of a decision", ["decide"], {
             "200": _ok("recorded or duplicate", {"type": "object", "required": ["event_id", "status"],
