@@ -210,6 +210,8 @@ class SharedTS(Policy):
             )
         if not isinstance(match, bool):
             raise InvalidArgument(f"{FAMILY}: match must be true or false, got {match!r}")
+        if not match and any("m" in q for q in self.interactions):
+            raise InvalidArgument(f"{FAMILY}: an interaction with 'm' (matches) needs match = true")
         self.match = match
         self._offer_atoms: dict[tuple[str, Any], tuple[list[str], list[float]]] = {}
         self._reset()
@@ -373,7 +375,7 @@ class SharedTS(Policy):
         A numeric key ``share_home`` refers to the value ``home`` (the part after its last
         ``_``), and a string ``top_category=home`` to ``home``. An offer whose feature
         ``category`` is ``home`` then gets ``m:share_*category`` = squashed ``share_home`` and
-        ``m:top_category==category`` = 1: one weight for "the member's share of the offer's own
+        ``m:top_category=*category`` = 1: one weight for "the member's share of the offer's own
         category", learned from every category's offers (``ca``'s crosses learn one weight per
         category, each from that category's offers alone)."""
         cached = s._cache.get(FAMILY + ":keyed")
