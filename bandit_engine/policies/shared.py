@@ -29,7 +29,7 @@ Features ``phi(context, a)``, by namespace (as VW's ``-q``):
   (1). That is one weight for "the member's share of the offer's own category", learned from
   every category's offers, where ``ca``'s ``share_home x category=home`` crosses learn one
   weight per category, each from that category's offers alone (a service sends such keyed
-  context whenever it sends per-category, per-brand or per-channel affinities);
+  context whenever it sends per-category or per-brand affinities);
 * quadratic interactions between namespaces, chosen by ``interactions`` (default ``["ca"]``):
   ``ca`` crosses every context feature with every offer feature (``share_home x
   category=home``, ``promo_share x depth``, ``tier=gold x kind=points``, ...), ``ci`` every
