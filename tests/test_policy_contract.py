@@ -63,6 +63,7 @@ CASES = [
     Case("shared_ts", {"exploration_scale": 0.35}),
     Case("shared_ts", {"interactions": [], "match": True}),
     Case("shared_ts", {"interactions": ["mh", "ca"], "match": True}),
+    Case("shared_ts", {"interactions": ["ca", "ci"], "match": True, "cross_context": ["segment"]}),
     Case("vw"),
     Case("vw", {"explorer": "epsilon", "epsilon": 0.1}),
     Case("vw", {"explorer": "bag", "bag": 5}, exact_replay=False),
@@ -121,6 +122,11 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("shared_ts", {"match": "yes"}, InvalidArgument, r"shared_ts: match must be true or false, got 'yes'"),
     ("shared_ts", {"match": 1}, InvalidArgument, r"shared_ts: match must be true or false, got 1"),
     ("shared_ts", {"interactions": ["mh"]}, InvalidArgument, r"shared_ts: an interaction with 'm' \(matches\) needs match = true"),
+    ("shared_ts", {"cross_context": "tier"}, InvalidArgument, r"shared_ts: cross_context must be a list of context keys .*got 'tier'"),
+    ("shared_ts", {"cross_context": 3}, InvalidArgument, r"shared_ts: cross_context must be a list of context keys .*got 3"),
+    ("shared_ts", {"cross_context": ["tier", ""]}, InvalidArgument, r"shared_ts: a cross_context entry must be a non-empty context key, got ''"),
+    ("shared_ts", {"cross_context": ["tier", 1]}, InvalidArgument, r"shared_ts: a cross_context entry must be a non-empty context key, got 1"),
+    ("shared_ts", {"cross_context": ["tier", "tier"]}, InvalidArgument, r"shared_ts: cross_context key 'tier' is listed twice"),
     ("shared_ts", {"dim": 64}, InvalidArgument, r"bad parameters for policy 'shared_ts'.*dim"),
     ("vw", {"explorer": "softmax"}, InvalidArgument, r"explorer must be one of .*'softmax'"),
     ("vw", {"explorer": "epsilon", "epsilon": 1.5}, InvalidArgument, r"epsilon must be .*1\.5"),
@@ -690,6 +696,65 @@ def test_shared_ts_match_keys_the_context_by_the_offers_feature_values() -> None
     plain = make(Case("shared_ts", {"interactions": []}))
     f = plain._features(s, grow=True)  # type: ignore[attr-defined]
     assert not [a for a in plain._atoms if a.startswith("m:")]  # type: ignore[attr-defined]
+
+
+def _feature_set(pol: Policy, s: Scoring) -> set[tuple[int, str, float]]:
+    """``(offer row, feature name, value)`` of every feature ``pol`` builds for ``s``."""
+    f = pol._features(s, grow=True)  # type: ignore[attr-defined]
+    atoms = pol._atoms  # type: ignore[attr-defined]
+    return {(int(r), atoms[int(x)] if int(y) == 0 else f"{atoms[int(x)]}*{atoms[int(y)]}", round(float(v), 9))
+            for r, x, y, v in zip(f.rows, f.x, f.y, f.v, strict=True)}  # fmt: skip
+
+
+def test_shared_ts_cross_context_crosses_only_the_listed_context_keys() -> None:
+    """``cross_context`` restricts which context keys enter the context crosses (``ca`` here,
+    and ``ci``); every context key keeps its single feature, and ``match`` is untouched."""
+    offers = (Offer("h", channels=["email"], features={"category": "home", "depth": 0.1}),
+              Offer("p", channels=["email"], features={"kind": "points"}))  # fmt: skip
+    ctx = {"tier": "gold", "promo_share": 0.3, "frequency": 4.0, "share_home": 0.6, "vip": True}
+    s = Scoring("m1", ctx, offers)
+    params = {"interactions": ["ca", "ci"], "match": True}
+    full = _feature_set(make(Case("shared_ts", params)), s)
+    only = _feature_set(make(Case("shared_ts", {**params, "cross_context": ["promo_share", "tier", "nope"]})), s)
+    crosses = {(r, n) for r, n, _ in only if n.startswith("c:") and "*" in n}
+    assert crosses == {(r, f"{c}*{o}") for c in ("c:tier=gold", "c:promo_share")
+                       for r, o in ((0, "a:category=home"), (0, "a:depth"), (0, "i:h"), (1, "a:kind=points"), (1, "i:p"))}  # fmt: skip
+    # everything else (bias, singles of every context key, offer features, ids, matches) is
+    # as without the restriction
+    def plain(fs: set[tuple[int, str, float]]) -> set[tuple[int, str, float]]:
+        return {f for f in fs if not (f[1].startswith("c:") and "*" in f[1])}
+
+    assert plain(only) == plain(full) and only <= full
+    assert {n for _, n, _ in only if n.startswith("c:") and "*" not in n} == {
+        "c:tier=gold", "c:promo_share", "c:frequency", "c:share_home", "c:vip"}  # fmt: skip
+    assert {n for _, n, _ in only if n.startswith("m:")} == {"m:share_*category"}
+    # no listed key in the context: no crosses at all
+    none = _feature_set(make(Case("shared_ts", {**params, "cross_context": ["absent"]})), s)
+    assert not [n for _, n, _ in none if n.startswith("c:") and "*" in n]
+
+
+def test_shared_ts_cross_context_default_and_all_keys_change_nothing() -> None:
+    """``cross_context`` unset (or null) is the behaviour before it existed: same features, same
+    pmf, the same snapshot bytes (no new key); listing every context key gives the same
+    model too. A snapshot restores only into a policy with the same ``cross_context``."""
+    base = make(Case("shared_ts"))
+    unset = make(Case("shared_ts", {"cross_context": None}))
+    every = make(Case("shared_ts", {"cross_context": ["segment", "visits", "member.exposures"]}))
+    play(base, 300)
+    play(unset, 300)
+    play(every, 300)
+    assert base.serialize() == unset.serialize()
+    assert b"cross_context" not in base.serialize()
+    assert base.feature_names() == every.feature_names()  # type: ignore[attr-defined]
+    for t in range(300, 320):
+        p = [pol.pmf(scoring(t), event_rng(5, f"e{t}"), FLOOR) for pol in (base, unset, every)]
+        assert np.array_equal(p[0], p[1]) and np.array_equal(p[0], p[2])
+    restricted = make(Case("shared_ts", {"cross_context": ["segment"]}))
+    play(restricted, 50)
+    with pytest.raises(InvalidArgument, match=r"snapshot has cross_context \['segment'\], this policy None"):
+        make(Case("shared_ts")).restore(restricted.serialize())
+    with pytest.raises(InvalidArgument, match=r"snapshot has cross_context None, this policy \['visits'\]"):
+        make(Case("shared_ts", {"cross_context": ["visits"]})).restore(base.serialize())
 
 
 def test_shared_ts_match_transfers_a_members_affinity_to_a_category_never_learned() -> None:
