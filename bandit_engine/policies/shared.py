@@ -393,12 +393,12 @@ class SharedTS(Policy):
                 xc, vc = arr["c"][0], arr["c"][1]
                 if crossed is not None:
                     xc, vc = xc[crossed], vc[crossed]
-                nc = xc.size
+                nx = xc.size  # the crossed context atoms (all nc of them without cross_context)
                 xs, ys = (xc[:, None], xo[None, :]) if p == "c" else (xo[None, :], xc[:, None])
-                parts_x.append(np.broadcast_to(xs, (nc, xo.size)).ravel())
-                parts_y.append(np.broadcast_to(ys, (nc, xo.size)).ravel())
+                parts_x.append(np.broadcast_to(xs, (nx, xo.size)).ravel())
+                parts_y.append(np.broadcast_to(ys, (nx, xo.size)).ravel())
                 parts_v.append(np.outer(vc, vo).ravel())
-                parts_r.append(np.broadcast_to(ro[None, :], (nc, xo.size)).ravel())
+                parts_r.append(np.broadcast_to(ro[None, :], (nx, xo.size)).ravel())
             else:  # both per offer: cross within each offer
                 xp, vp, rp = arr[p]
                 xq, vq, rq = arr[q]
