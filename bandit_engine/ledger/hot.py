@@ -176,22 +176,24 @@ _INSERT_FEEDBACK = (
 )
 
 
-# engine -> the lock its one shared connection is used under (in-memory SQLite only)
+# engine -> the lock its one shared connection is used under (a StaticPool: in-memory SQLite)
 _SHARED_LOCKS: weakref.WeakKeyDictionary[Engine, threading.RLock] = weakref.WeakKeyDictionary()
-
-
-def share_connection(engine: Engine) -> None:
-    """Mark ``engine`` as one connection shared by every thread (an in-memory SQLite
-    database): its users then hold :func:`connection_lock` for each whole operation."""
-    _SHARED_LOCKS[engine] = threading.RLock()
+_SHARED_LOCKS_GUARD = threading.Lock()
 
 
 def connection_lock(engine: Engine) -> AbstractContextManager[Any]:
-    """What a user of ``engine``'s connections holds for a whole operation. One shared
-    connection is one transaction for every thread, so a lock keeps two threads' statements
-    out of each other's transactions (a request and a worker's sync thread, say); elsewhere
-    nothing (each thread has a connection of its own)."""
-    return _SHARED_LOCKS.get(engine) or nullcontext()
+    """What a user of ``engine``'s connections holds for a whole operation. A ``StaticPool``
+    (an in-memory SQLite database) is one connection, so one transaction, for every thread:
+    one lock per engine keeps two threads' statements out of each other's transactions (a
+    request and a worker's sync thread, say). Elsewhere nothing: each thread has a connection
+    of its own."""
+    if not isinstance(engine.pool, StaticPool):
+        return nullcontext()
+    with _SHARED_LOCKS_GUARD:
+        lock = _SHARED_LOCKS.get(engine)
+        if lock is None:
+            lock = _SHARED_LOCKS[engine] = threading.RLock()
+    return lock
 
 
 def _pyformat(sql: str) -> str:

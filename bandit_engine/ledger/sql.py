@@ -40,7 +40,6 @@ from .hot import (
     HotPath,
     connection_lock,
     decision_from_row,
-    share_connection,
 )
 from .models import (
     CatalogVersionRow,
@@ -64,12 +63,10 @@ def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
         kwargs: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
-        shared = url in ("sqlite://", "sqlite:///:memory:")
-        if shared:  # an in-memory database is one connection: every thread shares it
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            # an in-memory database is one connection: every thread shares it (see connection_lock)
             kwargs["poolclass"] = StaticPool
         engine = create_engine(url, **kwargs)
-        if shared:
-            share_connection(engine)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
