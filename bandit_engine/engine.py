@@ -12,7 +12,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -338,13 +338,12 @@ class Engine:
             return pol
 
     def _replay(self, model: str, cp: _ChannelPolicy) -> None:
-        """Learn the log tail of every channel that learns ``model``."""
+        """Learn the log tail of every channel that learns ``model`` (the caller holds the lock)."""
         while True:
             batch = self.ledger.feedback_after(cp.applied_seq, 5000)
             if not batch:
                 return
-            self._learn_batch([f for f in batch if self._model_key(f.channel) == model], {model: cp})
-            cp.applied_seq = batch[-1].seq
+            self._learn_chunk(batch, *self._read_chunk(batch, {model}), {model: cp})
 
     def sync(self, *, chunk: int = 5000) -> int:
         """Apply every feedback event not yet learned, in log order. Returns how far the loaded
@@ -374,28 +373,36 @@ class Engine:
             batch = self.ledger.feedback_after(seq, chunk)
             if not batch:
                 break
-            learnable = [
-                (f, k) for f in batch if f.learn and (k := self._model_key(f.channel)) in current
-            ]
-            decisions = self.ledger.decisions_by_event(f.event_id for f, _ in learnable)
+            learnable, decisions = self._read_chunk(batch, current)  # no lock: ledger reads
             with self._lock:
                 cps = {k: cp for k, cp in self._policies.items() if k in current}
-                for f, k in learnable:
-                    cp = cps.get(k)
-                    if cp is not None and f.seq > cp.applied_seq:
-                        self._learn_one(cp.policy, decisions[f.event_id], f)
-                for cp in cps.values():
-                    cp.applied_seq = max(cp.applied_seq, batch[-1].seq)
+                self._learn_chunk(batch, learnable, decisions, cps)
         with self._lock:
             return sum(cp.policy.version for cp in self._policies.values()) - before
 
-    def _learn_batch(self, feedback: list[Feedback], policies: Mapping[str, _ChannelPolicy]) -> None:
-        learnable = [f for f in feedback if f.learn]
-        if not learnable:
-            return
-        decisions = self.ledger.decisions_by_event(f.event_id for f in learnable)
-        for f in learnable:
-            self._learn_one(policies[self._model_key(f.channel)].policy, decisions[f.event_id], f)
+    def _read_chunk(
+        self, batch: list[Feedback], models: Set[str]
+    ) -> tuple[list[tuple[Feedback, str]], dict[str, Decision]]:
+        """The learnable events of ``batch`` for ``models`` (with their model) and their
+        decisions, read from the ledger."""
+        learnable = [(f, k) for f in batch if f.learn and (k := self._model_key(f.channel)) in models]
+        return learnable, self.ledger.decisions_by_event(f.event_id for f, _ in learnable)
+
+    def _learn_chunk(
+        self,
+        batch: list[Feedback],
+        learnable: list[tuple[Feedback, str]],
+        decisions: Mapping[str, Decision],
+        cps: Mapping[str, _ChannelPolicy],
+    ) -> None:
+        """Learn (under the lock) the events a model has not applied yet, then mark ``batch``
+        applied: a model rebuilt or caught up by another thread meanwhile is not taught twice."""
+        for f, k in learnable:
+            cp = cps.get(k)
+            if cp is not None and f.seq > cp.applied_seq:
+                self._learn_one(cp.policy, decisions[f.event_id], f)
+        for cp in cps.values():
+            cp.applied_seq = max(cp.applied_seq, batch[-1].seq)
 
     def _learn_one(self, pol: Policy, d: Decision, f: Feedback) -> None:
         """Apply one learnable feedback event: ``final`` is learned; ``provisional`` is learned
