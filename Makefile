@@ -40,7 +40,7 @@ mlflow-ui: $(STAMP)
 	  --host $(HOST) --port 5000
 
 lint: $(STAMP)
-	$(BIN)/ruff check bandit_engine tests benchmarks
+	$(BIN)/ruff check bandit_engine tests benchmarks simulations
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

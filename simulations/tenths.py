@@ -1,7 +1,8 @@
 """Normalized lift by tenth of the run, per seed: where in a campaign a policy gains or loses.
 
-    OPENBLAS_NUM_THREADS=1 python simulations/tenths.py simulations/default.toml shared_ts 1,2,3 \
-        [world.fatigue=0] [shared_ts.exploration_scale=1] [decisions=5000]
+    python simulations/tenths.py simulations/default.toml shared_ts,lin_ts 1,2,3 [overrides]
+
+    overrides, e.g.: world.fatigue=0 shared_ts.exploration_scale=1 decisions=5000
 
 Runs the scenario's references (random, the oracle, and for a budgeted scenario the
 budget-feasible oracle) and the listed policies on each seed through :class:`Simulator`, then
