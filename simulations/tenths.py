@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bandit_engine.errors import InvalidArgument
 from bandit_engine.simulation.runner import RunResult, Simulator
 from bandit_engine.simulation.scenario import Scenario
 
@@ -32,7 +33,10 @@ def apply_overrides(sc: Scenario, overrides: Sequence[str]) -> Scenario:
         key, sep, raw = item.partition("=")
         if not sep:
             raise SystemExit(f"override {item!r} is not key=value")
-        value = json.loads(raw)
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            raise SystemExit(f"override {item!r}: the value must be JSON (a string needs quotes)") from None
         owner, dot, name = key.partition(".")
         if not dot:
             sc = dataclasses.replace(sc, **{owner: value})
@@ -75,8 +79,11 @@ def lift_by_tenth(sc: Scenario, seeds: Sequence[int]) -> dict[tuple[str, int], t
 def main(argv: Sequence[str]) -> None:
     if len(argv) < 3:
         raise SystemExit(__doc__)
-    path, policies, seeds = argv[0], argv[1].split(","), [int(s) for s in argv[2].split(",")]
-    sc = apply_overrides(Scenario.load(path).select_policies(policies), argv[3:])
+    try:
+        path, policies, seeds = argv[0], argv[1].split(","), [int(s) for s in argv[2].split(",")]
+        sc = apply_overrides(Scenario.load(path).select_policies(policies), argv[3:])
+    except (InvalidArgument, OSError, TypeError, ValueError) as exc:  # a bad argument or override
+        raise SystemExit(f"error: {exc}") from None
     results = lift_by_tenth(sc, seeds)
     for name in policies:
         totals = []

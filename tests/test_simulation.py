@@ -346,3 +346,9 @@ def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_norma
     ).stdout.splitlines()  # fmt: skip
     assert out[0].startswith("segment_rules seed 1: ") and len(out[0].split(":")[1].split()) == 12
     assert out[0].endswith(f"total {total:.3f}") and out[1] == f"segment_rules mean {total:.3f}"
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "simulations/tenths.py"), str(ROOT / "simulations/default.toml"),
+         "segment_rules", "1", "world.no_such_field=1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
