@@ -905,3 +905,19 @@ def test_correct_rejects_bad_arguments(case: Case, bad: dict[str, Any], message:
         pol.correct(scoring(0), **args)
     assert pol.version == 1
     assert pol.serialize() == data
+
+
+@pytest.mark.parametrize(("snapshot", "policy", "message"), [
+    ({"interactions": []}, {"interactions": ["ca"]}, r"snapshot has interactions \[\], this policy \['ca'\]"),
+    ({"interactions": [], "match": True}, {"interactions": []}, r"snapshot has match True, this policy False"),
+    ({}, {"cross_context": ["segment"]}, r"snapshot has cross_context None, this policy \['segment'\]"),
+])  # fmt: skip
+def test_shared_ts_restores_only_into_the_same_feature_map(
+    snapshot: dict[str, Any], policy: dict[str, Any], message: str
+) -> None:
+    """Each setting that shapes the feature map is checked on restore, with a message naming it."""
+    src = make(Case("shared_ts", snapshot))
+    play(src, 50)
+    with pytest.raises(InvalidArgument, match=message):
+        make(Case("shared_ts", policy)).restore(src.serialize())
+    make(Case("shared_ts", snapshot)).restore(src.serialize())  # the same settings restore

@@ -541,21 +541,17 @@ class SharedTS(Policy):
         return state
 
     def _set_state(self, state: Mapping[str, Any]) -> None:
-        if list(state.get("interactions", [])) != list(self.interactions):
-            raise InvalidArgument(
-                f"{FAMILY}: snapshot has interactions {state.get('interactions')!r}, "
-                f"this policy {list(self.interactions)!r}"
-            )
-        if bool(state.get("match", False)) != self.match:
-            raise InvalidArgument(f"{FAMILY}: snapshot has match {state.get('match', False)!r}, this policy {self.match!r}")
-        cross_context = state.get("cross_context")
-        if (None if cross_context is None else list(cross_context)) != (
-            None if self.cross_context is None else list(self.cross_context)
-        ):
-            raise InvalidArgument(
-                f"{FAMILY}: snapshot has cross_context {cross_context!r}, "
-                f"this policy {None if self.cross_context is None else list(self.cross_context)!r}"
-            )
+        # the settings that shape the feature map must match (a snapshot's header is JSON:
+        # lists, bools, null; a setting absent from it had its default)
+        ours = {
+            "interactions": ([], list(self.interactions)),
+            "match": (False, self.match),
+            "cross_context": (None, None if self.cross_context is None else list(self.cross_context)),
+        }
+        for name, (default, value) in ours.items():
+            theirs = state.get(name, default)
+            if theirs != value:
+                raise InvalidArgument(f"{FAMILY}: snapshot has {name} {theirs!r}, this policy {value!r}")
         atoms = [str(a) for a in state["atoms"]]
         pairs = [(int(x), int(y)) for x, y in state["pairs"]]
         n = len(pairs)
