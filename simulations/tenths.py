@@ -39,7 +39,7 @@ def apply_overrides(sc: Scenario, overrides: Sequence[str]) -> Scenario:
             raise SystemExit(f"override {item!r}: the value must be JSON (a string needs quotes)") from None
         owner, dot, name = key.partition(".")
         if not dot:
-            sc = dataclasses.replace(sc, **{owner: value})
+            sc = sc.with_(**{owner: value})
         elif owner == "world":
             sc = dataclasses.replace(sc, world=dataclasses.replace(sc.world, **{name: value}))
         elif owner in {e.name for e in sc.policies}:
