@@ -8,8 +8,10 @@ Runs the scenario's references (random, the oracle, and for a budgeted scenario 
 budget-feasible oracle) and the listed policies on each seed through :class:`Simulator`, then
 prints, per policy and seed, the lift of each tenth of the decisions,
 ``(policy - random) / (oracle - random)`` over that tenth's expected reward, and the whole run's.
-The reference is the budget-feasible oracle when the scenario has budgets. Overrides (values are
-JSON): ``world.<field>`` changes the simulated world, ``<policy>.<param>`` one policy's
+The reference is the budget-feasible oracle when the scenario has budgets. The last rows are
+the ceiling of any policy that sees only the context: ``bayes_oracle``, greedy on what the
+member's context tells of the truth (``bayes_budget_oracle`` with budgets: the same, priced by
+duals solved on those probabilities). Overrides (values are JSON): ``world.<field>`` changes the simulated world, ``<policy>.<param>`` one policy's
 parameter, and a bare ``<field>`` the scenario (``decisions``, ``days``, ...). Nothing is logged
 to MLflow.
 """
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bandit_engine.errors import InvalidArgument
-from bandit_engine.simulation.runner import RunResult, Simulator
+from bandit_engine.simulation.runner import BAYES_BUDGET_ORACLE, BAYES_ORACLE, RunResult, Simulator
 from bandit_engine.simulation.scenario import Scenario
 
 
@@ -52,6 +54,11 @@ def apply_overrides(sc: Scenario, overrides: Sequence[str]) -> Scenario:
     return sc
 
 
+def ceiling_of(sc: Scenario) -> str:
+    """The reference run that is the ceiling of a policy seeing only the context."""
+    return BAYES_BUDGET_ORACLE if sc.budgeted else BAYES_ORACLE
+
+
 def _tenths(run: RunResult) -> np.ndarray:
     """Expected reward earned in each tenth of the run's decisions."""
     steps = np.asarray(run.curve["step"], dtype=float)
@@ -61,18 +68,19 @@ def _tenths(run: RunResult) -> np.ndarray:
 
 
 def lift_by_tenth(sc: Scenario, seeds: Sequence[int]) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
-    """(policy, seed) -> (lift of each tenth, lift of the whole run)."""
-    comp = Simulator(sc).compare(seeds)
+    """(policy, seed) -> (lift of each tenth, lift of the whole run), the ceiling's too."""
+    comp = Simulator(sc).compare(seeds, ceiling=True)
     ref = "budget_oracle" if sc.budgeted else "oracle"
     by = {(r.policy, r.seed): r for r in comp.runs}
     out = {}
-    for entry in sc.policies:
+    names = [e.name for e in sc.policies] + [ceiling_of(sc)]
+    for name in names:
         for seed in seeds:
-            p, o, rnd = by[(entry.name, seed)], by[(ref, seed)], by[("random", seed)]
+            p, o, rnd = by[(name, seed)], by[(ref, seed)], by[("random", seed)]
             tr = _tenths(rnd)
             lift = (_tenths(p) - tr) / (_tenths(o) - tr)
             total = (p.expected_reward - rnd.expected_reward) / (o.expected_reward - rnd.expected_reward)
-            out[(entry.name, seed)] = (lift, float(total))
+            out[(name, seed)] = (lift, float(total))
     return out
 
 
@@ -85,7 +93,7 @@ def main(argv: Sequence[str]) -> None:
     except (InvalidArgument, OSError, TypeError, ValueError) as exc:  # a bad argument or override
         raise SystemExit(f"error: {exc}") from None
     results = lift_by_tenth(sc, seeds)
-    for name in policies:
+    for name in [*policies, ceiling_of(sc)]:
         totals = []
         for seed in seeds:
             lift, total = results[(name, seed)]

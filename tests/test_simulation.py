@@ -145,7 +145,7 @@ def test_oracle_beats_every_policy_and_lift_is_normalized(comparison) -> None:
 def test_simulation_families_do_not_leak_into_the_product_registry(comparison) -> None:
     from bandit_engine.policies.registry import families
 
-    assert not {"sim_oracle", "sim_truth_paced", "segment_rules"} & set(families())
+    assert not {"sim_oracle", "sim_truth_paced", "sim_bayes_oracle", "segment_rules"} & set(families())
 
 
 def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
@@ -210,7 +210,17 @@ def test_simulate_command_prints_a_table(tmp_path: Path) -> None:
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "| segment_rules |" in result.output and "| oracle |" in result.output
+    assert "bayes_oracle" not in result.output  # only with --ceiling
     assert '"policy": "segment_rules"' in out.read_text()
+    with_ceiling = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/tight_budget.toml"), "--policies", "random", "--seeds", "4",
+        "--decisions", "200", "--no-tracking", "--no-progress", "--ceiling",
+    ])  # fmt: skip
+    assert with_ceiling.exit_code == 0, with_ceiling.output
+    assert "| bayes_oracle |" in with_ceiling.output and "| bayes_budget_oracle |" in with_ceiling.output
+    sc = Scenario.load(ROOT / "simulations/tight_budget.toml").select_policies(["random"])
+    comp = Simulator(sc, decisions=50).compare([4], ceiling=True)
+    assert len(comp.runs) == Simulator(sc, decisions=50).total_runs(1, ceiling=True) == 6
 
 
 def test_simulate_command_rejects_bad_seeds() -> None:
@@ -248,6 +258,47 @@ def test_the_context_oracle_reaches_most_of_the_oracle_lift() -> None:
     blind = context_ceiling(w, arr.member, arr.channel, arr.time_ms, sim.offers(unconstrained=True),
                             train_members=6000, proxies=False)  # fmt: skip
     assert blind["lift"] < c["lift"] - 0.05
+
+
+def test_context_posterior_is_what_the_context_tells_of_the_latent_traits(world: World) -> None:
+    """``World.context_posterior``: seeded draws of the static logits given the observable
+    context. Their weighted mean tracks each member's true logits far better than the
+    population's mean per offer does, but not exactly (the traits stay latent)."""
+    samples, w = world.context_posterior(7)
+    again, w2 = world.context_posterior(7)
+    assert samples.shape == (400, len(world.offers)) and w.shape == (400,)
+    assert np.array_equal(samples, again) and np.array_equal(w, w2)
+    assert w.min() >= 0 and w.sum() == pytest.approx(1.0)
+    members = range(200)
+    post = np.array([w @ s for s, w in (world.context_posterior(m) for m in members)])
+    true = world._static[list(members)]
+    centred = true - true.mean(0)
+    assert ((post - true) ** 2).mean() < 0.35 * (centred**2).mean()
+    assert not np.allclose(post, true, atol=0.05)
+    # the latent traits alone, through the same formula, give back the truth exactly
+    m = world.members[3]
+    assert np.array_equal(
+        world.static_logit(m.context, m.affinity, m.price_sensitivity, m.responsiveness),
+        world._static[3],
+    )
+
+
+def test_the_bayes_oracle_is_the_context_ceiling_between_the_learners_and_the_oracle() -> None:
+    """``compare(ceiling=True)`` adds ``bayes_oracle`` (greedy on what the context tells, through
+    the engine) and, with budgets, ``bayes_budget_oracle``: short of the oracles (the context
+    is noisy), far above random and a hand-written rule, never overspending."""
+    sc = Scenario.load(ROOT / "simulations/default.toml").with_(members=600)
+    comp = Simulator(sc.select_policies(["segment_rules"]), decisions=1500).compare([3], ceiling=True)
+    rows = {r.policy: comp.per_run(r) for r in comp.runs}
+    bayes = rows["bayes_oracle"]["normalized_lift"]
+    assert rows["segment_rules"]["normalized_lift"] + 0.2 < bayes < 0.99
+    assert bayes > 0.85
+    tight = Scenario.load(ROOT / "simulations/tight_budget.toml").with_(members=600)
+    comp = Simulator(tight.select_policies(["random"]), decisions=3000).compare([3], ceiling=True)
+    rows = {r.policy: comp.per_run(r) for r in comp.runs}
+    assert 0.8 < rows["bayes_budget_oracle"]["normalized_lift"] < 1.0
+    assert rows["bayes_budget_oracle"]["overspend"] == 0 and rows["bayes_budget_oracle"]["spend"] > 0
+    assert 0.8 < rows["bayes_oracle"]["lift_oracle"] < 1.0  # the unconstrained one, as the oracle
 
 
 def test_opt_out_probability_grows_with_contacts_beyond_the_free_ones() -> None:
@@ -346,6 +397,9 @@ def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_norma
     ).stdout.splitlines()  # fmt: skip
     assert out[0].startswith("segment_rules seed 1: ") and len(out[0].split(":")[1].split()) == 12
     assert out[0].endswith(f"total {total:.3f}") and out[1] == f"segment_rules mean {total:.3f}"
+    assert out[2].startswith("bayes_oracle seed 1: ") and out[3].startswith("bayes_oracle mean ")
+    ceiling = float(out[3].split()[-1])
+    assert total + 0.1 < ceiling < 1.0  # the ceiling of a policy seeing only the context
     bad = subprocess.run(
         [sys.executable, str(ROOT / "simulations/tenths.py"), str(ROOT / "simulations/default.toml"),
          "segment_rules", "1", "world.no_such_field=1"],

@@ -25,9 +25,11 @@ def _ints(value: str | None) -> list[int] | None:
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $BANDIT_ENGINE_MLFLOW_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the summary rows as JSON.")
+@click.option("--ceiling", is_flag=True, help="Also run the Bayes oracle: the best a policy seeing only the context could do.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decisions: int | None,
-             tracking_uri: str | None, no_tracking: bool, json_out: Path | None, progress: bool) -> None:  # fmt: skip
+             tracking_uri: str | None, no_tracking: bool, json_out: Path | None, ceiling: bool,
+             progress: bool) -> None:  # fmt: skip
     """Compare policies on a simulated scenario through the engine; print a summary table."""
     from tqdm import tqdm
 
@@ -39,7 +41,7 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
         scenario = scenario.select_policies([p.strip() for p in policies.split(",") if p.strip()])
     seed_list = _ints(seeds) or list(scenario.seeds)
     sim = Simulator(scenario, decisions=decisions)
-    total = sim.total_runs(len(seed_list)) * sim.decisions
+    total = sim.total_runs(len(seed_list), ceiling=ceiling) * sim.decisions
     bar = tqdm(total=total, unit="dec", disable=not progress, desc=scenario.name)
     tracker = None
     if not no_tracking:
@@ -64,7 +66,8 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
                 tracker.log_run(r, Comparison(scenario, list(partial)), scenario)
                 r.engine = None  # free the ledger once logged
 
-        comparison = sim.compare(seed_list, progress=bar.update, keep_engines=tracker is not None, on_run=on_run)
+        comparison = sim.compare(seed_list, progress=bar.update, keep_engines=tracker is not None, on_run=on_run,
+                                 ceiling=ceiling)  # fmt: skip
         bar.close()
         if tracker is not None:
             tracker.finish(comparison)

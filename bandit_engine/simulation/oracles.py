@@ -7,7 +7,11 @@ true response of the arrival being decided from the :class:`~.world.World`:
   probability, history included);
 * ``sim_oracle`` with ``prices``: the budget-feasible oracle, the argmax of the Lagrangian
   ``p * (value - lambda * cost)`` with dual prices solved on the known probabilities
-  (:func:`solve_budget_duals`, a projected subgradient on the LP dual).
+  (:func:`solve_budget_duals`, a projected subgradient on the LP dual);
+* ``sim_bayes_oracle``: greedy on what the member's observable context tells of the truth
+  (the world's model and the exposure history known, the latent traits averaged over their
+  posterior): the ceiling of any policy that sees only the context (``compare(...,
+  ceiling=True)``).
 
 ``sim_truth_paced`` (budgeted scenarios) is greedy on the true probabilities but priced by the
 engine's own pacing, like a learner that has nothing left to learn.
@@ -57,19 +61,38 @@ class Oracle(Policy):
         world = _WORLDS.get(self.world_key)
         if world is None:  # detached from its world (e.g. restored elsewhere): no truth to use
             return np.full(len(s.offers), 1.0 / len(s.offers))
+        p = self._probabilities(world, s)
+        lam = np.array([self.prices.get(o.offer_id, 0.0) * o.cost_cents / 100.0 for o in s.offers])
+        out = np.zeros(len(s.offers))
+        out[int(np.argmax(p * (1.0 - lam)))] = 1.0
+        return out
+
+    def _probabilities(self, world: World, s: Scoring) -> np.ndarray:
+        """The redemption probability of each offer of the arrival being decided."""
         m, channel, now = world.current
         hist = world.history_of(m)
-        scores = np.empty(len(s.offers))
-        for i, o in enumerate(s.offers):
-            p = world.expected_reward(m, o.offer_id, channel, hist, now)
-            lam = self.prices.get(o.offer_id, 0.0)
-            scores[i] = p * (1.0 - lam * o.cost_cents / 100.0)
-        out = np.zeros(len(s.offers))
-        out[int(np.argmax(scores))] = 1.0
-        return out
+        return np.array([world.expected_reward(m, o.offer_id, channel, hist, now) for o in s.offers])
 
     def _learn(self, s: Scoring, chosen: int, probability: float, reward: float) -> None:
         return None
+
+
+class BayesOracle(Oracle):
+    """Greedy on what the member's observable context tells of the truth
+    (:meth:`World.context_expected_reward`): it knows the world's model and the member's
+    exposure history exactly, but not their latent traits. Decision by decision, no policy that
+    sees only the context can choose better in expectation, so its normalized lift is the
+    ceiling of a learner's (up to what choices do to later fatigue, which neither oracle plans
+    for), reached without learning anything; :func:`context_ceiling`'s least-squares fit is an
+    achievable lower bound on it. With ``prices`` (dual prices solved on the same context
+    probabilities, :func:`static_probabilities` with ``context=True``) it is the ceiling of the
+    budget-feasible oracle's."""
+
+    family = "sim_bayes_oracle"
+
+    def _probabilities(self, world: World, s: Scoring) -> np.ndarray:
+        m, channel, now = world.current
+        return world.context_expected_reward(m, s.offer_ids, channel, world.history_of(m), now)
 
 
 class PacedTruth(Oracle):
@@ -120,6 +143,7 @@ class SegmentRules(Policy):
 
 SIM_FAMILIES: dict[str, Callable[..., Policy]] = {
     "sim_oracle": Oracle, "sim_truth_paced": PacedTruth, "segment_rules": SegmentRules,
+    "sim_bayes_oracle": BayesOracle,
 }
 
 
@@ -180,15 +204,28 @@ def solve_budget_duals(
 
 
 def static_probabilities(world: World, members: Sequence[int], channels: Sequence[str],
-                         times: Sequence[int], offers: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """True probabilities without history or drift, and eligibility, of each arrival x offer."""
+                         times: Sequence[int], offers: Sequence[Any], *,
+                         context: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """True probabilities without history or drift, and eligibility, of each arrival x offer;
+    with ``context``, what the members' observable context tells of them instead (the latent
+    part averaged over :meth:`World.context_posterior`)."""
     from .world import CHANNEL_EFFECT
 
     members = np.asarray(members)
-    logits = world._static[members][:, [world.offer_index[o.offer_id] for o in offers]]
+    cols = [world.offer_index[o.offer_id] for o in offers]
     chan = np.array([CHANNEL_EFFECT.get(c, 0.0) for c in channels])
     pref = np.array([world.members[m].preferred_channel == c for m, c in zip(members, channels, strict=True)])
-    probs = 1.0 / (1.0 + np.exp(-(logits + chan[:, None] + 0.3 * pref[:, None])))
+    shift = chan + 0.3 * pref
+    if context:
+        probs = np.empty((len(members), len(offers)))
+        for m in np.unique(members):
+            rows = np.flatnonzero(members == m)
+            samples, w = world.context_posterior(int(m))
+            z = samples[:, cols][None, :, :] + shift[rows, None, None]
+            probs[rows] = np.einsum("s,rsk->rk", w, 1.0 / (1.0 + np.exp(-z)))
+    else:
+        logits = world._static[members][:, cols]
+        probs = 1.0 / (1.0 + np.exp(-(logits + shift[:, None])))
     elig = np.zeros(probs.shape, dtype=bool)
     for j, o in enumerate(offers):
         for i in range(len(members)):
@@ -226,7 +263,7 @@ def context_ceiling(world: World, members: Sequence[int], channels: Sequence[str
     the observable features (:func:`observable_features`), fitted on an independent population
     of ``train_members`` members of the same scenario (seed + 1000), and serves the argmax.
     It is an achievable context-only policy, so its lift is a lower bound on the ceiling any
-    learner can reach from the context; it ignores history (fatigue), like the probabilities of
+    learner can reach from the context (``sim_bayes_oracle`` is the ceiling itself); it ignores history (fatigue), like the probabilities of
     :func:`static_probabilities` it is scored on. Returns the expected reward per decision of
     random, the context oracle and the per-member oracle, and ``lift`` (context oracle on the
     normalized-lift scale). ``proxies=False`` leaves the purchase-history proxies out (what
@@ -245,5 +282,5 @@ def context_ceiling(world: World, members: Sequence[int], channels: Sequence[str
     return {"random": r, "context_oracle": c, "oracle": o, "lift": (c - r) / (o - r)}
 
 
-__all__ = ["Oracle", "PacedTruth", "SegmentRules", "attach", "context_ceiling", "observable_features", "sim_families",
+__all__ = ["BayesOracle", "Oracle", "PacedTruth", "SegmentRules", "attach", "context_ceiling", "observable_features", "sim_families",
            "solve_budget_duals", "static_probabilities"]

@@ -37,6 +37,8 @@ RANDOM = "random"
 ORACLE = "oracle"
 BUDGET_ORACLE = "budget_oracle"
 TRUTH_PACED = "truth_paced"
+BAYES_ORACLE = "bayes_oracle"
+BAYES_BUDGET_ORACLE = "bayes_budget_oracle"
 CURVE_POINTS = 50
 
 
@@ -154,10 +156,10 @@ class Simulator:
         s = self.scenario
         return [o.to_offer(s.start_ms, s.days, unconstrained=unconstrained, paced=paced) for o in s.offers]
 
-    def _mean_probs(self, seed: int) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    def _mean_probs(self, seed: int, *, context: bool = False) -> tuple[np.ndarray, np.ndarray, list[Any]]:
         world, arr = self.world(seed)
         offers = self.offers()
-        probs, elig = static_probabilities(world, arr.member, arr.channel, arr.time_ms, offers)
+        probs, elig = static_probabilities(world, arr.member, arr.channel, arr.time_ms, offers, context=context)
         return probs, elig, offers
 
     def spec_for(self, entry: PolicyEntry, seed: int) -> PolicySpec:
@@ -173,8 +175,10 @@ class Simulator:
         order = [offers[j].offer_id for j in np.argsort(-mean)]
         return PolicySpec("fixed", {"offers": order})
 
-    def budget_prices(self, seed: int) -> tuple[dict[str, float], float]:
-        probs, elig, offers = self._mean_probs(seed)
+    def budget_prices(self, seed: int, *, context: bool = False) -> tuple[dict[str, float], float]:
+        """Dual prices of the budgets solved on the true probabilities (``context``: on what the
+        members' context tells of them), and the LP's bound."""
+        probs, elig, offers = self._mean_probs(seed, context=context)
         costs = np.array([o.cost_cents / 100 for o in offers])
         budgets = np.array([np.inf if o.budget_cents is None else o.budget_cents / 100 for o in offers])
         lam, bound = solve_budget_duals(probs, elig, costs, budgets)
@@ -340,7 +344,13 @@ class Simulator:
         progress: Callable[[int], None] | None = None,
         keep_engines: bool = False,
         on_run: Callable[[RunResult], None] | None = None,
+        ceiling: bool = False,
     ) -> Comparison:
+        """Every policy of the scenario on every seed, with the references: random, the oracle
+        and, with budgets, the budget-feasible oracle and the paced truth; ``ceiling`` adds
+        ``bayes_oracle``, the best a policy seeing only the context could do (unconstrained, as
+        the oracle), and with budgets ``bayes_budget_oracle`` (the same, priced by duals solved
+        on the context's probabilities, as the budget-feasible oracle)."""
         seeds = list(seeds or self.scenario.seeds)
         runs: list[RunResult] = []
         names = [p.name for p in self.scenario.policies]
@@ -351,10 +361,16 @@ class Simulator:
             if RANDOM not in names:
                 refs.append((RANDOM, PolicySpec("uniform"), False, True))
             refs.append((ORACLE, PolicySpec("sim_oracle", {"world": key}), True, False))
+            if ceiling:
+                refs.append((BAYES_ORACLE, PolicySpec("sim_bayes_oracle", {"world": key}), True, False))
             if self.scenario.budgeted:
                 prices, _ = self.budget_prices(seed)
                 refs.append((BUDGET_ORACLE, PolicySpec("sim_oracle", {"world": key, "prices": prices}), False, False))
                 refs.append((TRUTH_PACED, PolicySpec("sim_truth_paced", {"world": key}), False, False))
+                if ceiling:
+                    prices, _ = self.budget_prices(seed, context=True)
+                    spec = PolicySpec("sim_bayes_oracle", {"world": key, "prices": prices})
+                    refs.append((BAYES_BUDGET_ORACLE, spec, False, False))
             for name, spec, unconstrained, learning in refs:
                 r = self.run(name, spec, seed, unconstrained=unconstrained, learning=learning,
                              keep_engine=keep_engines, progress=progress)  # fmt: skip
@@ -372,9 +388,9 @@ class Simulator:
                     on_run(r)
         return Comparison(self.scenario, runs)
 
-    def total_runs(self, n_seeds: int) -> int:
+    def total_runs(self, n_seeds: int, *, ceiling: bool = False) -> int:
         names = [p.name for p in self.scenario.policies]
-        refs = (RANDOM not in names) + 1 + 2 * self.scenario.budgeted
+        refs = (RANDOM not in names) + 1 + 2 * self.scenario.budgeted + ceiling * (1 + self.scenario.budgeted)
         return n_seeds * (refs + len(self.scenario.policies))
 
 

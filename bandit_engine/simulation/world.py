@@ -61,6 +61,12 @@ PURCHASES_PER_FREQUENCY = 3
 # P(a purchase is on promotion) = sigmoid(-1.5 + 1.8 x price sensitivity): 0.18 .. 0.85
 PROMO_INTERCEPT = -1.5
 PROMO_SLOPE = 1.8
+# latent traits' priors: affinity ~ Dirichlet(0.6, ...); price sensitivity ~ N(0.9 - 0.25 x tier
+# rank, 0.35) clipped to [-0.2, 1.8]; responsiveness ~ N(0, 0.3)
+AFFINITY_CONCENTRATION = 0.6
+PRICE_SENS_MEAN, PRICE_SENS_PER_TIER, PRICE_SENS_SD = 0.9, 0.25, 0.35
+PRICE_SENS_RANGE = (-0.2, 1.8)
+RESPONSIVENESS_SD = 0.3
 FATIGUE_DAYS = 14.0
 CONDITIONING_DAYS = 30.0
 
@@ -111,6 +117,7 @@ class World:
         rng = np.random.default_rng([self.seed, 0x5EED])
         self.members = self._draw_members(rng, scenario.members)
         self._static = self._static_logits()
+        self._posteriors: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # context_posterior's
         self.optout_rate = cfg.optout_rate
         self.optout_free_contacts = cfg.optout_free_contacts
         self.optout_window_ms = int(cfg.optout_window_days * MS_PER_DAY)
@@ -128,9 +135,12 @@ class World:
             tier = TIERS[rng.choice(len(TIERS), p=TIER_WEIGHTS)]
             life = LIFECYCLES[rng.choice(len(LIFECYCLES), p=LIFECYCLE_WEIGHTS)]
             tenure = int(rng.integers(1, 60)) if life == "new" else int(rng.integers(60, 3000))
-            affinity = rng.dirichlet(np.full(len(cats), 0.6))
+            affinity = rng.dirichlet(np.full(len(cats), AFFINITY_CONCENTRATION))
             tier_rank = TIERS.index(tier)
-            price_sens = float(np.clip(rng.normal(0.9 - 0.25 * tier_rank, 0.35), -0.2, 1.8))
+            price_sens = float(np.clip(
+                rng.normal(PRICE_SENS_MEAN - PRICE_SENS_PER_TIER * tier_rank, PRICE_SENS_SD),
+                *PRICE_SENS_RANGE,
+            ))  # fmt: skip
             frequency = int(rng.poisson(2 + 3 * tier_rank))
             # purchase history (observable): the basket's categories follow the latent affinity,
             # the share bought on promotion follows the latent price sensitivity; both are
@@ -163,31 +173,81 @@ class World:
                     preferred_channel=pref,
                     affinity=affinity,
                     price_sensitivity=price_sens,
-                    responsiveness=float(rng.normal(0.0, 0.3)),
+                    responsiveness=float(rng.normal(0.0, RESPONSIVENESS_SD)),
                 )
             )
         return out
 
     def _static_logits(self) -> np.ndarray:
         """Member x offer logit before channel, fatigue, conditioning and drift."""
-        cats = {c: i for i, c in enumerate(self.categories)}
-        n, k = len(self.members), len(self.offers)
-        out = np.zeros((n, k))
-        for j, o in enumerate(self.offers):
-            ci = cats.get(o.category or "other", cats["other"])
-            for m in self.members:
-                x = KIND_BASE.get(o.kind, -3.0) + o.appeal + m.responsiveness
-                x += LIFECYCLE_EFFECT[m.context["lifecycle"]]
-                x += 3.0 * (m.affinity[ci] - 1.0 / len(cats)) if o.category else 0.0
-                x += o.depth * 6.0 * m.price_sensitivity
-                if o.kind == "points":
-                    x += 0.4 * TIERS.index(m.context["tier"]) - 0.3 * m.price_sensitivity
-                if o.kind == "free_shipping":
-                    x += 0.5 * (m.context["frequency"] > 5)
-                if o.kind == "early_access":
-                    x += 2.5 if m.context["tier"] in VIP_TIERS else -1.0
-                out[m.index, j] = x
+        out = np.zeros((len(self.members), len(self.offers)))
+        for m in self.members:
+            out[m.index] = self.static_logit(
+                m.context, m.affinity, m.price_sensitivity, m.responsiveness
+            )
         return out
+
+    def static_logit(
+        self,
+        context: Mapping[str, Any],
+        affinity: np.ndarray,
+        price_sensitivity: float | np.ndarray,
+        responsiveness: float | np.ndarray,
+    ) -> np.ndarray:
+        """The logit of every offer before channel, fatigue, conditioning and drift, for a
+        member's observable ``context`` and latent traits: ``(K,)`` for one set of traits, or
+        ``(S, K)`` for ``S`` samples of them (``affinity`` ``(S, categories)``, the others
+        ``(S,)``), as :meth:`context_posterior` draws them."""
+        cats = {c: i for i, c in enumerate(self.categories)}
+        aff = np.asarray(affinity, dtype=float)
+        ps = np.asarray(price_sensitivity, dtype=float)
+        resp = np.asarray(responsiveness, dtype=float)
+        lifecycle = LIFECYCLE_EFFECT[context["lifecycle"]]
+        tier_rank = TIERS.index(context["tier"])
+        cols = []
+        for o in self.offers:
+            x = KIND_BASE.get(o.kind, -3.0) + o.appeal + resp
+            x = x + lifecycle
+            if o.category:
+                x = x + 3.0 * (aff[..., cats.get(o.category, cats["other"])] - 1.0 / len(cats))
+            x = x + o.depth * 6.0 * ps
+            if o.kind == "points":
+                x = x + (0.4 * tier_rank - 0.3 * ps)
+            if o.kind == "free_shipping":
+                x = x + 0.5 * (context["frequency"] > 5)
+            if o.kind == "early_access":
+                x = x + (2.5 if context["tier"] in VIP_TIERS else -1.0)
+            cols.append(np.broadcast_to(x, resp.shape))
+        return np.stack(cols, axis=-1)
+
+    def context_posterior(
+        self, member: Member | str | int, samples: int = 400
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What the member's observable context says about their latent traits: ``samples``
+        draws of :meth:`static_logit` ``(S, K)`` and their weights ``(S,)`` (summing to 1).
+
+        Exact Bayes under the world's own generative model: the category affinity's posterior
+        is Dirichlet(0.6 + basket counts); price sensitivity is drawn from its tier's prior and
+        weighted by the binomial likelihood of the share bought on promotion; responsiveness
+        keeps its prior (nothing observable depends on it). Seeded by the world's seed and the
+        member, so the same member always gets the same draws."""
+        m = self.member(member)
+        ctx = m.context
+        rng = np.random.default_rng([self.seed, 0xCE11, m.index])
+        purchases = PURCHASES_BASE + PURCHASES_PER_FREQUENCY * int(ctx["frequency"])
+        counts = np.array([round(float(ctx[f"share_{c}"]) * purchases) for c in self.categories])
+        affinity = rng.dirichlet(AFFINITY_CONCENTRATION + counts, size=samples)
+        tier_rank = TIERS.index(ctx["tier"])
+        ps = np.clip(
+            rng.normal(PRICE_SENS_MEAN - PRICE_SENS_PER_TIER * tier_rank, PRICE_SENS_SD, samples),
+            *PRICE_SENS_RANGE,
+        )
+        promo = round(float(ctx["promo_share"]) * purchases)
+        q = 1.0 / (1.0 + np.exp(-(PROMO_INTERCEPT + PROMO_SLOPE * ps)))
+        loglik = promo * np.log(q) + (purchases - promo) * np.log1p(-q)
+        w = np.exp(loglik - loglik.max())
+        responsiveness = rng.normal(0.0, RESPONSIVENESS_SD, samples)
+        return self.static_logit(ctx, affinity, ps, responsiveness), w / w.sum()
 
     # ground truth ----------------------------------------------------------------------------
     def member(self, member: Member | str | int) -> Member:
@@ -241,6 +301,31 @@ class World:
         """True probability that ``member`` redeems ``offer_id`` sent on ``channel``, given the
         member's exposure ``history`` (fatigue, conditioning) at ``now_ms`` (drift)."""
         return _sigmoid(self.logit(member, offer_id, channel, history, now_ms))
+
+    def context_expected_reward(
+        self,
+        member: Member | str | int,
+        offer_ids: Sequence[str],
+        channel: str,
+        history: Sequence[Exposure],
+        now_ms: int | None = None,
+    ) -> np.ndarray:
+        """The redemption probability of each offer as far as the member's observable context
+        tells: the truth's channel, fatigue, conditioning and drift terms, with the latent part
+        averaged over :meth:`context_posterior`. Greedy on it is the best a policy that sees
+        only the context could do even if it knew the world's model (``sim_bayes_oracle``)."""
+        m = self.member(member)
+        post = self._posteriors.get(m.index)
+        if post is None:
+            post = self._posteriors[m.index] = self.context_posterior(m)
+        samples, w = post
+        js = [self.offer_index[o] for o in offer_ids]
+        # the truth's other terms: its logit less its static part (``logit`` adds them to the
+        # static part in this order, which keeps every run's figures bit for bit)
+        dynamic = np.array(
+            [self.logit(m, o, channel, history, now_ms) for o in offer_ids]
+        ) - self._static[m.index, js]
+        return np.asarray(w @ (1.0 / (1.0 + np.exp(-(samples[:, js] + dynamic)))))
 
     def value(self, offer_id: str) -> float:
         """Net value of one redemption: margin minus unit cost."""
