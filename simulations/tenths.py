@@ -11,9 +11,9 @@ prints, per policy and seed, the lift of each tenth of the decisions,
 The reference is the budget-feasible oracle when the scenario has budgets. The last rows are
 the ceiling of any policy that sees only the context: ``bayes_oracle``, greedy on what the
 member's context tells of the truth (``bayes_budget_oracle`` with budgets: the same, priced by
-duals solved on those probabilities). Overrides (values are JSON): ``world.<field>`` changes the simulated world, ``<policy>.<param>`` one policy's
-parameter, and a bare ``<field>`` the scenario (``decisions``, ``days``, ...). Nothing is logged
-to MLflow.
+duals solved on those probabilities). Overrides (values are JSON): ``world.<field>`` changes
+the simulated world, ``<policy>.<param>`` one policy's parameter, and a bare ``<field>`` the
+scenario (``decisions``, ``days``, ...). Nothing is logged to MLflow.
 """
 
 from __future__ import annotations

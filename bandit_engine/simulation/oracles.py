@@ -263,8 +263,8 @@ def context_ceiling(world: World, members: Sequence[int], channels: Sequence[str
     the observable features (:func:`observable_features`), fitted on an independent population
     of ``train_members`` members of the same scenario (seed + 1000), and serves the argmax.
     It is an achievable context-only policy, so its lift is a lower bound on the ceiling any
-    learner can reach from the context (``sim_bayes_oracle`` is the ceiling itself); it ignores history (fatigue), like the probabilities of
-    :func:`static_probabilities` it is scored on. Returns the expected reward per decision of
+    learner can reach from the context (``sim_bayes_oracle`` is the ceiling itself); it ignores
+    history (fatigue), like the probabilities of :func:`static_probabilities` it is scored on. Returns the expected reward per decision of
     random, the context oracle and the per-member oracle, and ``lift`` (context oracle on the
     normalized-lift scale). ``proxies=False`` leaves the purchase-history proxies out (what
     the context told before they existed: segment attributes and the top category).
