@@ -283,7 +283,7 @@ def test_context_posterior_is_what_the_context_tells_of_the_latent_traits(world:
     )
 
 
-def test_the_bayes_oracle_is_the_context_ceiling_between_the_learners_and_the_oracle() -> None:
+def test_the_bayes_oracle_is_a_ceiling_short_of_the_oracles_and_far_above_a_rule() -> None:
     """``compare(ceiling=True)`` adds ``bayes_oracle`` (greedy on what the context tells, through
     the engine) and, with budgets, ``bayes_budget_oracle``: short of the oracles (the context
     is noisy), far above random and a hand-written rule, never overspending."""
