@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from bandit_engine.errors import InvalidArgument
-from bandit_engine.simulation.runner import BAYES_BUDGET_ORACLE, BAYES_ORACLE, RunResult, Simulator
+from bandit_engine.simulation.runner import RANDOM, RunResult, Simulator
 from bandit_engine.simulation.scenario import Scenario
 
 
@@ -54,11 +54,6 @@ def apply_overrides(sc: Scenario, overrides: Sequence[str]) -> Scenario:
     return sc
 
 
-def ceiling_of(sc: Scenario) -> str:
-    """The reference run that is the ceiling of a policy seeing only the context."""
-    return BAYES_BUDGET_ORACLE if sc.budgeted else BAYES_ORACLE
-
-
 def _tenths(run: RunResult) -> np.ndarray:
     """Expected reward earned in each tenth of the run's decisions."""
     steps = np.asarray(run.curve["step"], dtype=float)
@@ -68,15 +63,14 @@ def _tenths(run: RunResult) -> np.ndarray:
 
 
 def lift_by_tenth(sc: Scenario, seeds: Sequence[int]) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
-    """(policy, seed) -> (lift of each tenth, lift of the whole run), the ceiling's too."""
+    """(policy, seed) -> (lift of each tenth, lift of the whole run): the scenario's policies,
+    then the ceiling, in that order."""
     comp = Simulator(sc).compare(seeds, ceiling=True)
-    ref = "budget_oracle" if sc.budgeted else "oracle"
     by = {(r.policy, r.seed): r for r in comp.runs}
     out = {}
-    names = [e.name for e in sc.policies] + [ceiling_of(sc)]
-    for name in names:
+    for name in [*(e.name for e in sc.policies), comp.reference_ceiling]:
         for seed in seeds:
-            p, o, rnd = by[(name, seed)], by[(ref, seed)], by[("random", seed)]
+            p, o, rnd = by[(name, seed)], by[(comp.reference_oracle, seed)], by[(RANDOM, seed)]
             tr = _tenths(rnd)
             lift = (_tenths(p) - tr) / (_tenths(o) - tr)
             total = (p.expected_reward - rnd.expected_reward) / (o.expected_reward - rnd.expected_reward)
@@ -93,7 +87,7 @@ def main(argv: Sequence[str]) -> None:
     except (InvalidArgument, OSError, TypeError, ValueError) as exc:  # a bad argument or override
         raise SystemExit(f"error: {exc}") from None
     results = lift_by_tenth(sc, seeds)
-    for name in [*policies, ceiling_of(sc)]:
+    for name in dict.fromkeys(name for name, _ in results):
         totals = []
         for seed in seeds:
             lift, total = results[(name, seed)]

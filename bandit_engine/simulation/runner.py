@@ -449,6 +449,11 @@ class Comparison:
     def reference_oracle(self) -> str:
         return BUDGET_ORACLE if self.scenario.budgeted else ORACLE
 
+    @property
+    def reference_ceiling(self) -> str:
+        """The ceiling matching :attr:`reference_oracle` (run with ``compare(ceiling=True)``)."""
+        return BAYES_BUDGET_ORACLE if self.scenario.budgeted else BAYES_ORACLE
+
     def per_run(self, r: RunResult) -> dict[str, float]:
         """Metrics of a run relative to the same seed's references."""
         seed_runs = {x.policy: x for x in self.runs if x.seed == r.seed}
