@@ -117,7 +117,8 @@ class World:
         rng = np.random.default_rng([self.seed, 0x5EED])
         self.members = self._draw_members(rng, scenario.members)
         self._static = self._static_logits()
-        self._posteriors: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # context_posterior's
+        # context_posterior's, by (member index, samples)
+        self._posteriors: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self.optout_rate = cfg.optout_rate
         self.optout_free_contacts = cfg.optout_free_contacts
         self.optout_window_ms = int(cfg.optout_window_days * MS_PER_DAY)
@@ -230,8 +231,12 @@ class World:
         is Dirichlet(0.6 + basket counts); price sensitivity is drawn from its tier's prior and
         weighted by the binomial likelihood of the share bought on promotion; responsiveness
         keeps its prior (nothing observable depends on it). Seeded by the world's seed and the
-        member, so the same member always gets the same draws."""
+        member, so the same member always gets the same draws; kept once drawn (the budget
+        duals and the Bayes oracle's run both need every member's)."""
         m = self.member(member)
+        cached = self._posteriors.get((m.index, samples))
+        if cached is not None:
+            return cached
         ctx = m.context
         rng = np.random.default_rng([self.seed, 0xCE11, m.index])
         purchases = PURCHASES_BASE + PURCHASES_PER_FREQUENCY * int(ctx["frequency"])
@@ -247,7 +252,10 @@ class World:
         loglik = promo * np.log(q) + (purchases - promo) * np.log1p(-q)
         w = np.exp(loglik - loglik.max())
         responsiveness = rng.normal(0.0, RESPONSIVENESS_SD, samples)
-        return self.static_logit(ctx, affinity, ps, responsiveness), w / w.sum()
+        out = self._posteriors[m.index, samples] = (
+            self.static_logit(ctx, affinity, ps, responsiveness), w / w.sum()
+        )
+        return out
 
     # ground truth ----------------------------------------------------------------------------
     def member(self, member: Member | str | int) -> Member:
@@ -315,10 +323,7 @@ class World:
         averaged over :meth:`context_posterior`. Greedy on it is the best a policy that sees
         only the context could do even if it knew the world's model (``sim_bayes_oracle``)."""
         m = self.member(member)
-        post = self._posteriors.get(m.index)
-        if post is None:
-            post = self._posteriors[m.index] = self.context_posterior(m)
-        samples, w = post
+        samples, w = self.context_posterior(m)
         js = [self.offer_index[o] for o in offer_ids]
         # the truth's other terms: its logit less its static part (``logit`` adds them to the
         # static part in this order, which keeps every run's figures bit for bit)
