@@ -514,15 +514,29 @@ class Engine:
                 )
         if not isinstance(active, bool) or not isinstance(consent, bool):
             raise InvalidArgument("active and consent must be booleans")
-        if event_id is not None:
-            check_id("event_id", event_id)
-            existing = self.ledger.get_decision(event_id)
-            if existing is not None:
-                if existing.member_id != member_id or existing.channel != channel:
-                    raise Conflict(f"event {event_id!r} was logged for another member or channel")
-                return existing
-        else:
-            event_id = uuid.uuid4().hex
+        if event_id is None:
+            return self._decide(uuid.uuid4().hex, member_id, channel, cfg, ctx, active, consent)
+        check_id("event_id", event_id)
+        # no look-up first: the event id is unique in the ledger, so a re-sent one fails to log
+        # (the reservation with it, atomically) and the ledger returns the stored decision.
+        # That saves a round trip on every first send and costs a wasted pass on a re-send.
+        d = self._decide(event_id, member_id, channel, cfg, ctx, active, consent)
+        if d.member_id != member_id or d.channel != channel:
+            raise Conflict(f"event {event_id!r} was logged for another member or channel")
+        return d
+
+    def _decide(
+        self,
+        event_id: str,
+        member_id: str,
+        channel: str,
+        cfg: ChannelConfig,
+        ctx: Mapping[str, FeatureValue],
+        active: bool,
+        consent: bool,
+    ) -> Decision:
+        """:meth:`choose` once its arguments are checked: decide and log; or, when ``event_id``
+        is already logged, the stored decision."""
         now = self.clock.now_ms()
         pol = self.policy(channel)
         group = "holdout" if self.in_holdout(member_id, channel) else "treatment"

@@ -57,6 +57,32 @@ def test_same_event_id_returns_the_original_decision(engine: Engine) -> None:
         engine.choose("m-2", "email", {}, event_id="ev-1")
 
 
+def test_an_event_id_costs_no_look_up_and_a_resend_after_the_budget_ran_out_changes_nothing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.add_offer(Offer("a", ["email"], cost=5.00, budget=5.00))  # room for one decision
+    looked_up: list[str] = []
+    real_get = engine.ledger.get_decision
+
+    def counting_get(event_id: str):  # the real look-up, counted
+        looked_up.append(event_id)
+        return real_get(event_id)
+
+    monkeypatch.setattr(engine.ledger, "get_decision", counting_get)
+    d1 = engine.choose("m-1", "email", {"tier": "gold"}, event_id="ev-1")
+    assert d1.offer_id == "a" and looked_up == []  # a first send logs without a look-up first
+    # the re-send finds the offer's budget gone (nothing eligible), yet gets the original back
+    d2 = engine.choose("m-1", "email", {"tier": "silver"}, event_id="ev-1")
+    assert d2.to_dict() == d1.to_dict()
+    with pytest.raises(Conflict):
+        engine.choose("m-2", "email", {}, event_id="ev-1")
+    with pytest.raises(Conflict):  # the hold-out and no-consent paths check it too
+        engine.choose("m-2", "email", {}, event_id="ev-1", consent=False)
+    assert engine.ledger.count_decisions() == 1
+    st = engine.offer_state("a")
+    assert (st.committed_cents, st.impressions) == (500, 1)
+
+
 def test_reward_is_idempotent_and_books_cost_once(engine: Engine) -> None:
     engine.add_offer(Offer("a", ["email"], cost=5.00, budget=100.00))
     d = engine.choose("m-1", "email")
