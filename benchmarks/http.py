@@ -109,17 +109,20 @@ def _cpu_seconds(server_pid: int) -> tuple[float, float]:
     return server, db
 
 
-def _measure(port: int, key: str, clients: int, seconds: float, with_reward: bool, pid: int) -> dict[str, float]:
+def _measure(port: int, key: str, clients: int, seconds: float, with_reward: bool, pid: int,
+             event_ids: bool = False) -> dict[str, float]:  # fmt: skip
     """``_load`` plus the CPU the server and PostgreSQL spent per operation meanwhile."""
     s0, d0 = _cpu_seconds(pid)
-    m = _load(port, key, clients, seconds, with_reward)
+    m = _load(port, key, clients, seconds, with_reward, event_ids)
     s1, d1 = _cpu_seconds(pid)
     ops = m.pop("ops")
     return {**m, "server_cpu_ms": 1000 * (s1 - s0) / ops, "db_cpu_ms": 1000 * (d1 - d0) / ops}
 
 
-def _load(port: int, key: str, clients: int, seconds: float, with_reward: bool) -> dict[str, float]:
-    """Closed-loop load: each client sends its next request when the last one answered."""
+def _load(port: int, key: str, clients: int, seconds: float, with_reward: bool,
+          event_ids: bool = False) -> dict[str, float]:  # fmt: skip
+    """Closed-loop load: each client sends its next request when the last one answered (with
+    ``event_ids``, each choose carries a fresh ``event_id``, as a service that may retry sends)."""
     lat: list[list[float]] = [[] for _ in range(clients)]  # per operation (a pair: both)
     req: list[list[float]] = [[] for _ in range(clients)]  # per HTTP request
     stop = time.perf_counter() + seconds
@@ -130,8 +133,11 @@ def _load(port: int, key: str, clients: int, seconds: float, with_reward: bool) 
         n = 0
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            body = json.dumps({"member_id": f"m-{i}-{n % 500}", "channel": "email",
-                               "context": {"tier": "gold", "visits": n % 7}})  # fmt: skip
+            choose = {"member_id": f"m-{i}-{n % 500}", "channel": "email",
+                      "context": {"tier": "gold", "visits": n % 7}}  # fmt: skip
+            if event_ids:
+                choose["event_id"] = uuid.uuid4().hex
+            body = json.dumps(choose)
             c.request("POST", "/v1/choose", body, headers)
             r = c.getresponse()
             d = json.loads(r.read())
@@ -244,11 +250,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 proc = _start([sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "serve",
                                "--workers", str(WORKERS), "--port", str(port)], port)  # fmt: skip
                 try:
-                    # the floor does the same HTTP work: one request for choose, two for choose+reward
-                    for endpoint, with_reward in (("choose", False), ("choose+reward", True)):
-                        for n in clients:
-                            f = _measure(floor_port, "", n, seconds, with_reward, floor.pid)
-                            m = _measure(port, key, n, seconds, with_reward, proc.pid)
+                    # the floor does the same HTTP work: one request for choose, two for choose+reward;
+                    # choose with an event id (idempotent retries) at 8 clients only
+                    for endpoint, with_reward, event_ids, counts in (
+                        ("choose", False, False, clients), ("choose+reward", True, False, clients),
+                        ("choose, event_id", False, True, (8,)),
+                    ):  # fmt: skip
+                        for n in counts:
+                            f = _measure(floor_port, "", n, seconds, with_reward, floor.pid, event_ids)
+                            m = _measure(port, key, n, seconds, with_reward, proc.pid, event_ids)
                             rows.append({
                                 "backend": name, "endpoint": endpoint, "clients": n, **m,
                                 "floor_ops_per_s": f["ops_per_s"], "floor_p99_ms": f["p99_ms"],
