@@ -40,7 +40,7 @@ from .errors import (
     UnknownOffer,
 )
 from .exploration import event_rng, sample
-from .features import HISTORY_DAYS, summarize_history
+from .features import HISTORY_DAYS, HISTORY_LIMIT, summarize_history
 from .ledger.base import Ledger
 from .ledger.records import Decision, Feedback, OfferState, RewardOutcome, Snapshot
 from .policies.base import Policy, Scoring
@@ -57,6 +57,9 @@ class EngineConfig:
     ``member_cap``: one exposure budget per member shared by every channel (None = no cap).
     ``snapshot_every``: feedback events between policy checkpoints.
     ``pacing_gain``: how hard the pacing price reacts to spend ahead of target.
+    ``history_limit``: the most of a member's latest exposures a choose reads (and builds the
+    member's history features from); it bounds a heavy member's cost per choose. Caps do not
+    depend on it: they are counted in the write's transaction.
     """
 
     seed: int = 0
@@ -65,6 +68,7 @@ class EngineConfig:
     pacing_gain: float = pacing.DEFAULT_GAIN
     catalog_refresh_seconds: float = 1.0
     learn_in_process: bool = True
+    history_limit: int = HISTORY_LIMIT
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -75,6 +79,8 @@ class EngineConfig:
             raise InvalidArgument(f"snapshot_every must be an integer >= 1, got {self.snapshot_every!r}")
         if not (0 < self.pacing_gain < 1e6):
             raise InvalidArgument(f"pacing_gain must be > 0, got {self.pacing_gain!r}")
+        if isinstance(self.history_limit, bool) or not isinstance(self.history_limit, int) or self.history_limit < 1:
+            raise InvalidArgument(f"history_limit must be an integer >= 1, got {self.history_limit!r}")
 
 
 @dataclass
@@ -559,7 +565,8 @@ class Engine:
             o.member_cap.window_ms for o in candidates if o.member_cap is not None
         ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
         history, states = self.ledger.read_state(
-            member_id, now - int(window), [o.offer_id for o in candidates if o.offer_id in cat.stateful]
+            member_id, now - int(window), [o.offer_id for o in candidates if o.offer_id in cat.stateful],
+            self.config.history_limit,
         )
         if constraints.member_capped(history, now, self.config.member_cap):
             return self._log_none(common, ctx, "member_cap")

@@ -310,6 +310,33 @@ def test_member_history_personalizes_identical_segments(engine: Engine) -> None:
     assert later_b.offer_context == {}
 
 
+def test_a_choose_reads_the_members_latest_exposures_only_and_caps_still_count_them_all(
+    ledger_url: str, clock
+) -> None:
+    """``history_limit`` bounds what a choose reads of a heavy member (features saturate), not
+    what the member caps count: those are counted in the write's transaction."""
+    eng = Engine.open(ledger_url, clock=clock, seed=7, history_limit=3, member_cap=MemberCap(5, 30))
+    try:
+        for o in catalog(2):
+            eng.add_offer(o)
+        served = []
+        for _ in range(7):
+            clock.advance(days=1)
+            served.append(eng.choose("heavy", "email", {"tier": "gold"}))
+        seen = [d.context.get("member.exposures") for d in served]
+        assert seen == [None, 1.0, 2.0, 3.0, 3.0, None, None]  # saturates at the limit ...
+        assert [d.offer_id is not None for d in served] == [True] * 5 + [False] * 2
+        assert {d.reason for d in served[5:]} == {"member_cap"}  # ... the cap counted all five
+        assert served[4].context["member.days_since_offer"] == 1.0
+        latest = eng.ledger.read_state("heavy", 0, [], 3)[0]
+        assert [h.issued_at for h in latest] == [d.issued_at for d in served[2:5]]  # in log order
+        assert len(eng.ledger.member_history("heavy", 0)) == 5  # unbounded without a limit
+    finally:
+        eng.ledger.close()
+    with pytest.raises(InvalidArgument, match="history_limit"):
+        EngineConfig(history_limit=0)
+
+
 def test_history_features_say_how_recently_an_offer_and_its_category_were_shown() -> None:
     """Counts over the history window cannot tell an exposure of yesterday from one of weeks
     ago; ``days_since_seen`` / ``days_since_cat_seen`` can (absent when never shown)."""

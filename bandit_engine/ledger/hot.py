@@ -79,14 +79,21 @@ _PG_TYPES = {
 _DECISIONS = f"SELECT {', '.join(DECISION_COLUMNS)} FROM decisions"
 _SELECT_DECISION = f"{_DECISIONS} WHERE event_id = :eid"
 _MEMBER_EXPOSURES = "member_id = :member AND issued_at >= :since AND offer_id IS NOT NULL"
-_HISTORY = f"SELECT offer_id, channel, issued_at, reward, status FROM decisions WHERE {_MEMBER_EXPOSURES} ORDER BY seq"
+# the member's latest :limit exposures in the window, the choose's history: in the order of the
+# (member_id, issued_at) index, so a heavy member's read stops after :limit rows (ties, and the
+# result, in log order)
+_LATEST = (
+    "(SELECT seq, offer_id, channel, issued_at, reward, status FROM decisions "
+    f"WHERE {_MEMBER_EXPOSURES} ORDER BY issued_at DESC, seq DESC LIMIT :limit) h"
+)
+_HISTORY = f"SELECT offer_id, channel, issued_at, reward, status FROM {_LATEST} ORDER BY seq"
 _ALL_STATES = "SELECT offer_id, spent_cents, committed_cents, impressions, settled_cents FROM offers"
 _STATES = f"{_ALL_STATES} WHERE "
 # the member's history and the offers' counters in one round trip: (0, seq, history...) rows,
 # then (1, 0, counters...) rows
 _READ_STATE = (
     "SELECT 0, seq, offer_id, channel, issued_at, reward, status, NULL, NULL, NULL, NULL "
-    f"FROM decisions WHERE {_MEMBER_EXPOSURES} "
+    f"FROM {_LATEST} "
     "UNION ALL SELECT 1, 0, offer_id, NULL, NULL, NULL, NULL, spent_cents, committed_cents, "
     "impressions, settled_cents FROM offers WHERE {ids} ORDER BY 1, 2"
 )
@@ -440,12 +447,12 @@ class HotPath:
         return self._run(op)
 
     def read_state(
-        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str], limit: int | None = None
     ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
         ids = list(offer_ids)
 
         def op(conn: Any) -> tuple[list[HistoryItem], dict[str, OfferState]]:
-            params = {"member": member_id, "since": since_ms}
+            params = {"member": member_id, "since": since_ms, "limit": 2**62 if limit is None else limit}
             if not ids:
                 rows = self._q(conn, "history", params).fetchall()
                 return [HistoryItem(r[0], r[1], int(r[2]), r[3], r[4]) for r in rows], {}

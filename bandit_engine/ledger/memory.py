@@ -60,22 +60,22 @@ class MemoryLedger:
                 return dict(self._state)
             return {i: self._state[i] for i in offer_ids if i in self._state}
 
-    def member_history(self, member_id: str, since_ms: int) -> list[HistoryItem]:
+    def member_history(self, member_id: str, since_ms: int, limit: int | None = None) -> list[HistoryItem]:
         with self._lock:
             out = []
             for eid in reversed(self._by_member.get(member_id, ())):
                 d = self._decisions[eid]
-                if d.issued_at < since_ms:
+                if d.issued_at < since_ms or len(out) == limit:
                     break
                 out.append(HistoryItem(d.offer_id, d.channel, d.issued_at, d.reward, d.status))  # type: ignore[arg-type]
             out.reverse()
             return out
 
     def read_state(
-        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str], limit: int | None = None
     ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
         with self._lock:
-            return self.member_history(member_id, since_ms), self.offer_states(offer_ids)
+            return self.member_history(member_id, since_ms, limit), self.offer_states(offer_ids)
 
     def get_decision(self, event_id: str) -> Decision | None:
         return self._decisions.get(event_id)

@@ -251,9 +251,9 @@ class SqlLedger:
         return self._hot.read_state(member_id, since_ms, ())[0]
 
     def read_state(
-        self, member_id: str, since_ms: int, offer_ids: Iterable[str]
+        self, member_id: str, since_ms: int, offer_ids: Iterable[str], limit: int | None = None
     ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
-        return self._hot.read_state(member_id, since_ms, offer_ids)
+        return self._hot.read_state(member_id, since_ms, offer_ids, limit)
 
     def get_decision(self, event_id: str) -> Decision | None:
         return self._hot.get_decision(event_id)
