@@ -30,7 +30,8 @@ class Ledger(Protocol):
         self, member_id: str, since_ms: int, offer_ids: Iterable[str], limit: int | None = None
     ) -> tuple[list[HistoryItem], dict[str, OfferState]]:
         """The member's history and the offers' counters, in one read (what choose needs). With
-        ``limit``, only the member's latest ``limit`` exposures since ``since_ms`` (in log order)."""
+        ``limit``, only the member's latest ``limit`` exposures since ``since_ms`` (by issue time;
+        the history comes in log order either way)."""
         ...
 
     def get_decision(self, event_id: str) -> Decision | None: ...
