@@ -6,6 +6,8 @@ on the in-memory and SQLite ledgers, against floors measured in the same run:
 * lin_ts: a bare numpy linear-Gaussian TS on the same hashed features (one score-space draw,
   Sherman–Morrison update).
 * VW: bare ``vowpal_wabbit_next`` parse + predict_one + learn_one on the same example text.
+* A heavy member: Thompson chooses for one member with 1 000 exposures in the history window,
+  against the same engine's chooses for fresh members (SQLite).
 * Peer: mabwiser LinTS, one decision at a time (predict + partial_fit), as a data scientist
   would otherwise run it.
 """
@@ -75,6 +77,28 @@ def engine_loop(family: str, url: str, n: int) -> float:
     dt = time.perf_counter() - t
     eng.ledger.close()
     return n / dt
+
+
+def heavy_member_loop(url: str, n: int, exposures: int = 1000) -> tuple[float, float]:
+    """Thompson chooses per second for fresh members, then for one member already shown
+    ``exposures`` offers in the history window (a site or in-app visitor): the cost of reading
+    and summarizing a long history, against the same engine's fresh-member rate."""
+    clock = ManualClock()
+    eng = Engine.open(url, clock=clock, seed=1)
+    for o in offers():
+        eng.add_offer(o)
+    ctx = contexts(1)[0]
+    for _ in range(exposures):
+        clock.advance(seconds=60)
+        eng.choose("heavy", "email", ctx)
+    rates = []
+    for member in (lambda i: f"fresh{i}", lambda i: "heavy"):
+        t = time.perf_counter()
+        for i in range(n):
+            eng.choose(member(i), "email", ctx)
+        rates.append(n / (time.perf_counter() - t))
+    eng.ledger.close()
+    return rates[0], rates[1]
 
 
 def floor_thompson(n: int) -> float:
@@ -175,6 +199,13 @@ def run(quick: bool = False) -> list[dict]:
                     "policy": fam, "ledger": ledger, "decisions": m, "decisions_per_s": rate,
                     "floor": fname, "floor_per_s": fval, "ratio_to_floor": rate / fval,
                 })  # fmt: skip
+        heavy_n = 200 if quick else 1000
+        fresh, heavy = heavy_member_loop(f"sqlite:///{tmp}/heavy.db", heavy_n)
+        rows.append({
+            "policy": "thompson, choose for a member with 1 000 exposures", "ledger": "sqlite",
+            "decisions": heavy_n, "decisions_per_s": heavy, "floor": "the same, fresh members",
+            "floor_per_s": fresh, "ratio_to_floor": heavy / fresh,
+        })  # fmt: skip
     peer_n = 300 if quick else 1500
     peer = peer_mabwiser(peer_n)
     if peer is not None:
