@@ -81,6 +81,45 @@ def test_racing_processes_respect_one_members_frequency_cap(backend, request, tm
     assert served["free"] == 3  # the member cap (3 per day across channels), exactly
 
 
+def _resend_race(url: str, worker: int) -> list[tuple[str, str | None, float | None]]:
+    """Every worker sends the same event ids (a service retrying on every host at once), each
+    worker with its own seed, so the racers would choose differently if each were logged."""
+    eng = Engine.open(url, seed=worker)
+    try:
+        return [
+            (d.event_id, d.offer_id, d.probability)
+            for d in (eng.choose(f"m{i}", "email", {"i": i}, event_id=f"ev{i}") for i in range(CALLS))
+        ]
+    finally:
+        eng.ledger.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_racing_resends_of_an_event_id_log_one_decision_and_reserve_once(
+    backend, request, tmp_path, pool
+) -> None:
+    """A choose logs without looking its event id up first; a racer whose insert hits the unique
+    key must get the logged decision back, and its reservation must roll back with the insert."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'race.db'}"
+    _setup(url)
+    futures = [pool.submit(_resend_race, url, w) for w in range(WORKERS)]
+    results = [f.result(timeout=300) for f in futures]
+    assert all(r == results[0] for r in results)  # every racer got the same decision per id
+    served = Counter(offer for _, offer, _ in results[0])
+    eng = Engine.open(url)
+    try:
+        assert eng.ledger.count_decisions() == CALLS
+        s = eng.ledger.offer_states()
+        assert (s["budget"].committed_cents, s["budget"].impressions) == (300 * served["budget"], served["budget"])
+        assert s["impressions"].impressions == served["impressions"]
+        for eid, offer, p in results[0]:
+            d = eng.get_decision(eid)
+            assert (d.offer_id, d.probability) == (offer, p)
+    finally:
+        eng.ledger.close()
+
+
 def _reward_race(url: str, worker: int, event_ids: list[str]) -> list[str]:
     """Every worker rewards every event: once with the shared reward id, once with its own."""
     eng = Engine.open(url, seed=worker)
