@@ -166,6 +166,17 @@ class MemberCap:
     def window_ms(self) -> int:
         return int(self.window_days * MS_PER_DAY)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MemberCap:
+        """``{"max": int, "window_days": number}``, nothing else."""
+        if not isinstance(d, Mapping) or set(d) != {"max", "window_days"}:
+            got = sorted(d) if isinstance(d, Mapping) else type(d).__name__
+            raise InvalidArgument(f"a member cap is {{max, window_days}}, got {got}")
+        return cls(d["max"], d["window_days"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max": self.max, "window_days": self.window_days}
+
 
 @dataclass(frozen=True, eq=True)
 class Offer:

@@ -54,7 +54,8 @@ MAX_RESERVE_ATTEMPTS = 4
 class EngineConfig:
     """Engine-wide settings.
 
-    ``member_cap``: one exposure budget per member shared by every channel (None = no cap).
+    ``member_cap``: one exposure budget per member shared by every channel (None = no cap);
+    the ledger's setting takes precedence once one is stored (:meth:`Engine.set_member_cap`).
     ``snapshot_every``: feedback events between policy checkpoints.
     ``pacing_gain``: how hard the pacing price reacts to spend ahead of target.
     ``history_limit``: the most of a member's latest exposures a choose reads (and builds the
@@ -104,6 +105,7 @@ class _Catalog:
     stateful: set[str] = field(default_factory=set)
     paced: dict[str, bool] = field(default_factory=dict)  # channel -> has a paced offer
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model_group -> its channels
+    member_cap: MemberCap | None = None  # the engine-wide cap in force (Engine.member_cap)
 
     def __post_init__(self) -> None:
         for cfg in sorted(self.channels.values(), key=lambda c: c.name):
@@ -197,9 +199,15 @@ class Engine:
             for o in offers.values():
                 for c in o.channels:
                     by_channel.setdefault(c, []).append(o)
+            settings = self.ledger.settings()
+            stored = settings.get("member_cap")
             self._catalog = cat = _Catalog(
                 version, offers, by_channel, self.ledger.channels(),
                 category_of={i: o.category for i, o in offers.items()},
+                member_cap=(
+                    self.config.member_cap if "member_cap" not in settings
+                    else None if stored is None else MemberCap.from_dict(stored)
+                ),
             )  # fmt: skip
         cat.checked_at = now
         return cat
@@ -209,6 +217,25 @@ class Engine:
 
     def channels(self) -> dict[str, ChannelConfig]:
         return dict(self._refresh_catalog(force=True).channels)
+
+    @property
+    def member_cap(self) -> MemberCap | None:
+        """The engine-wide member cap in force, shared by every channel: the ledger's setting
+        once one is stored (:meth:`set_member_cap`, or an approved change through the API),
+        so every worker on the database enforces the same cap; until then
+        ``EngineConfig.member_cap``."""
+        return self._refresh_catalog(force=True).member_cap
+
+    def set_member_cap(self, cap: MemberCap | Mapping[str, Any] | None) -> None:
+        """Store the engine-wide member cap (None: no cap) in the ledger, for every engine on it
+        (workers pick it up with the catalog, within ``catalog_refresh_seconds``). Through the
+        HTTP API it is a governed setting: it changes only by an approved change request."""
+        if isinstance(cap, Mapping):
+            cap = MemberCap.from_dict(cap)
+        elif cap is not None and not isinstance(cap, MemberCap):
+            raise InvalidArgument(f"member_cap must be a MemberCap, a mapping or None, got {cap!r}")
+        self.ledger.put_setting("member_cap", None if cap is None else cap.to_dict())
+        self._refresh_catalog(force=True)
 
     def get_offer(self, offer_id: str) -> Offer:
         o = self._refresh_catalog(force=True).offers.get(offer_id)
@@ -563,12 +590,12 @@ class Engine:
             return self._log_none(common, ctx, "no_live_offer")
         window = max(HISTORY_DAYS * MS_PER_DAY, *(
             o.member_cap.window_ms for o in candidates if o.member_cap is not None
-        ), self.config.member_cap.window_ms if self.config.member_cap else 0)  # fmt: skip
+        ), cat.member_cap.window_ms if cat.member_cap else 0)  # fmt: skip
         history, states = self.ledger.read_state(
             member_id, now - int(window), [o.offer_id for o in candidates if o.offer_id in cat.stateful],
             self.config.history_limit,
         )
-        if constraints.member_capped(history, now, self.config.member_cap):
+        if constraints.member_capped(history, now, cat.member_cap):
             return self._log_none(common, ctx, "member_cap")
         eligible, masked = constraints.mask(candidates, states, history, now)
         for attempt in range(MAX_RESERVE_ATTEMPTS):
@@ -601,7 +628,7 @@ class Engine:
             )  # fmt: skip
             try:
                 d, fb = self.ledger.log_decision_feedback(
-                    d, offer, constraints.member_caps(offer, self.config.member_cap)
+                    d, offer, constraints.member_caps(offer, cat.member_cap)
                 )
             except CapExceeded as exc:
                 if exc.cap == "member_all":
@@ -627,7 +654,7 @@ class Engine:
         )  # fmt: skip
         try:
             return self.ledger.log_decision(
-                d, offer, constraints.member_caps(offer, self.config.member_cap)
+                d, offer, constraints.member_caps(offer, self._catalog.member_cap)
             )
         except CapExceeded as exc:
             return self.ledger.log_decision(base.with_(reason=f"{reason}:capped:{exc.cap}"), None, {})

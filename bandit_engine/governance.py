@@ -221,8 +221,8 @@ class Governance:
         self, kind: str, target: str, settings: Mapping[str, Any], proposer: Principal,
         *, activate: bool = False,
     ) -> Change:  # fmt: skip
-        if kind not in ("offer", "channel"):
-            raise InvalidArgument(f"change kind must be 'offer' or 'channel', got {kind!r}")
+        if kind not in ("offer", "channel", "settings"):
+            raise InvalidArgument(f"change kind must be 'offer', 'channel' or 'settings', got {kind!r}")
         now = self.clock.now_ms()
         with self._tx(write=True) as c:
             cid = c.execute(

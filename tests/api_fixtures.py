@@ -76,6 +76,7 @@ class Api:
             "counters": {k: (s.spent_cents, s.committed_cents, s.impressions) for k, s in states.items()},
             "decisions": eng.ledger.count_decisions(),
             "channels": {k: c.to_dict() for k, c in eng.channels().items()},
+            "settings": eng.ledger.settings(),
             "changes": [c.to_dict() for c in self.gov.changes()],
             "audit": len(self.gov.audit_log(limit=5000)),
         }

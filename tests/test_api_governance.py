@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bandit_engine import Offer
+from bandit_engine import Engine, MemberCap, Offer
 from bandit_engine.errors import Forbidden
 from tests.api_fixtures import Api, api_fixture, make_api  # noqa: F401  (fixture)
 
@@ -94,6 +94,38 @@ def test_channel_holdout_is_governed(api: Api) -> None:
     assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
     d = choose(api, "m-h2")
     assert d["group"] == "holdout" and d["offer_id"] is None
+
+
+def test_the_cross_channel_member_cap_is_a_governed_setting(api: Api, tmp_path) -> None:
+    assert api.call("GET", "/v1/settings", "analyst").json == {"member_cap": None}
+    cap = {"max": 2, "window_days": 7}
+    r = api.call("PUT", "/v1/settings", "admin", json={"member_cap": cap})
+    assert r.status_code == 202 and r.json["status"] == "pending" and r.json["member_cap"] is None
+    cid = r.json["change_id"]
+    served = [choose(api, "m-p", ch)["offer_id"] for ch in ("email", "push", "email")]
+    assert None not in served  # pending: no effect
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "admin").status_code == 403  # proposer
+    r = api.call("POST", f"/v1/changes/{cid}/approve", "approver")
+    assert r.status_code == 200 and r.json["status"] == "approved"
+    assert api.call("GET", "/v1/settings", "approver").json == {"member_cap": cap}
+    served = [choose(api, "m-c", ch) for ch in ("email", "push", "email", "sms")]
+    assert [d["offer_id"] is not None for d in served] == [True, True, False, False]
+    assert {d.get("reason") for d in served[2:]} == {"member_cap"}  # two in a week, all channels
+    # a worker opened on the same database, with nothing in its config, enforces the same cap
+    other = Engine.open(f"sqlite:///{tmp_path / 'api.db'}", clock=api.clock)
+    try:
+        assert other.member_cap == MemberCap(2, 7) and other.choose("m-c", "push").offer_id is None
+    finally:
+        other.ledger.close()
+    r = api.call("PUT", "/v1/settings", "admin", json={"member_cap": cap})
+    assert r.status_code == 200 and r.json == {"member_cap": cap}  # unchanged: no change request
+    assert api.call("GET", "/v1/changes?status=pending", "analyst").json["changes"] == []
+    audit = [(e["action"], e["target"]) for e in api.call("GET", "/v1/audit", "analyst").json["entries"]]
+    assert ("change.propose", "settings:engine") in audit and ("change.approve", "settings:engine") in audit
+    r = api.call("PUT", "/v1/settings", "admin", json={"member_cap": None})  # lifting it: governed too
+    assert r.status_code == 202 and choose(api, "m-c", "push")["offer_id"] is None
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
+    assert choose(api, "m-c", "push")["offer_id"] is not None
 
 
 def test_channels_join_a_model_group_over_http(api: Api) -> None:

@@ -337,6 +337,35 @@ def test_a_choose_reads_the_members_latest_exposures_only_and_caps_still_count_t
         EngineConfig(history_limit=0)
 
 
+def test_the_engine_wide_member_cap_lives_in_the_ledger_and_overrides_the_config(
+    ledger_url: str, clock
+) -> None:
+    eng = Engine.open(ledger_url, clock=clock, seed=7, member_cap=MemberCap(1, 7))
+    try:
+        eng.add_offer(Offer("e", ["email"], cost=1.0))
+        eng.add_offer(Offer("p", ["push"], cost=1.0))
+        assert eng.member_cap == MemberCap(1, 7)  # the config, until the ledger holds one
+        eng.set_member_cap({"max": 2, "window_days": 7})
+        assert eng.member_cap == MemberCap(2, 7)
+        served = [eng.choose("m", ch).offer_id for ch in ("email", "push", "email")]
+        assert served == ["e", "p", None]  # two exposures across channels, then none
+        if ledger_url != "memory://":  # another engine on the database: its config says nothing
+            other = Engine.open(ledger_url, clock=clock)
+            try:
+                assert other.member_cap == MemberCap(2, 7)
+                assert other.choose("m", "push").reason == "member_cap"
+            finally:
+                other.ledger.close()
+        eng.set_member_cap(None)  # stored as "no cap": the config's no longer applies either
+        assert eng.member_cap is None and eng.choose("m", "push").offer_id == "p"
+        for bad in ({"max": 2}, {"max": 2, "window_days": 7, "x": 1}, "2/7", {"max": 0, "window_days": 7}):
+            with pytest.raises(InvalidArgument):
+                eng.set_member_cap(bad)  # type: ignore[arg-type]
+        assert eng.member_cap is None
+    finally:
+        eng.ledger.close()
+
+
 def test_history_features_say_how_recently_an_offer_and_its_category_were_shown() -> None:
     """Counts over the history window cannot tell an exposure of yesterday from one of weeks
     ago; ``days_since_seen`` / ``days_since_cat_seen`` can (absent when never shown)."""

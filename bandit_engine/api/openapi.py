@@ -54,6 +54,7 @@ READERS = ["analyst", "admin", "approver"]
 MEMBER_CAP = {"type": ["object", "null"], "additionalProperties": False, "required": ["max", "window_days"],
               "properties": {"max": {"type": "integer", "minimum": 1},
                              "window_days": {"type": "number", "exclusiveMinimum": 0, "maximum": 3660}}}  # fmt: skip
+SETTINGS = {"type": "object", "additionalProperties": False, "properties": {"member_cap": MEMBER_CAP}}
 RULE = {"type": "object", "required": ["field", "op", "value"], "additionalProperties": False,
         "properties": {"field": {"type": "string", "minLength": 1},
                        "op": {"enum": ["in", "not_in", "eq", "ne", "gt", "gte", "lt", "lte"]},
@@ -138,6 +139,12 @@ def openapi_document() -> dict[str, Any]:
                 "200": _ok("applied"), "202": _ok("change pending", PENDING),
                 "404": _err("unknown channel or default offer")},
                 _body({"type": "object", "additionalProperties": False, "properties": CHANNEL_PROPS}))},  # fmt: skip
+        "/v1/settings": {
+            "get": _op("Engine-wide settings: the member cap shared by every channel", READERS,
+                       {"200": _ok("settings", SETTINGS)}),
+            "put": _op("Change engine-wide settings (all governed: a pending change)", ["admin"], {
+                "200": _ok("unchanged", SETTINGS), "202": _ok("change pending", PENDING)},
+                _body({**SETTINGS, "required": ["member_cap"]}))},  # fmt: skip
         "/v1/changes": {"get": _op("List change requests", READERS, {"200": _ok("changes")}, params=[
             {"name": "status", "in": "query", "required": False,
              "schema": {"enum": ["pending", "approved", "rejected"]}}])},  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from .. import pacing
-from ..catalog import ChannelConfig, Offer, check_id
+from ..catalog import ChannelConfig, MemberCap, Offer, check_id
 from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument, UnknownChannel
@@ -268,6 +268,34 @@ def put_channel(name: str) -> Any:
     return {**out, "change_id": ch.change_id, "status": "pending"}, 202
 
 
+# settings ------------------------------------------------------------------------------------
+def _settings() -> dict[str, Any]:
+    cap = engine().member_cap
+    return {"member_cap": None if cap is None else cap.to_dict()}
+
+
+@bp.get("/settings")
+@requires(*READERS)
+def get_settings() -> Any:
+    return _settings()
+
+
+@bp.put("/settings")
+@requires("admin")
+def put_settings() -> Any:
+    """Engine-wide settings (the member cap shared by every channel): all governed, so a change
+    is a pending change request until an approver approves it."""
+    body = v.json_body()
+    v.fields(body, required=("member_cap",))
+    cap = v.obj(body, "member_cap")
+    wanted = {"member_cap": None if cap is None else MemberCap.from_dict(cap).to_dict()}
+    current = _settings()
+    if wanted == current:
+        return current, 200
+    ch = gov().propose("settings", "engine", wanted, principal())
+    return {**current, "change_id": ch.change_id, "status": "pending"}, 202
+
+
 # changes -------------------------------------------------------------------------------------
 @bp.get("/changes")
 @requires(*READERS)
@@ -285,6 +313,8 @@ def _apply_change(ch: Change) -> None:
         if ch.activate:
             changes["active"] = True
         eng.update_offer(ch.target, **changes)
+    elif ch.kind == "settings":
+        eng.set_member_cap(ch.settings["member_cap"])
     else:
         old = eng.channel(ch.target)
         eng.set_channel(ChannelConfig.from_dict({**old.to_dict(), **ch.settings}))

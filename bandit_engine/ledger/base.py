@@ -7,7 +7,7 @@ nothing. Caps are checked *inside* the write (guarded updates), never by a read-
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..catalog import ChannelConfig, MemberCap, Offer
 from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
@@ -19,8 +19,14 @@ class Ledger(Protocol):
     def offers(self) -> list[Offer]: ...
     def put_channel(self, channel: ChannelConfig) -> None: ...
     def channels(self) -> dict[str, ChannelConfig]: ...
+    def put_setting(self, name: str, value: Any) -> None:
+        """Store an engine-wide setting (JSON-able ``value``; None clears it)."""
+        ...
+
+    def settings(self) -> dict[str, Any]: ...
     def catalog_version(self) -> int:
-        """A number that changes whenever an offer or channel changes (cache invalidation)."""
+        """A number that changes whenever an offer, channel or setting changes (cache
+        invalidation)."""
         ...
 
     # state -----------------------------------------------------------------------------------

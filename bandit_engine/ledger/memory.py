@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from ..catalog import ChannelConfig, MemberCap, Offer
 from ..errors import CapExceeded, RewardWindowClosed, UnknownEvent
@@ -29,6 +30,7 @@ class MemoryLedger:
         self._feedback: list[Feedback] = []
         self._snapshots: dict[str, Snapshot] = {}
         self._catalog_version = 0
+        self._settings: dict[str, Any] = {}
 
     # catalog ---------------------------------------------------------------------------------
     def put_offer(self, offer: Offer) -> None:
@@ -49,6 +51,15 @@ class MemoryLedger:
     def channels(self) -> dict[str, ChannelConfig]:
         with self._lock:
             return dict(sorted(self._channels.items()))
+
+    def put_setting(self, name: str, value: Any) -> None:
+        with self._lock:
+            self._settings[name] = value
+            self._catalog_version += 1
+
+    def settings(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._settings)
 
     def catalog_version(self) -> int:
         return self._catalog_version

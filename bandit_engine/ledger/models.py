@@ -43,6 +43,15 @@ class CatalogVersionRow(Base):
     version: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class SettingRow(Base):
+    """An engine-wide setting by name (``member_cap``: the cap shared by every channel)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[Any] = mapped_column(JSON, nullable=True)
+
+
 class MemberRow(Base):
     """One row per member with capped exposures: its update serializes that member's
     frequency-cap checks (a row lock on PostgreSQL, the write lock on SQLite)."""

@@ -47,6 +47,7 @@ from .models import (
     DecisionRow,
     FeedbackRow,
     OfferRow,
+    SettingRow,
     SnapshotRow,
 )
 from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
@@ -237,6 +238,17 @@ class SqlLedger:
         with self._tx() as c:
             rows = c.execute(select(ChannelRow.spec).order_by(ChannelRow.name)).scalars().all()
         return {r["name"]: ChannelConfig.from_dict(r) for r in rows}
+
+    def put_setting(self, name: str, value: Any) -> None:
+        with self._tx(write=True) as c:
+            n = c.execute(update(SettingRow).where(SettingRow.name == name).values(value=value)).rowcount
+            if n == 0:
+                c.execute(insert(SettingRow).values(name=name, value=value))
+            self._bump_catalog(c)
+
+    def settings(self) -> dict[str, Any]:
+        with self._tx() as c:
+            return {r[0]: r[1] for r in c.execute(select(SettingRow.name, SettingRow.value))}
 
     def catalog_version(self) -> int:
         with self._tx() as c:
