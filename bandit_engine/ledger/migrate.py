@@ -18,6 +18,15 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+def head_revision() -> str:
+    """The newest migration: what opening a ledger upgrades its schema to."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+    assert head is not None
+    return head
+
+
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
