@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 ENV_URI = "BANDIT_ENGINE_MLFLOW_URI"
 EXPERIMENT = "bandit_engine-simulations"
 BATCH = 1000
-DSJSON_SAMPLE = 200
 
 
 def default_uri(root: str | Path = ".") -> str:
@@ -156,8 +155,8 @@ class Tracker:
         for name, fig in plots(result, oracle).items():
             fig.savefig(out / f"{name}.png", dpi=80)
             _close(fig)
-        if result.engine is not None:
-            _engine_artifacts(result.engine, out)
+        for name, data in result.artifacts.items():  # compare(artifacts=True): log sample, snapshots
+            (out / name).write_bytes(data)
         self._client.log_artifacts(rid, str(out))
         self._client.set_terminated(rid, "FINISHED")
         return rid
@@ -178,25 +177,6 @@ class Tracker:
         fig.savefig(out / "comparison.png", dpi=80)
         _close(fig)
         self._client.log_artifacts(self.parent_id, str(out))
-
-
-def _engine_artifacts(engine: Any, out: Path) -> None:
-    from .engine import to_dsjson
-
-    offers = {o.offer_id: o for o in engine.offers()}
-    with open(out / "decisions_sample.dsjson", "w") as fh:
-        n = 0
-        for d in engine.ledger.decisions():
-            if d.offer_id is None or not d.learnable:
-                continue
-            fh.write(json.dumps(to_dsjson(d, offers)) + "\n")
-            n += 1
-            if n >= DSJSON_SAMPLE:
-                break
-    for ch in engine.channels():
-        model = engine.channel(ch).model_key
-        if engine.ledger.latest_snapshot(model) is not None or model in engine._policies:
-            (out / f"policy_{ch}.snapshot").write_bytes(engine.policy(ch).serialize())
 
 
 # plots -----------------------------------------------------------------------------------------

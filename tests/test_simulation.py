@@ -148,6 +148,28 @@ def test_simulation_families_do_not_leak_into_the_product_registry(comparison) -
     assert not {"sim_oracle", "sim_truth_paced", "sim_bayes_oracle", "segment_rules"} & set(families())
 
 
+def test_seeds_in_parallel_processes_give_the_sequential_comparison(small: Simulator) -> None:
+    seeds = [11, 12, 13]
+    seen: list[tuple[str, int]] = []
+    ticks: list[int] = []
+    par = small.compare(seeds, jobs=2, artifacts=True, on_run=lambda r: seen.append((r.policy, r.seed)),
+                        progress=ticks.append)  # fmt: skip
+    seq = small.compare(seeds, artifacts=True)
+    assert [(r.policy, r.seed) for r in par.runs] == [(r.policy, r.seed) for r in seq.runs] == seen
+    for p, s in zip(par.runs, seq.runs, strict=True):
+        assert p.metrics() | {"decisions_per_s": 0} == s.metrics() | {"decisions_per_s": 0}
+        assert p.curve == s.curve and p.offer_mix == s.offer_mix
+        assert p.artifacts.keys() == s.artifacts.keys() and p.engine is None
+        assert p.artifacts["decisions_sample.dsjson"] == s.artifacts["decisions_sample.dsjson"]
+    assert {s.seed for s in seq.runs} == set(seeds) and sum(ticks) == 600 * len(seq.runs)
+    for a, b in zip(par.summary(), seq.summary(), strict=True):  # the table, timings aside
+        assert {k: v for k, v in a.items() if "per_s" not in k} == {k: v for k, v in b.items() if "per_s" not in k}
+    with pytest.raises(InvalidArgument, match="keep_engines"):
+        small.compare(seeds, jobs=2, keep_engines=True)
+    with pytest.raises(InvalidArgument, match="jobs"):
+        small.compare(seeds, jobs=0)
+
+
 def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
     a = small.run("random", PolicySpec("uniform"), 11)
     b = small.run("random", PolicySpec("uniform"), 11)

@@ -93,6 +93,28 @@ def test_simulate_logs_a_parent_and_nested_children(store: str, tmp_path: Path) 
     assert "thompson_segmented.normalized_lift" in parent.data.metrics
 
 
+def test_simulate_with_jobs_logs_every_seeds_runs_and_their_artifacts(store: str) -> None:
+    """``--jobs 2``: seeds run in worker processes; the engines stay there, and what MLflow keeps
+    of them (the dsjson sample, the policy snapshot) comes back with each run."""
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/tight_budget.toml"), "--policies", "thompson_segmented",
+        "--seeds", "5,6", "--decisions", "200", "--no-progress", "--tracking-uri", store, "--jobs", "2",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name("bandit_engine-simulations")
+    children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 10  # 5 runs (4 references + the policy) x 2 seeds
+    assert {(c.data.tags["policy"], c.data.tags["seed"]) for c in children if c.data.tags["policy"] == "thompson_segmented"} == {
+        ("thompson_segmented", "5"), ("thompson_segmented", "6")}  # fmt: skip
+    for c in children:
+        if c.data.tags["policy"] == "thompson_segmented":
+            names = {a.path for a in client.list_artifacts(c.info.run_id)}
+            assert "decisions_sample.dsjson" in names and any(n.endswith(".snapshot") for n in names)
+
+
 def test_default_store_lives_under_mlruns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV_URI, raising=False)
     from bandit_engine.simulation import Scenario, Simulator

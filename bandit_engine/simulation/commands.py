@@ -26,10 +26,12 @@ def _ints(value: str | None) -> list[int] | None:
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the summary rows as JSON.")
 @click.option("--ceiling", is_flag=True, help="Also run the Bayes oracle: the best a policy seeing only the context could do.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run seeds in this many processes, a whole seed each (same results as 1).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decisions: int | None,
              tracking_uri: str | None, no_tracking: bool, json_out: Path | None, ceiling: bool,
-             progress: bool) -> None:  # fmt: skip
+             jobs: int, progress: bool) -> None:  # fmt: skip
     """Compare policies on a simulated scenario through the engine; print a summary table."""
     from tqdm import tqdm
 
@@ -64,10 +66,10 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
                 assert isinstance(partial, list)
                 partial.append(r)
                 tracker.log_run(r, Comparison(scenario, list(partial)), scenario)
-                r.engine = None  # free the ledger once logged
+                r.artifacts = {}  # free them once logged
 
-        comparison = sim.compare(seed_list, progress=bar.update, keep_engines=tracker is not None, on_run=on_run,
-                                 ceiling=ceiling)  # fmt: skip
+        comparison = sim.compare(seed_list, progress=bar.update, artifacts=tracker is not None, on_run=on_run,
+                                 ceiling=ceiling, jobs=jobs)  # fmt: skip
         bar.close()
         if tracker is not None:
             tracker.finish(comparison)

@@ -15,10 +15,13 @@ comparisons; realized redemptions are reported too.
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import multiprocessing
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +30,8 @@ from scipy import stats
 
 from ..catalog import ChannelConfig, MemberCap, PolicySpec
 from ..clock import MS_PER_DAY, ManualClock
-from ..engine import Engine
+from ..engine import Engine, to_dsjson
+from ..errors import InvalidArgument
 from ..policies.registry import make_policy
 from .oracles import attach, sim_families, solve_budget_duals, static_probabilities
 from .scenario import PolicyEntry, Scenario
@@ -99,6 +103,8 @@ class RunResult:
     offer_mix: dict[str, dict[str, int]] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     engine: Engine | None = field(default=None, repr=False)
+    # file name -> content, what MLflow keeps of the run's engine (``compare(artifacts=True)``)
+    artifacts: dict[str, bytes] = field(default_factory=dict, repr=False)
     truth: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -200,6 +206,7 @@ class Simulator:
         unconstrained: bool = False,
         learning: bool = True,
         keep_engine: bool = False,
+        artifacts: bool = False,
         record_truth: bool = False,
         paced: bool = True,
         member_cap: MemberCap | None = None,
@@ -332,6 +339,8 @@ class Simulator:
         res.curve = dict(curve)
         res.offer_mix = {k: dict(v) for k, v in mix.items()}
         res.reasons = dict(reasons)
+        if artifacts:
+            res.artifacts = run_artifacts(engine)
         if keep_engine:
             res.engine = engine
         return res
@@ -345,48 +354,91 @@ class Simulator:
         keep_engines: bool = False,
         on_run: Callable[[RunResult], None] | None = None,
         ceiling: bool = False,
+        artifacts: bool = False,
+        jobs: int = 1,
     ) -> Comparison:
         """Every policy of the scenario on every seed, with the references: random, the oracle
         and, with budgets, the budget-feasible oracle and the paced truth; ``ceiling`` adds
         ``bayes_oracle``, the best a policy seeing only the context could do (unconstrained, as
         the oracle), and with budgets ``bayes_budget_oracle`` (the same, priced by duals solved
-        on the context's probabilities, as the budget-feasible oracle)."""
+        on the context's probabilities, as the budget-feasible oracle). ``artifacts`` keeps what
+        MLflow logs of each run's engine (:func:`run_artifacts`).
+
+        ``jobs > 1`` runs seeds in that many processes, each a whole seed (its world, arrivals
+        and duals are built once per seed). Runs are deterministic functions of the scenario
+        and the seed, so the comparison is the one ``jobs = 1`` gives (only the timings
+        differ); ``on_run`` and ``progress`` then hear of a seed's runs when it has finished,
+        in seed order. Engines cannot leave their process, so ``keep_engines`` needs
+        ``jobs = 1``."""
         seeds = list(seeds or self.scenario.seeds)
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise InvalidArgument(f"jobs must be an integer >= 1, got {jobs!r}")
+        runs: list[RunResult] = []
+        if jobs == 1 or len(seeds) == 1:
+            for seed in seeds:
+                runs += self._compare_seed(seed, ceiling, artifacts, keep_engines, progress, on_run)
+            return Comparison(self.scenario, runs)
+        if keep_engines:
+            raise InvalidArgument("keep_engines needs jobs = 1: an engine cannot leave its process")
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+        with ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=ctx) as pool:
+            futures = [
+                pool.submit(_seed_runs, self.scenario, self.decisions, seed, ceiling, artifacts)
+                for seed in seeds
+            ]
+            for f in futures:
+                for r in f.result():
+                    runs.append(r)
+                    if progress is not None:
+                        progress(r.decisions)
+                    if on_run:
+                        on_run(r)
+        return Comparison(self.scenario, runs)
+
+    def _compare_seed(
+        self,
+        seed: int,
+        ceiling: bool,
+        artifacts: bool,
+        keep_engines: bool = False,
+        progress: Callable[[int], None] | None = None,
+        on_run: Callable[[RunResult], None] | None = None,
+    ) -> list[RunResult]:
+        """One seed of :meth:`compare`: the references, then the scenario's policies."""
         runs: list[RunResult] = []
         names = [p.name for p in self.scenario.policies]
-        for seed in seeds:
-            world, _ = self.world(seed)
-            key = attach(world)
-            refs: list[tuple[str, PolicySpec, bool, bool]] = []
-            if RANDOM not in names:
-                refs.append((RANDOM, PolicySpec("uniform"), False, True))
-            refs.append((ORACLE, PolicySpec("sim_oracle", {"world": key}), True, False))
+        world, _ = self.world(seed)
+        key = attach(world)
+        refs: list[tuple[str, PolicySpec, bool, bool]] = []
+        if RANDOM not in names:
+            refs.append((RANDOM, PolicySpec("uniform"), False, True))
+        refs.append((ORACLE, PolicySpec("sim_oracle", {"world": key}), True, False))
+        if ceiling:
+            refs.append((BAYES_ORACLE, PolicySpec("sim_bayes_oracle", {"world": key}), True, False))
+        if self.scenario.budgeted:
+            prices, _ = self.budget_prices(seed)
+            refs.append((BUDGET_ORACLE, PolicySpec("sim_oracle", {"world": key, "prices": prices}), False, False))
+            refs.append((TRUTH_PACED, PolicySpec("sim_truth_paced", {"world": key}), False, False))
             if ceiling:
-                refs.append((BAYES_ORACLE, PolicySpec("sim_bayes_oracle", {"world": key}), True, False))
-            if self.scenario.budgeted:
-                prices, _ = self.budget_prices(seed)
-                refs.append((BUDGET_ORACLE, PolicySpec("sim_oracle", {"world": key, "prices": prices}), False, False))
-                refs.append((TRUTH_PACED, PolicySpec("sim_truth_paced", {"world": key}), False, False))
-                if ceiling:
-                    prices, _ = self.budget_prices(seed, context=True)
-                    spec = PolicySpec("sim_bayes_oracle", {"world": key, "prices": prices})
-                    refs.append((BAYES_BUDGET_ORACLE, spec, False, False))
-            for name, spec, unconstrained, learning in refs:
-                r = self.run(name, spec, seed, unconstrained=unconstrained, learning=learning,
-                             keep_engine=keep_engines, progress=progress)  # fmt: skip
-                runs.append(r)
-                if on_run:
-                    on_run(r)
-            for entry in self.scenario.policies:
-                learning = entry.family is not None and entry.family not in ("fixed",)
-                cap = None if entry.member_cap is None else MemberCap(**entry.member_cap)
-                r = self.run(entry.name, self.spec_for(entry, seed), seed, learning=learning,
-                             keep_engine=keep_engines, progress=progress, paced=entry.pacing,
-                             member_cap=cap, model_group=entry.model_group)  # fmt: skip
-                runs.append(r)
-                if on_run:
-                    on_run(r)
-        return Comparison(self.scenario, runs)
+                prices, _ = self.budget_prices(seed, context=True)
+                spec = PolicySpec("sim_bayes_oracle", {"world": key, "prices": prices})
+                refs.append((BAYES_BUDGET_ORACLE, spec, False, False))
+        for name, spec, unconstrained, learning in refs:
+            r = self.run(name, spec, seed, unconstrained=unconstrained, learning=learning,
+                         keep_engine=keep_engines, artifacts=artifacts, progress=progress)  # fmt: skip
+            runs.append(r)
+            if on_run:
+                on_run(r)
+        for entry in self.scenario.policies:
+            learning = entry.family is not None and entry.family not in ("fixed",)
+            cap = None if entry.member_cap is None else MemberCap(**entry.member_cap)
+            r = self.run(entry.name, self.spec_for(entry, seed), seed, learning=learning,
+                         keep_engine=keep_engines, artifacts=artifacts, progress=progress,
+                         paced=entry.pacing, member_cap=cap, model_group=entry.model_group)  # fmt: skip
+            runs.append(r)
+            if on_run:
+                on_run(r)
+        return runs
 
     def total_runs(self, n_seeds: int, *, ceiling: bool = False) -> int:
         names = [p.name for p in self.scenario.policies]
@@ -426,6 +478,33 @@ def _member_cap_breaches(exposures: list[tuple[int, str, int]], offers: Sequence
                 if sum(1 for tt, o in items[: i + 1] if o == oid and tt > since) > cap.max:
                     n += 1
     return n
+
+
+def _seed_runs(scenario: Scenario, decisions: int, seed: int, ceiling: bool, artifacts: bool) -> list[RunResult]:
+    """One seed of a comparison, in a worker process (``compare(jobs > 1)``)."""
+    return Simulator(scenario, decisions=decisions)._compare_seed(seed, ceiling, artifacts)
+
+
+DSJSON_SAMPLE = 200  # decisions of a run's log kept as its dsjson sample
+
+
+def run_artifacts(engine: Engine) -> dict[str, bytes]:
+    """What MLflow keeps of a run's engine: the first ``DSJSON_SAMPLE`` learnable served
+    decisions of its log as dsjson, and each channel's policy snapshot (``policy_<channel>``)."""
+    offers = {o.offer_id: o for o in engine.offers()}
+    lines: list[str] = []
+    for d in engine.ledger.decisions():
+        if d.offer_id is None or not d.learnable:
+            continue
+        lines.append(json.dumps(to_dsjson(d, offers)) + "\n")
+        if len(lines) >= DSJSON_SAMPLE:
+            break
+    out = {"decisions_sample.dsjson": "".join(lines).encode()}
+    for ch in engine.channels():
+        model = engine.channel(ch).model_key
+        if engine.ledger.latest_snapshot(model) is not None or model in engine._policies:
+            out[f"policy_{ch}.snapshot"] = engine.policy(ch).serialize()
+    return out
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -525,4 +604,4 @@ class Comparison:
         return "\n".join(lines)
 
 
-__all__ = ["Arrivals", "Comparison", "RunResult", "Simulator", "make_arrivals", "mean_ci"]
+__all__ = ["Arrivals", "Comparison", "RunResult", "Simulator", "make_arrivals", "mean_ci", "run_artifacts"]
