@@ -240,10 +240,9 @@ class SqlLedger:
         return {r["name"]: ChannelConfig.from_dict(r) for r in rows}
 
     def put_setting(self, name: str, value: Any) -> None:
-        with self._tx(write=True) as c:
-            n = c.execute(update(SettingRow).where(SettingRow.name == name).values(value=value)).rowcount
-            if n == 0:
-                c.execute(insert(SettingRow).values(name=name, value=value))
+        with self._tx(write=True) as c:  # the row first (a racing first write is not an error)
+            c.execute(_insert_ignore(self._dialect, SettingRow).values(name=name, value=None))
+            c.execute(update(SettingRow).where(SettingRow.name == name).values(value=value))
             self._bump_catalog(c)
 
     def settings(self) -> dict[str, Any]:
