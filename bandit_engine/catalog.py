@@ -222,7 +222,7 @@ class Offer:
                 f"max_impressions must be an integer >= 0, got {self.max_impressions!r}"
             )
         if isinstance(self.member_cap, Mapping):
-            object.__setattr__(self, "member_cap", MemberCap(**self.member_cap))
+            object.__setattr__(self, "member_cap", MemberCap.from_dict(self.member_cap))
         elif self.member_cap is not None and not isinstance(self.member_cap, MemberCap):
             raise InvalidArgument(f"member_cap must be a MemberCap, got {self.member_cap!r}")
         try:
@@ -264,9 +264,7 @@ class Offer:
             "budget": None if self.budget_cents is None else self.budget_cents / 100,
             "features": dict(self.features),
             "max_impressions": self.max_impressions,
-            "member_cap": None
-            if self.member_cap is None
-            else {"max": self.member_cap.max, "window_days": self.member_cap.window_days},
+            "member_cap": None if self.member_cap is None else self.member_cap.to_dict(),
             "starts_at": self.starts_at,
             "ends_at": self.ends_at,
             "active": self.active,

@@ -75,7 +75,7 @@ class EngineConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
         if isinstance(self.member_cap, Mapping):
-            object.__setattr__(self, "member_cap", MemberCap(**self.member_cap))
+            object.__setattr__(self, "member_cap", MemberCap.from_dict(self.member_cap))
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
             raise InvalidArgument(f"snapshot_every must be an integer >= 1, got {self.snapshot_every!r}")
         if not (0 < self.pacing_gain < 1e6):
