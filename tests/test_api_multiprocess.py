@@ -1,8 +1,9 @@
 """A real ``bandit-engine serve --workers 4`` on PostgreSQL under 16 concurrent clients.
 
-Checks: no cap is ever breached, every acknowledged reward is in the database, and after a
+Checks: no cap is ever breached, every acknowledged reward is in the database, after a
 reward every worker serves a newer policy version within the documented delay
-(``--sync-interval`` plus slack; see :mod:`bandit_engine.api.sync`).
+(``--sync-interval`` plus slack; see :mod:`bandit_engine.api.sync`), and the workers close
+due reward windows by themselves, each exactly once, releasing the budget they held.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ CLIENTS = 16
 PAIRS_PER_CLIENT = 125  # 2 000 choose + reward pairs (4 000 requests) in total
 SYNC_INTERVAL = 0.5
 DELAY = SYNC_INTERVAL + 1.5  # documented bound used by the assertion (interval + request slack)
+EXPIRE_INTERVAL = 0.5
+PUSH_WINDOW_S = 2.0  # push decisions are never rewarded: their windows close during the run
 
 
 @pytest.fixture
@@ -42,12 +45,15 @@ def served(postgres_url: str) -> Any:
     eng.add_offer(Offer("both-d", ["email"], cost=2.0, budget=30.0, max_impressions=40,
                         features={"category": "fashion"}))  # fmt: skip
     eng.add_offer(Offer("plain-e", ["email"], cost=0.0, features={"category": "grocery"}))
+    eng.set_channel(ChannelConfig("push", policy=PolicySpec("thompson"), reward_window_days=PUSH_WINDOW_S / 86_400))
+    eng.add_offer(Offer("push-f", ["push"], cost=1.0, budget=10.0, features={"category": "toys"}))
     key = open_governance(eng).create_key("decide", name="load")[0]
     port = free_port()
     log = open(os.devnull, "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "bandit_engine.cli", "--database-url", postgres_url, "serve",
-         "--workers", "4", "--port", str(port), "--sync-interval", str(SYNC_INTERVAL)],
+         "--workers", "4", "--port", str(port), "--sync-interval", str(SYNC_INTERVAL),
+         "--expire-interval", str(EXPIRE_INTERVAL)],
         stdout=log, stderr=log,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -85,8 +91,12 @@ def test_many_workers_hold_caps_and_learn(served: Any) -> None:
         s = requests.Session()
         s.headers.update(headers)
         try:
-            for _ in range(PAIRS_PER_CLIENT):
+            for k in range(PAIRS_PER_CLIENT):
                 member = f"m-{rng.randrange(300)}"
+                if k % 5 == 0:  # a push offer nobody redeems: its reservation is held until expiry
+                    r = s.post(f"{base}/v1/choose", json={"member_id": member, "channel": "push"}, timeout=30)
+                    if r.status_code != 200:
+                        errors.append(f"push choose {r.status_code} {r.text[:200]}")
                 r = s.post(f"{base}/v1/choose", json={"member_id": member, "channel": "email"}, timeout=30)
                 if r.status_code != 200:
                     errors.append(f"choose {r.status_code} {r.text[:200]}")
@@ -156,14 +166,31 @@ def test_many_workers_hold_caps_and_learn(served: Any) -> None:
     after = versions(12)
     assert min(after) > before[0], (before, after)
 
+    # nobody called expire: the workers closed every push window that passed, releasing the
+    # budget its liability held (push-f was exhausted by liability at least once)
+    def push_offers() -> list[Any]:
+        return [d for d in eng.ledger.decisions(channel="push") if d.offer_id is not None]
+
+    deadline = time.monotonic() + PUSH_WINDOW_S + EXPIRE_INTERVAL + 10 * DELAY
+    while time.monotonic() < deadline and any(d.status != "expired" for d in push_offers()):
+        time.sleep(0.2)
+    pushed = push_offers()
+    assert pushed and {d.status for d in pushed} == {"expired"}
+    st = eng.ledger.offer_states()["push-f"]
+    assert (st.committed_cents, st.spent_cents) == (0, 0) and st.impressions >= 10
+
     # /metrics sums every worker (prometheus multiprocess mode set up by `serve`): whichever
-    # worker answers, the decision and reward counters match the database
+    # worker answers, the decision, reward and expiry counters match the database, so four
+    # workers closing windows at once closed each exactly once
     n_decisions = eng.ledger.count_decisions()
     n_recorded = len(acked) + 1
     for _ in range(6):  # several scrapes land on several workers
         text = requests.get(f"{base}/metrics", timeout=10).text
         assert _metric_sum(text, "bandit_engine_decisions_total") == n_decisions
         assert _metric_sum(text, 'bandit_engine_rewards_total{status="recorded"}') == n_recorded
+        assert _metric_sum(text, "bandit_engine_expired_decisions_total") == len(pushed)
+    r = s.post(f"{base}/v1/choose", json={"member_id": "probe-push", "channel": "push"}).json()
+    assert r["offer_id"] == "push-f", r  # its budget is free again
 
 
 def _metric_sum(text: str, prefix: str) -> float:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bandit_engine import Engine, Offer
+from bandit_engine import ChannelConfig, Engine, Offer, PolicySpec
 from bandit_engine.api import create_app
 from bandit_engine.api.sync import Syncer
 
@@ -91,3 +91,60 @@ def test_sync_interval_zero_syncs_in_the_request_and_starts_no_thread(tmp_path) 
         writer.ledger.close()
     with pytest.raises(ValueError):
         Syncer(eng, -1.0)
+
+
+@pytest.mark.parametrize("expire_interval", [0.1, 0.0])
+def test_a_worker_closes_due_reward_windows_in_the_background(tmp_path, clock, expire_interval) -> None:
+    """With no request and no cron job, the worker's thread closes windows that have passed:
+    default reward, reservation back to the budget, the miss learned; a window still open is
+    left alone, a failure is counted and retried. ``EXPIRE_INTERVAL = 0`` closes nothing."""
+    url = f"sqlite:///{tmp_path / 'expire.db'}"
+    app = create_app({"DATABASE_URL": url, "SYNC_INTERVAL": 0.05, "EXPIRE_INTERVAL": expire_interval,
+                      "SEED": 5, "CLOCK": clock})  # fmt: skip
+    eng = app.extensions["bandit_engine"]
+    syncer: Syncer = app.extensions["bandit_engine.syncer"]
+    registry = app.extensions["bandit_engine.metrics"].registry
+
+    def expired() -> float:
+        return registry.get_sample_value("bandit_engine_expired_decisions_total") or 0.0
+
+    try:
+        eng.set_channel(ChannelConfig("email", policy=PolicySpec("thompson"), reward_window_days=1))
+        eng.add_offer(Offer("o1", ["email"], cost=2.0, budget=10.0, features={"category": "home"}))
+        first = [eng.choose(f"m{i}", "email") for i in range(5)]
+        assert eng.choose("m9", "email").offer_id is None  # the budget is all liability now
+        eng.reward(first[0].event_id, 1.0)
+        clock.advance(days=0.5)
+        late = eng.choose("m0", "email")  # nothing was freed yet
+        assert late.offer_id is None
+        syncer.maybe_sync()
+        assert _until(lambda: eng.policy("email").version == 1)
+        time.sleep(0.5)  # several expiry intervals: the windows are still open
+        assert {eng.get_decision(d.event_id).status for d in first[1:]} == {"open"}
+        assert eng.ledger.offer_states()["o1"].committed_cents == 800
+
+        clock.advance(days=1)  # the four unrewarded windows have passed
+        if not expire_interval:
+            time.sleep(0.5)
+            assert {eng.get_decision(d.event_id).status for d in first[1:]} == {"open"}
+            assert expired() == 0 and eng.policy("email").version == 1
+            return
+        assert _until(lambda: expired() == 4)
+        assert {eng.get_decision(d.event_id).status for d in first[1:]} == {"expired"}
+        st = eng.ledger.offer_states()["o1"]
+        assert (st.committed_cents, st.spent_cents) == (0, 200)
+        assert _until(lambda: eng.policy("email").version == 5)  # the four misses were learned
+        assert eng.choose("m7", "email").offer_id == "o1"  # the budget is usable again
+
+        with sqlite3.connect(tmp_path / "expire.db") as db:  # the log goes away under the thread
+            db.execute("ALTER TABLE decisions RENAME TO decisions_away")
+        assert _until(lambda: (registry.get_sample_value("bandit_engine_expiry_failures_total") or 0) >= 2)
+        with sqlite3.connect(tmp_path / "expire.db") as db:
+            db.execute("ALTER TABLE decisions_away RENAME TO decisions")
+        clock.advance(days=2)
+        assert _until(lambda: expired() == 5), "the thread kept closing windows after the failures"
+    finally:
+        syncer.stop()
+        eng.ledger.close()
+    with pytest.raises(ValueError):
+        Syncer(eng, 1.0, expire_interval=-1.0)

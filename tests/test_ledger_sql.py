@@ -95,6 +95,49 @@ def test_expire_closes_more_than_one_batch(backend, request, tmp_path, clock) ->
         eng.ledger.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_concurrent_expirers_close_each_decision_once(backend, request, tmp_path, clock) -> None:
+    """Every serving worker closes due windows (``api.sync.Syncer``): four engines expiring the
+    same 1 050 due decisions at once close each exactly once (one feedback event each, the
+    reservations released once), whichever takes which rows."""
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'x.db'}"
+    eng = Engine.open(url, seed=1, clock=clock)
+    others = [Engine.open(url, seed=1, clock=clock, learn_in_process=False) for _ in range(4)]
+    try:
+        eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), reward_window_days=1))
+        eng.add_offer(catalog(1, budget=10_000.0)[0])
+        n = 1_050
+        for i in range(n):
+            eng.choose(f"m{i}", "email")
+        clock.advance(days=2)
+        counts: list[int] = []
+        errors: list[BaseException] = []
+        start = threading.Barrier(len(others))
+
+        def expirer(e: Engine) -> None:
+            try:
+                start.wait()
+                counts.append(e.expire())
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=expirer, args=(e,)) for e in others]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert sum(counts) == n and eng.expire() == 0
+        st = eng.ledger.offer_states()["offer-0"]
+        assert (st.committed_cents, st.spent_cents) == (0, 0)
+        fb = eng.ledger.feedback_after(0, 5000)
+        assert len(fb) == n and len({f.event_id for f in fb}) == n
+        assert {d.status for d in eng.ledger.decisions()} == {"expired"}
+    finally:
+        for e in (eng, *others):
+            e.ledger.close()
+
+
 def test_background_checkpoints_keep_the_sqlite_wal_off_the_request_path(tmp_path) -> None:
     """Serving ledgers never checkpoint inside a commit; the checkpointer thread copies the WAL
     into the database file on its own, and stops with the ledger."""

@@ -16,13 +16,20 @@ from flask import Flask, Response, current_app, g, request
 from ..engine import Engine, EngineConfig
 from ..governance import Governance
 from .errors import register_error_handlers
-from .sync import DEFAULT_GAP_GRACE, DEFAULT_SYNC_INTERVAL, GapSafeLedger, Syncer
+from .sync import (
+    DEFAULT_EXPIRE_INTERVAL,
+    DEFAULT_GAP_GRACE,
+    DEFAULT_SYNC_INTERVAL,
+    GapSafeLedger,
+    Syncer,
+)
 from .validate import MAX_BODY_BYTES
 
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "sqlite:///bandit.db",
     "SEED": 0,
     "SYNC_INTERVAL": DEFAULT_SYNC_INTERVAL,  # seconds between policy syncs per worker
+    "EXPIRE_INTERVAL": DEFAULT_EXPIRE_INTERVAL,  # seconds between closings of due reward windows
     "GAP_GRACE": DEFAULT_GAP_GRACE,
     "CLOCK": None,  # an injected Clock (tests, simulations)
 }
@@ -52,8 +59,8 @@ def open_governance(engine: Engine) -> Governance:
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app. ``config`` keys: DATABASE_URL, SEED, SYNC_INTERVAL, GAP_GRACE, CLOCK,
-    or ENGINE (a ready Engine, for tests)."""
+    """Build the app. ``config`` keys: DATABASE_URL, SEED, SYNC_INTERVAL, EXPIRE_INTERVAL,
+    GAP_GRACE, CLOCK, or ENGINE (a ready Engine, for tests)."""
     app = Flask(__name__)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
@@ -69,7 +76,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
     metrics = app.extensions["bandit_engine.metrics"] = Metrics(eng)
     app.extensions["bandit_engine.syncer"] = Syncer(
-        eng, float(app.config["SYNC_INTERVAL"]), on_error=metrics.sync_failures.inc
+        eng, float(app.config["SYNC_INTERVAL"]), expire_interval=float(app.config["EXPIRE_INTERVAL"]),
+        on_error=metrics.sync_failures.inc, on_expired=metrics.expired.inc,
+        on_expiry_error=metrics.expiry_failures.inc,
     )
     register_error_handlers(app)
 

@@ -105,8 +105,13 @@ def multiprocess_metrics() -> Iterator[None]:
 @click.option("--sync-interval", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between policy syncs from the feedback log, per worker (a "
                    "background thread; 0 syncs in the request before every choose).")
+@click.option("--expire-interval", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between closings of due reward windows by each worker's background "
+                   "thread (default reward, reservation released); 0 leaves it to "
+                   "`bandit-engine expire`. Needs --sync-interval > 0.")
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float) -> None:
+def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float,
+          expire_interval: float) -> None:
     """Serve the HTTP API with gunicorn."""
     with multiprocess_metrics():
         from . import open_engine
@@ -114,7 +119,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval:
         url = _url(ctx)
         _gov(url)  # create or upgrade the schema once, before the workers start
         open_engine(url).ledger.close()  # and the default channels, so workers never race on them
-        serve_app({"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval}, host, port, workers)
+        config = {"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval, "EXPIRE_INTERVAL": expire_interval}
+        serve_app(config, host, port, workers)
 
 
 @click.group()

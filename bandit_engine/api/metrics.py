@@ -58,6 +58,14 @@ class Metrics:
             "bandit_engine_policy_sync_failures", "Background policy syncs from the feedback log "
             "that failed (the worker keeps deciding with the policies it has)", registry=r,
         )
+        self.expired = Counter(
+            "bandit_engine_expired_decisions", "Decisions whose reward window this process closed "
+            "(default reward learned, reservation released)", registry=r,
+        )
+        self.expiry_failures = Counter(
+            "bandit_engine_expiry_failures", "Background closings of due reward windows that "
+            "failed (retried at the next expiry interval)", registry=r,
+        )
         r.register(_BudgetCollector(engine))
 
     def observe_decision(self, d: Any) -> None:

@@ -14,6 +14,15 @@ Design (documented in the README's HTTP section):
   every channel's model, so the first decisions do not wait for a snapshot restore either.
   With ``sync_interval = 0`` the sync runs in the request before every choose instead
   (deterministic; what the tests' in-process apps use).
+* The same thread closes reward windows: every ``expire_interval`` seconds (default 60 s, and once
+  at start) it calls ``engine.expire()``, so a decision whose window passed without a reward
+  gets its channel's default reward, its reservation goes back to the budget, and the miss is
+  learned by the next sync, with no cron job to forget (a forgotten one would leave budgets
+  held by liability for ever and models that never hear of a miss). Every worker does it; on
+  PostgreSQL the workers split the due rows (``FOR UPDATE SKIP LOCKED``) instead of queueing
+  behind each other, and on SQLite expiry takes the write lock like any writer. A window
+  closes at most ``expire_interval`` (+ ``interval``) late; a reward arriving meanwhile is
+  rejected all the same (the deadline, not the status, decides).
 * ``bandit-engine learner`` runs the same replay in one process and writes a snapshot when
   something was learned (at most every ``--every`` seconds), so a (re)starting worker restores
   the latest snapshot and replays only the tail.
@@ -37,6 +46,7 @@ from ..ledger.records import Feedback
 
 DEFAULT_SYNC_INTERVAL = 1.0
 DEFAULT_GAP_GRACE = 2.0
+DEFAULT_EXPIRE_INTERVAL = 60.0
 # events learned per hold of the engine lock by the background sync: ~1-5 ms of learning
 SYNC_CHUNK = 64
 log = logging.getLogger("bandit_engine.sync")
@@ -95,19 +105,31 @@ class Syncer:
     of ``chunk`` events. :meth:`maybe_sync` (called before every choose) only makes sure that
     thread runs in this process (a thread does not survive ``fork``). A failed sync (the
     database away) is logged, reported to ``on_error`` and retried next interval; requests
-    go on deciding with the policies they have.
+    go on deciding with the policies they have. The thread also closes due reward windows,
+    at start and then every ``expire_interval`` seconds (0: never; ``bandit-engine expire`` does
+    it by hand), reporting how many it closed to ``on_expired`` and a failure to
+    ``on_expiry_error``.
 
-    ``interval == 0``: :meth:`maybe_sync` syncs in the calling thread, every time.
+    ``interval == 0``: :meth:`maybe_sync` syncs in the calling thread, every time, and nothing
+    expires by itself (a deterministic mode for tests and single-threaded embedding).
     """
 
     def __init__(self, engine: Any, interval: float = DEFAULT_SYNC_INTERVAL, *, chunk: int = SYNC_CHUNK,
-                 on_error: Callable[[], None] | None = None) -> None:
+                 expire_interval: float = DEFAULT_EXPIRE_INTERVAL,
+                 on_error: Callable[[], None] | None = None,
+                 on_expired: Callable[[int], None] | None = None,
+                 on_expiry_error: Callable[[], None] | None = None) -> None:  # fmt: skip
         if not interval >= 0:
             raise ValueError(f"sync interval must be >= 0 seconds, got {interval!r}")
+        if not expire_interval >= 0:
+            raise ValueError(f"expiry interval must be >= 0 seconds, got {expire_interval!r}")
         self.engine = engine
         self.interval = interval
         self.chunk = chunk
+        self.expire_interval = expire_interval
         self.on_error = on_error  # called after a failed background sync (a metrics counter)
+        self.on_expired = on_expired
+        self.on_expiry_error = on_expiry_error
         self._pid: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,7 +163,11 @@ class Syncer:
             thread.join(timeout)
 
     def _loop(self, stop: threading.Event) -> None:
+        next_expiry = time.monotonic()  # at once: what came due while no worker ran
         while not stop.is_set():
+            if self.expire_interval > 0 and time.monotonic() >= next_expiry:
+                next_expiry = time.monotonic() + self.expire_interval
+                self._expire()
             try:
                 self.engine.sync(chunk=self.chunk)
             except Exception:  # the database away: keep serving, retry next interval
@@ -149,3 +175,14 @@ class Syncer:
                     self.on_error()
                 log.exception("policy sync from the feedback log failed; retrying in %.1f s", self.interval)
             stop.wait(self.interval)
+
+    def _expire(self) -> None:
+        try:
+            n = self.engine.expire()
+        except Exception:  # the database away: retried at the next expiry interval
+            if self.on_expiry_error is not None:
+                self.on_expiry_error()
+            log.exception("closing due reward windows failed; retrying in %.0f s", self.expire_interval)
+            return
+        if self.on_expired is not None:
+            self.on_expired(n)

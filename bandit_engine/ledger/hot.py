@@ -267,7 +267,8 @@ class HotPath:
                 "decision_lock": _SELECT_DECISION + (" FOR UPDATE" if self._pg else ""),
                 "history": _HISTORY, "all_states": _ALL_STATES,
                 "decisions_in": _DECISIONS_IN + any_of, "feedback_after": _FEEDBACK_AFTER,
-                "due": _DUE + (" FOR UPDATE" if self._pg else ""),
+                # concurrent expirers (every serving worker) split the due rows
+                "due": _DUE + (" FOR UPDATE SKIP LOCKED" if self._pg else ""),
                 "states": _STATES + ids_in, "read_state": _READ_STATE.format(ids=ids_in),
                 "reserve": _RESERVE, "insert_decision": _INSERT_DECISION,
                 "reserve_and_insert": _RESERVE_AND_INSERT,
