@@ -496,19 +496,32 @@ class Engine:
             if self._since_snapshot >= self.config.snapshot_every:
                 self.snapshot()
 
-    def snapshot(self) -> int:
-        """Checkpoint every loaded policy. Returns how many snapshots were written."""
+    def snapshot(self, *, if_newer: bool = False) -> int:
+        """Checkpoint every loaded policy. Returns how many snapshots were written.
+
+        ``if_newer``: skip a model that has learned nothing, or whose latest stored snapshot
+        (another worker's, say) already reaches as far into the log. The policies are serialized under
+        the engine's lock and written after it is released, so a request waits for the
+        serialization only, not for the database."""
         with self._lock:
             now = self.clock.now_ms()
-            n = 0
-            for model, cp in self._policies.items():  # a channel, or "*group:<model_group>"
-                self.ledger.save_snapshot(
-                    Snapshot(model, cp.spec_key, cp.policy.version, cp.applied_seq,
-                             cp.policy.serialize(), now)  # fmt: skip
-                )
-                n += 1
+            snaps = [
+                Snapshot(model, cp.spec_key, cp.policy.version, cp.applied_seq, cp.policy.serialize(), now)
+                for model, cp in self._policies.items()  # a channel, or "*group:<model_group>"
+            ]
             self._since_snapshot = 0
-            return n
+        n = 0
+        for snap in snaps:
+            if not (if_newer and self._covered(snap)):
+                self.ledger.save_snapshot(snap)
+                n += 1
+        return n
+
+    def _covered(self, s: Snapshot) -> bool:
+        """Whether the stored checkpoints already reach as far into the log as ``s``."""
+        stored = self.ledger.latest_snapshot(s.channel)
+        reached = stored.feedback_seq if stored is not None and stored.policy_name == s.policy_name else 0
+        return reached >= s.feedback_seq
 
     # choose ----------------------------------------------------------------------------------
     def in_holdout(self, member_id: str, channel: str) -> bool:

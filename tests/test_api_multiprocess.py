@@ -3,7 +3,8 @@
 Checks: no cap is ever breached, every acknowledged reward is in the database, after a
 reward every worker serves a newer policy version within the documented delay
 (``--sync-interval`` plus slack; see :mod:`bandit_engine.api.sync`), and the workers close
-due reward windows by themselves, each exactly once, releasing the budget they held.
+due reward windows by themselves, each exactly once, releasing the budget they held, and
+checkpoint their policies with no learner process running.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def served(postgres_url: str) -> Any:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bandit_engine.cli", "--database-url", postgres_url, "serve",
          "--workers", "4", "--port", str(port), "--sync-interval", str(SYNC_INTERVAL),
-         "--expire-interval", str(EXPIRE_INTERVAL)],
+         "--expire-interval", str(EXPIRE_INTERVAL), "--snapshot-interval", "1"],
         stdout=log, stderr=log,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -191,6 +192,10 @@ def test_many_workers_hold_caps_and_learn(served: Any) -> None:
         assert _metric_sum(text, "bandit_engine_expired_decisions_total") == len(pushed)
     r = s.post(f"{base}/v1/choose", json={"member_id": "probe-push", "channel": "push"}).json()
     assert r["offer_id"] == "push-f", r  # its budget is free again
+
+    # with no learner process, the workers checkpointed what they learned
+    snap = eng.ledger.latest_snapshot("email")
+    assert snap is not None and snap.feedback_seq > len(acked) / 2, snap and snap.feedback_seq
 
 
 def _metric_sum(text: str, prefix: str) -> float:

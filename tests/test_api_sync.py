@@ -60,7 +60,7 @@ def test_a_worker_learns_in_the_background_and_survives_a_database_failure(tmp_p
 
         with sqlite3.connect(tmp_path / "sync.db") as db:  # the log goes away under the thread
             db.execute("ALTER TABLE feedback RENAME TO feedback_away")
-        assert _until(lambda: (registry.get_sample_value("bandit_engine_policy_sync_failures_total") or 0) >= 2)
+        assert _until(lambda: (registry.get_sample_value("bandit_engine_background_failures_total", {"task": "sync"}) or 0) >= 2)
         with sqlite3.connect(tmp_path / "sync.db") as db:
             db.execute("ALTER TABLE feedback_away RENAME TO feedback")
         rewards(25, 40)
@@ -138,7 +138,7 @@ def test_a_worker_closes_due_reward_windows_in_the_background(tmp_path, clock, e
 
         with sqlite3.connect(tmp_path / "expire.db") as db:  # the log goes away under the thread
             db.execute("ALTER TABLE decisions RENAME TO decisions_away")
-        assert _until(lambda: (registry.get_sample_value("bandit_engine_expiry_failures_total") or 0) >= 2)
+        assert _until(lambda: (registry.get_sample_value("bandit_engine_background_failures_total", {"task": "expire"}) or 0) >= 2)
         with sqlite3.connect(tmp_path / "expire.db") as db:
             db.execute("ALTER TABLE decisions_away RENAME TO decisions")
         clock.advance(days=2)
@@ -148,3 +148,67 @@ def test_a_worker_closes_due_reward_windows_in_the_background(tmp_path, clock, e
         eng.ledger.close()
     with pytest.raises(ValueError):
         Syncer(eng, 1.0, expire_interval=-1.0)
+
+
+def test_a_worker_checkpoints_what_it_learned_so_a_restart_replays_only_the_tail(tmp_path) -> None:
+    """With no learner process, the worker's thread writes a snapshot once it has learned past
+    the stored one (and not otherwise); a restarted engine restores it and replays nothing;
+    a failed checkpoint is counted and retried."""
+    path = tmp_path / "snap.db"
+    url = f"sqlite:///{path}"
+    writer = Engine.open(url, seed=11, snapshot_every=10**6)  # the reference; writes no snapshot
+    app = create_app({"DATABASE_URL": url, "SYNC_INTERVAL": 0.05, "SNAPSHOT_INTERVAL": 0.2,
+                      "EXPIRE_INTERVAL": 0, "SEED": 11})  # fmt: skip
+    eng = app.extensions["bandit_engine"]
+    syncer: Syncer = app.extensions["bandit_engine.syncer"]
+    registry = app.extensions["bandit_engine.metrics"].registry
+
+    def rewards(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            d = writer.choose(f"m{i % 9}", "email", {"tier": ("gold", "silver")[i % 2]})
+            writer.reward(d.event_id, float(i % 3 == 0))
+
+    def stored_seq() -> int:
+        snap = eng.ledger.latest_snapshot("email")
+        return -1 if snap is None else snap.feedback_seq
+
+    def rows() -> int:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT count(*) FROM snapshots").fetchone()[0]
+
+    try:
+        for i, cat in enumerate(("home", "toys", "beauty")):
+            writer.add_offer(Offer(f"o{i}", ["email"], cost=1.0, features={"category": cat}))
+        rewards(40, 0)
+        syncer.maybe_sync()
+        assert _until(lambda: stored_seq() == 40)
+        snap = eng.ledger.latest_snapshot("email")
+        assert snap.version == 40 and snap.data == writer.policy("email").serialize()
+        written = rows()
+        time.sleep(0.7)  # three checkpoint turns with nothing new learned: nothing written
+        assert rows() == written
+
+        rewards(10, 40)
+        assert _until(lambda: stored_seq() == 50)
+        fresh = Engine.open(url, seed=11, learn_in_process=False)
+        replayed: list[int] = []
+        read = fresh.ledger.feedback_after
+        fresh.ledger.feedback_after = lambda seq, limit: replayed.extend(f.seq for f in read(seq, limit)) or read(seq, limit)  # type: ignore[method-assign]
+        try:
+            assert fresh.policy("email").version == 50
+            assert replayed == [] and fresh.policy("email").serialize() == writer.policy("email").serialize()
+        finally:
+            fresh.ledger.close()
+
+        with sqlite3.connect(path) as db:  # the checkpoints' table goes away under the thread
+            db.execute("ALTER TABLE snapshots RENAME TO snapshots_away")
+        rewards(5, 50)
+        failures = {"task": "snapshot"}
+        assert _until(lambda: (registry.get_sample_value("bandit_engine_background_failures_total", failures) or 0) >= 1)
+        with sqlite3.connect(path) as db:
+            db.execute("ALTER TABLE snapshots_away RENAME TO snapshots")
+        assert _until(lambda: stored_seq() == 55), "the thread kept checkpointing after the failure"
+    finally:
+        syncer.stop()
+        eng.ledger.close()
+        writer.ledger.close()

@@ -19,6 +19,7 @@ from .errors import register_error_handlers
 from .sync import (
     DEFAULT_EXPIRE_INTERVAL,
     DEFAULT_GAP_GRACE,
+    DEFAULT_SNAPSHOT_INTERVAL,
     DEFAULT_SYNC_INTERVAL,
     GapSafeLedger,
     Syncer,
@@ -30,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "SEED": 0,
     "SYNC_INTERVAL": DEFAULT_SYNC_INTERVAL,  # seconds between policy syncs per worker
     "EXPIRE_INTERVAL": DEFAULT_EXPIRE_INTERVAL,  # seconds between closings of due reward windows
+    "SNAPSHOT_INTERVAL": DEFAULT_SNAPSHOT_INTERVAL,  # seconds between policy checkpoints
     "GAP_GRACE": DEFAULT_GAP_GRACE,
     "CLOCK": None,  # an injected Clock (tests, simulations)
 }
@@ -60,7 +62,7 @@ def open_governance(engine: Engine) -> Governance:
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``config`` keys: DATABASE_URL, SEED, SYNC_INTERVAL, EXPIRE_INTERVAL,
-    GAP_GRACE, CLOCK, or ENGINE (a ready Engine, for tests)."""
+    SNAPSHOT_INTERVAL, GAP_GRACE, CLOCK, or ENGINE (a ready Engine, for tests)."""
     app = Flask(__name__)
     app.config.update(DEFAULTS)
     app.config.update(config or {})
@@ -77,8 +79,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     metrics = app.extensions["bandit_engine.metrics"] = Metrics(eng)
     app.extensions["bandit_engine.syncer"] = Syncer(
         eng, float(app.config["SYNC_INTERVAL"]), expire_interval=float(app.config["EXPIRE_INTERVAL"]),
-        on_error=metrics.sync_failures.inc, on_expired=metrics.expired.inc,
-        on_expiry_error=metrics.expiry_failures.inc,
+        snapshot_interval=float(app.config["SNAPSHOT_INTERVAL"]),
+        on_error=metrics.background_failed,
+        on_expired=metrics.expired.inc,
     )
     register_error_handlers(app)
 

@@ -109,9 +109,13 @@ def multiprocess_metrics() -> Iterator[None]:
               help="Seconds between closings of due reward windows by each worker's background "
                    "thread (default reward, reservation released); 0 leaves it to "
                    "`bandit-engine expire`. Needs --sync-interval > 0.")
+@click.option("--snapshot-interval", default=300.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between policy checkpoints written by each worker's background "
+                   "thread when it has learned something new, so restarts replay only the log's "
+                   "tail; 0 leaves them to `bandit-engine learner`. Needs --sync-interval > 0.")
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval: float,
-          expire_interval: float) -> None:
+          expire_interval: float, snapshot_interval: float) -> None:
     """Serve the HTTP API with gunicorn."""
     with multiprocess_metrics():
         from . import open_engine
@@ -119,7 +123,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval:
         url = _url(ctx)
         _gov(url)  # create or upgrade the schema once, before the workers start
         open_engine(url).ledger.close()  # and the default channels, so workers never race on them
-        config = {"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval, "EXPIRE_INTERVAL": expire_interval}
+        config = {"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval,
+                  "EXPIRE_INTERVAL": expire_interval, "SNAPSHOT_INTERVAL": snapshot_interval}
         serve_app(config, host, port, workers)
 
 

@@ -54,19 +54,20 @@ class Metrics:
         )
         self.latency = Histogram("bandit_engine_request_seconds", "Request latency by route",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.sync_failures = Counter(
-            "bandit_engine_policy_sync_failures", "Background policy syncs from the feedback log "
-            "that failed (the worker keeps deciding with the policies it has)", registry=r,
+        self.background_failures = Counter(
+            "bandit_engine_background_failures", "Failed runs of a worker's background tasks: "
+            "sync (policies from the feedback log), expire (due reward windows), snapshot "
+            "(policy checkpoints); each is retried at its next turn and the worker keeps deciding",
+            ["task"], registry=r,
         )
         self.expired = Counter(
             "bandit_engine_expired_decisions", "Decisions whose reward window this process closed "
             "(default reward learned, reservation released)", registry=r,
         )
-        self.expiry_failures = Counter(
-            "bandit_engine_expiry_failures", "Background closings of due reward windows that "
-            "failed (retried at the next expiry interval)", registry=r,
-        )
         r.register(_BudgetCollector(engine))
+
+    def background_failed(self, task: str) -> None:
+        self.background_failures.labels(task).inc()
 
     def observe_decision(self, d: Any) -> None:
         self.decisions.labels(d.channel, d.group, "offer" if d.offer_id else "none").inc()
