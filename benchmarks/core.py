@@ -8,6 +8,10 @@ on the in-memory and SQLite ledgers, against floors measured in the same run:
 * VW: bare ``vowpal_wabbit_next`` parse + predict_one + learn_one on the same example text.
 * A heavy member: Thompson chooses for one member with 1 000 exposures in the history window,
   against the same engine's chooses for fresh members (SQLite).
+* Expiry under load (PostgreSQL, when ``BANDIT_ENGINE_TEST_POSTGRES_URL`` or
+  ``BANDIT_ENGINE_BENCH_POSTGRES_URL`` is set): chooses per second on one offer while another
+  engine expires 4 000 of its decisions (what every serving worker now does in the
+  background), against the same chooses alone.
 * Peer: mabwiser LinTS, one decision at a time (predict + partial_fit), as a data scientist
   would otherwise run it.
 """
@@ -98,6 +102,47 @@ def heavy_member_loop(url: str, n: int, exposures: int = 1000) -> tuple[float, f
             eng.choose(member(i), "email", ctx)
         rates.append(n / (time.perf_counter() - t))
     eng.ledger.close()
+    return rates[0], rates[1]
+
+
+def expiry_contention_loop(url: str, n: int, seconds: float = 1.5) -> tuple[float, float]:
+    """Chooses per second on one offer alone, then while ``n`` of its decisions expire."""
+    import threading
+
+    clock = ManualClock()
+    eng = Engine.open(url, clock=clock, seed=1)
+    eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), reward_window_days=1))
+    eng.add_offer(Offer("o", ["email"], cost=1.0, budget=1e7))
+    for i in range(n):
+        eng.choose(f"m{i}", "email")
+    clock.advance(days=2)
+    # the chooser's decisions are issued after the expirer's "now", so they never come due
+    chooser = Engine.open(url, clock=ManualClock(start_ms=clock.now_ms() + 10**9), seed=1,
+                          learn_in_process=False)  # fmt: skip
+    counter = [0]
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            chooser.choose(f"x{counter[0]}", "email")
+            counter[0] += 1
+
+    rates = []
+    for expiring in (False, True):
+        stop.clear()
+        counter[0] = 0
+        th = threading.Thread(target=loop)
+        t = time.perf_counter()
+        th.start()
+        if expiring:
+            eng.expire()
+        else:
+            time.sleep(seconds)
+        stop.set()
+        th.join()
+        rates.append(counter[0] / (time.perf_counter() - t))
+    eng.ledger.close()
+    chooser.ledger.close()
     return rates[0], rates[1]
 
 
@@ -205,6 +250,23 @@ def run(quick: bool = False) -> list[dict]:
             "policy": "thompson, choose for a member with 1 000 exposures", "ledger": "sqlite",
             "decisions": heavy_n, "decisions_per_s": heavy, "floor": "the same, fresh members",
             "floor_per_s": fresh, "ratio_to_floor": heavy / fresh,
+        })  # fmt: skip
+    from .http import _postgres_schema
+
+    pg = _postgres_schema()
+    if pg is not None:
+        import psycopg
+
+        expiring = 1000 if quick else 4000
+        try:
+            alone, during = expiry_contention_loop(pg[0], expiring)
+        finally:
+            with psycopg.connect(pg[1], autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{pg[2]}" CASCADE')
+        rows.append({
+            "policy": f"uniform, chooses on one offer while {expiring:,} of its decisions expire",
+            "ledger": "postgres", "decisions": expiring, "decisions_per_s": during,
+            "floor": "the same chooses alone", "floor_per_s": alone, "ratio_to_floor": during / alone,
         })  # fmt: skip
     peer_n = 300 if quick else 1500
     peer = peer_mabwiser(peer_n)

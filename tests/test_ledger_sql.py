@@ -15,7 +15,7 @@ import uuid
 import psycopg
 import pytest
 
-from bandit_engine import ChannelConfig, Engine, PolicySpec
+from bandit_engine import ChannelConfig, Engine, Offer, PolicySpec
 from bandit_engine.engine import EngineConfig
 from bandit_engine.ledger.sql import SqlLedger
 from tests.conftest import _psycopg_url, catalog
@@ -98,17 +98,24 @@ def test_expire_closes_more_than_one_batch(backend, request, tmp_path, clock) ->
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_concurrent_expirers_close_each_decision_once(backend, request, tmp_path, clock) -> None:
     """Every serving worker closes due windows (``api.sync.Syncer``): four engines expiring the
-    same 1 050 due decisions at once close each exactly once (one feedback event each, the
-    reservations released once), whichever takes which rows."""
+    same 2 000 due decisions at once close each exactly once (one feedback event each, the
+    reservations released once), whichever takes which rows. The decisions are on two offers,
+    and each batch of 500 starts on the offer the previous batch ends with: expirers that
+    updated an offer's counters per decision, in log order, would lock the two offers' rows in
+    opposite orders and deadlock on PostgreSQL."""
     url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'x.db'}"
     eng = Engine.open(url, seed=1, clock=clock)
     others = [Engine.open(url, seed=1, clock=clock, learn_in_process=False) for _ in range(4)]
     try:
-        eng.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), reward_window_days=1))
-        eng.add_offer(catalog(1, budget=10_000.0)[0])
-        n = 1_050
+        for ch in ("email", "push"):
+            eng.set_channel(ChannelConfig(ch, policy=PolicySpec("uniform"), reward_window_days=1))
+        eng.add_offer(Offer("o-email", ["email"], cost=1.0, budget=10_000.0))
+        eng.add_offer(Offer("o-push", ["push"], cost=1.0, budget=10_000.0))
+        n = 2_000
         for i in range(n):
-            eng.choose(f"m{i}", "email")
+            block, k = divmod(i, 500)
+            ch = ("email", "push")[(block + (k > 0)) % 2]  # blocks: e p p ... p, p e e ... e, ...
+            eng.choose(f"m{i}", ch)
         clock.advance(days=2)
         counts: list[int] = []
         errors: list[BaseException] = []
@@ -128,8 +135,9 @@ def test_concurrent_expirers_close_each_decision_once(backend, request, tmp_path
             t.join()
         assert not errors, errors
         assert sum(counts) == n and eng.expire() == 0
-        st = eng.ledger.offer_states()["offer-0"]
-        assert (st.committed_cents, st.spent_cents) == (0, 0)
+        for oid in ("o-email", "o-push"):
+            st = eng.ledger.offer_states()[oid]
+            assert (st.committed_cents, st.spent_cents, st.settled_cents) == (0, 0, 100 * st.impressions)
         fb = eng.ledger.feedback_after(0, 5000)
         assert len(fb) == n and len({f.event_id for f in fb}) == n
         assert {d.status for d in eng.ledger.decisions()} == {"expired"}

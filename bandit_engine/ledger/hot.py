@@ -682,18 +682,29 @@ class HotPath:
         return self._run(op, write=True)
 
     def expire(self, now_ms: int, default_rewards: Mapping[str, float], batch: int = 500) -> list[Feedback]:
-        """Close every open decision past its deadline, ``batch`` per transaction."""
+        """Close every open decision past its deadline, ``batch`` per transaction, each offer's
+        counters updated once per transaction."""
 
         def op(conn: Any) -> tuple[int, list[Feedback]]:
             self._begin(conn, True)
             rows = self._q(conn, "due", {"now": now_ms, "limit": batch}).fetchall()
             fbs = []
+            deltas: dict[str, OfferDelta] = {}
             for row in rows:
                 d = decision_from_row(row)
                 new, delta, fb_reward = settle_expiry(d, default_rewards.get(d.channel, 0.0))
-                fb = self._settle(conn, new, delta, fb_reward)
-                if fb is not None:
-                    fbs.append(fb)
+                self._update_decision(conn, new)
+                if new.offer_id is not None:
+                    deltas[new.offer_id] = deltas.get(new.offer_id, OfferDelta()) + delta
+                if fb_reward is not None:
+                    fbs.append(self._insert_feedback(conn, new, fb_reward, settlement_kind(new)))
+            # the offers' rows, which every choose updates, last and in one order: each is
+            # locked for the commit only, and concurrent expirers cannot deadlock on them
+            for oid, delta in sorted(deltas.items()):
+                if delta == OfferDelta():
+                    continue
+                self._q(conn, "apply", {"oid": oid, "d_spent": delta.spent,
+                                        "d_committed": delta.committed, "d_settled": delta.settled})  # fmt: skip
             conn.execute("COMMIT")
             return len(rows), fbs
 

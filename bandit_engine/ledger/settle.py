@@ -17,6 +17,9 @@ class OfferDelta:
     committed: int = 0
     settled: int = 0
 
+    def __add__(self, other: OfferDelta) -> OfferDelta:
+        return OfferDelta(self.spent + other.spent, self.committed + other.committed, self.settled + other.settled)
+
 
 def _delta(old: Decision, new: Decision) -> OfferDelta:
     held_before = old.reserved_cents - old.spent_cents
