@@ -177,6 +177,17 @@ class MemberCap:
     def to_dict(self) -> dict[str, Any]:
         return {"max": self.max, "window_days": self.window_days}
 
+    @classmethod
+    def coerce(cls, value: MemberCap | Mapping[str, Any] | None) -> MemberCap | None:
+        """A cap given as a MemberCap, its ``{max, window_days}`` mapping, or None (no cap)."""
+        if value is None or isinstance(value, MemberCap):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise InvalidArgument(
+            f"member_cap must be a MemberCap, a {{max, window_days}} mapping or None, got {value!r}"
+        )
+
 
 @dataclass(frozen=True, eq=True)
 class Offer:
@@ -221,10 +232,7 @@ class Offer:
             raise InvalidArgument(
                 f"max_impressions must be an integer >= 0, got {self.max_impressions!r}"
             )
-        if isinstance(self.member_cap, Mapping):
-            object.__setattr__(self, "member_cap", MemberCap.from_dict(self.member_cap))
-        elif self.member_cap is not None and not isinstance(self.member_cap, MemberCap):
-            raise InvalidArgument(f"member_cap must be a MemberCap, got {self.member_cap!r}")
+        object.__setattr__(self, "member_cap", MemberCap.coerce(self.member_cap))
         try:
             object.__setattr__(self, "starts_at", to_ms(self.starts_at))
             object.__setattr__(self, "ends_at", to_ms(self.ends_at))

@@ -74,8 +74,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidArgument(f"seed must be an integer, got {self.seed!r}")
-        if isinstance(self.member_cap, Mapping):
-            object.__setattr__(self, "member_cap", MemberCap.from_dict(self.member_cap))
+        object.__setattr__(self, "member_cap", MemberCap.coerce(self.member_cap))
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 1:
             raise InvalidArgument(f"snapshot_every must be an integer >= 1, got {self.snapshot_every!r}")
         if not (0 < self.pacing_gain < 1e6):
@@ -200,13 +199,12 @@ class Engine:
                 for c in o.channels:
                     by_channel.setdefault(c, []).append(o)
             settings = self.ledger.settings()
-            stored = settings.get("member_cap")
             self._catalog = cat = _Catalog(
                 version, offers, by_channel, self.ledger.channels(),
                 category_of={i: o.category for i, o in offers.items()},
                 member_cap=(
                     self.config.member_cap if "member_cap" not in settings
-                    else None if stored is None else MemberCap.from_dict(stored)
+                    else MemberCap.coerce(settings["member_cap"])
                 ),
             )  # fmt: skip
         cat.checked_at = now
@@ -230,10 +228,7 @@ class Engine:
         """Store the engine-wide member cap (None: no cap) in the ledger, for every engine on it
         (workers pick it up with the catalog, within ``catalog_refresh_seconds``). Through the
         HTTP API it is a governed setting: it changes only by an approved change request."""
-        if isinstance(cap, Mapping):
-            cap = MemberCap.from_dict(cap)
-        elif cap is not None and not isinstance(cap, MemberCap):
-            raise InvalidArgument(f"member_cap must be a MemberCap, a mapping or None, got {cap!r}")
+        cap = MemberCap.coerce(cap)
         self.ledger.put_setting("member_cap", None if cap is None else cap.to_dict())
         self._refresh_catalog(force=True)
 
@@ -500,9 +495,9 @@ class Engine:
         """Checkpoint every loaded policy. Returns how many snapshots were written.
 
         ``if_newer``: skip a model that has learned nothing, or whose latest stored snapshot
-        (another worker's, say) already reaches as far into the log. The policies are serialized under
-        the engine's lock and written after it is released, so a request waits for the
-        serialization only, not for the database."""
+        (another worker's, say) already reaches as far into the log. The policies are
+        serialized under the engine's lock and written after it is released, so a request
+        waits for the serialization only, not for the database."""
         with self._lock:
             now = self.clock.now_ms()
             snaps = [

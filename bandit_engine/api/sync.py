@@ -14,10 +14,10 @@ Design (documented in the README's HTTP section):
   every channel's model, so the first decisions do not wait for a snapshot restore either.
   With ``sync_interval = 0`` the sync runs in the request before every choose instead
   (deterministic; what the tests' in-process apps use).
-* The same thread closes reward windows: every ``expire_interval`` seconds (default 60 s, and once
-  at start) it calls ``engine.expire()``, so a decision whose window passed without a reward
-  gets its channel's default reward, its reservation goes back to the budget, and the miss is
-  learned by the next sync, with no cron job to forget (a forgotten one would leave budgets
+* The same thread closes reward windows: every ``expire_interval`` seconds (default 60 s,
+  and once at start) it calls ``engine.expire()``, so a decision whose window passed without
+  a reward gets its channel's default reward, its reservation goes back to the budget, and the
+  miss is learned by the next sync, with no cron job to forget (a forgotten one would leave budgets
   held by liability for ever and models that never hear of a miss). Every worker does it; on
   PostgreSQL the workers split the due rows (``FOR UPDATE SKIP LOCKED``) instead of queueing
   behind each other, and on SQLite expiry takes the write lock like any writer. A window
@@ -27,8 +27,8 @@ Design (documented in the README's HTTP section):
   snapshot of each model it has learned further than the latest stored one, so a (re)starting
   worker restores it and replays only the tail (a replay from the start learns 10 000 to
   17 000 events a second, so without checkpoints a start would take a minute more per
-  0.6-1 million events of history). With several workers each writes its own, identical ones for the same log position
-  (the ledger keeps the 3 newest per model). ``bandit-engine learner`` does the same replay
+  0.6-1 million events of history). With several workers each writes its own, identical ones
+  for the same log position (the ledger keeps the 3 newest per model). ``bandit-engine learner`` does the same replay
   and checkpointing in one process, for deployments that keep serving workers from writing
   them (``--snapshot-interval 0``).
 * PostgreSQL hands out feedback sequence numbers before commit, so a reader can see seq N+1

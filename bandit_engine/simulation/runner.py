@@ -217,8 +217,8 @@ class Simulator:
         world, arr = self.world(seed)
         world.reset()
         clock = ManualClock(s.start_ms)
-        if member_cap is None and not unconstrained and s.member_cap is not None:
-            member_cap = MemberCap.from_dict(s.member_cap)
+        if member_cap is None and not unconstrained:
+            member_cap = MemberCap.coerce(s.member_cap)
         engine = Engine.open("memory://", clock=clock, seed=seed, member_cap=member_cap)
         offers = self.offers(unconstrained=unconstrained, paced=paced)
         for o in offers:
@@ -431,7 +431,7 @@ class Simulator:
                 on_run(r)
         for entry in self.scenario.policies:
             learning = entry.family is not None and entry.family not in ("fixed",)
-            cap = None if entry.member_cap is None else MemberCap.from_dict(entry.member_cap)
+            cap = MemberCap.coerce(entry.member_cap)
             r = self.run(entry.name, self.spec_for(entry, seed), seed, learning=learning,
                          keep_engine=keep_engines, artifacts=artifacts, progress=progress,
                          paced=entry.pacing, member_cap=cap, model_group=entry.model_group)  # fmt: skip

@@ -99,7 +99,7 @@ class OfferSpec:
             budget=budget,
             features=self.features(),
             max_impressions=None if unconstrained else self.max_impressions,
-            member_cap=None if unconstrained or self.member_cap is None else MemberCap.from_dict(self.member_cap),
+            member_cap=None if unconstrained else MemberCap.coerce(self.member_cap),
             starts_at=starts,
             ends_at=ends,
             rules=tuple(Rule.from_dict(r) for r in self.rules),
