@@ -184,6 +184,12 @@ def test_a_worker_checkpoints_what_it_learned_so_a_restart_replays_only_the_tail
         assert _until(lambda: stored_seq() == 40)
         snap = eng.ledger.latest_snapshot("email")
         assert snap.version == 40 and snap.data == writer.policy("email").serialize()
+
+        def all_stored() -> bool:  # every loaded model (each default channel's too) at 40
+            snaps = [eng.ledger.latest_snapshot(m) for m in list(eng._policies)]
+            return all(s is not None and s.feedback_seq == 40 for s in snaps)
+
+        assert _until(all_stored)  # the thread's turn wrote them one after another
         written = rows()
         time.sleep(0.7)  # three checkpoint turns with nothing new learned: nothing written
         assert rows() == written
