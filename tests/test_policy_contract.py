@@ -223,6 +223,39 @@ def test_every_registered_family_has_cases_and_expectations() -> None:
         assert pol.paced is PACED[family]
 
 
+def test_threads_loading_the_registry_at_once_all_find_a_builtin_family() -> None:
+    """A serving worker's first request and its background sync may make the first policies
+    at the same moment: in a fresh interpreter, eight threads released together (with the GIL
+    switching as often as it can) all find ``thompson``. The registry used to mark itself
+    loaded before registering, and seven of the eight got UnknownPolicy."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys, threading
+        sys.setswitchinterval(1e-6)
+        from bandit_engine.catalog import PolicySpec
+        from bandit_engine.policies.registry import make_policy
+        errors, barrier = [], threading.Barrier(8)
+        def go():
+            barrier.wait()
+            try:
+                make_policy(PolicySpec("thompson"))
+            except Exception as exc:
+                errors.append(repr(exc))
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(len(errors), errors[:1])
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "0 []", out.stdout
+
+
 @case_params
 def test_pmf_is_valid_over_exactly_the_eligible_offers(case: Case) -> None:
     pol = make(case)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,15 +43,22 @@ def make_policy(spec: PolicySpec | Mapping[str, Any], *, seed: int = 0) -> Polic
 
 
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def _load_builtin() -> None:
+    """Register the built-in families once. Threads may race here (a serving worker's first
+    request and its background sync): the flag is set only once every family is registered,
+    so no thread sees a partial registry."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
-    from . import baselines, linear, shared, thompson, vw
+    with _load_lock:
+        if _loaded:
+            return
+        from . import baselines, linear, shared, thompson, vw
 
-    for mod in (baselines, thompson, linear, shared, vw):
-        for family, factory in mod.FAMILIES.items():
-            register(family, factory)
+        for mod in (baselines, thompson, linear, shared, vw):
+            for family, factory in mod.FAMILIES.items():
+                register(family, factory)
+        _loaded = True
