@@ -79,6 +79,43 @@ def export_dsjson(ctx: click.Context, channel: str | None, output: click.utils.L
     click.echo(f"exported {n} decisions", err=True)
 
 
+@main.command()
+@click.option("--older-than", "older_than", type=float, required=True, metavar="DAYS",
+              help="Prune settled decisions issued more than DAYS ago (at least the longest window "
+                   "the engine reads: 90 days of member history, member cap and reward windows).")
+@click.option("--archive", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Append each pruned decision, with its rewards and feedback events, to this "
+                   "JSON-lines file before deleting it.")
+@click.option("--no-archive", is_flag=True, help="Delete without keeping a copy.")
+@click.option("--batch", default=1000, show_default=True, type=click.IntRange(1, 10_000),
+              help="Decisions per transaction.")
+@click.pass_context
+def prune(ctx: click.Context, older_than: float, archive: str | None, no_archive: bool, batch: int) -> None:
+    """Retention: move old settled decisions out of the ledger (into --archive).
+
+    Open decisions stay, and so does every decision a model restored from its latest checkpoint
+    would still replay. `bandit-engine evaluate --archive FILE` reads the archive back."""
+    from .clock import iso
+    from .engine import Engine
+
+    if (archive is None) == (not no_archive):
+        raise click.UsageError("give --archive FILE (keep a copy) or --no-archive (discard)")
+    engine = Engine.open(database_url(ctx))
+    try:
+        if archive is None:
+            report = engine.prune(older_than, None, batch=batch)
+        else:
+            with open(archive, "a", encoding="utf-8") as out:
+                report = engine.prune(older_than, out, batch=batch)
+    finally:
+        engine.ledger.close()  # not engine.close(): this command loads no policy to checkpoint
+    where = f", archived to {archive}" if archive else ""
+    click.echo(f"pruned {report.pruned} decisions issued before {iso(report.before_ms)}{where}")
+    for name in report.uncheckpointed:
+        click.echo(f"channel {name}: no checkpoint of its current policy, so the decisions it learned "
+                   "from were kept (serving workers write one every --snapshot-interval)", err=True)  # fmt: skip
+
+
 # Commands contributed by other rooms; a missing module simply contributes nothing.
 for _module in ("bandit_engine.api.commands", "bandit_engine.simulation.commands"):
     try:

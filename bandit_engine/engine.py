@@ -8,7 +8,9 @@ checkpoint, and opening an engine restores the latest snapshot and replays the l
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import threading
 import time
 import uuid
@@ -42,7 +44,7 @@ from .errors import (
 from .exploration import event_rng, sample
 from .features import HISTORY_DAYS, HISTORY_LIMIT, summarize_history
 from .ledger.base import Ledger
-from .ledger.records import Decision, Feedback, OfferState, RewardOutcome, Snapshot
+from .ledger.records import Decision, Feedback, OfferState, Pruned, RewardOutcome, Snapshot
 from .policies.base import Policy, Scoring
 from .policies.registry import make_policy
 
@@ -736,6 +738,84 @@ class Engine:
         return n
 
 
+    # retention -------------------------------------------------------------------------------
+    def retention_floor_days(self) -> float:
+        """The oldest decisions the engine still reads, in days: the member history a choose
+        summarizes (90 days), the longest member frequency cap window and the longest reward
+        window. :meth:`prune` keeps everything younger."""
+        cat = self._refresh_catalog(force=True)
+        windows = [
+            HISTORY_DAYS * MS_PER_DAY,
+            *(cfg.reward_window_ms for cfg in cat.channels.values()),
+            *(o.member_cap.window_ms for o in cat.offers.values() if o.member_cap is not None),
+            cat.member_cap.window_ms if cat.member_cap is not None else 0,
+        ]
+        return max(windows) / MS_PER_DAY
+
+    def prune(self, older_than_days: float, archive: IO[str] | None, *, batch: int = 1000) -> PruneReport:
+        """Delete settled decisions issued more than ``older_than_days`` ago, with their rewards
+        and feedback events, appending each to ``archive`` first (one JSON line per decision,
+        :class:`~bandit_engine.ledger.records.Pruned`; ``None`` keeps no copy).
+
+        Nothing the engine still reads goes: ``older_than_days`` must be at least
+        :meth:`retention_floor_days`, open decisions stay (the serving workers close them), and
+        a decision stays while one of its feedback events lies past the checkpoint of the model
+        its channel learns now (the latest snapshot of the channel's current policy), since a
+        worker restoring that checkpoint replays the event. A channel whose current policy has
+        no checkpoint keeps every decision it learned from (``report.uncheckpointed``).
+
+        Each batch is written to ``archive`` (flushed and fsynced) inside the transaction that
+        deletes it: an archive that fails deletes nothing of its batch, and a crash after the
+        write but before the commit leaves that batch in both places (an archive reader keeps
+        the first line of an event id)."""
+        if (
+            isinstance(older_than_days, bool) or not isinstance(older_than_days, int | float)
+            or not np.isfinite(older_than_days)
+        ):  # fmt: skip
+            raise InvalidArgument(f"older_than_days must be a number of days, got {older_than_days!r}")
+        floor = self.retention_floor_days()
+        if older_than_days < floor:
+            raise InvalidArgument(
+                f"older_than_days must be at least {floor:g}: the engine still reads decisions that "
+                "old (the member history a choose summarizes, member frequency cap windows, "
+                "reward windows)"
+            )
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 10_000:
+            raise InvalidArgument(f"batch must be an integer in [1, 10000], got {batch!r}")
+        before = self.clock.now_ms() - int(older_than_days * MS_PER_DAY)
+        covered: dict[str, int] = {}
+        for name, cfg in self.channels().items():
+            snap = self.ledger.latest_snapshot(cfg.model_key)
+            covered[name] = snap.feedback_seq if snap is not None and snap.policy_name == self._spec_key(cfg) else 0
+
+        def write(pruned: list[Pruned]) -> None:
+            if archive is None:
+                return
+            archive.write("".join(json.dumps(p.to_json(), separators=(",", ":")) + "\n" for p in pruned))
+            archive.flush()
+            try:
+                fd = archive.fileno()
+            except (AttributeError, io.UnsupportedOperation):  # not a file (a StringIO, say)
+                return
+            os.fsync(fd)  # on disk before the batch's delete commits
+
+        n = self.ledger.prune(before, covered, write, batch=batch)
+        return PruneReport(n, before, covered, tuple(sorted(k for k, v in covered.items() if v == 0)))
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What :meth:`Engine.prune` did: ``pruned`` decisions issued before ``before_ms``;
+    ``covered`` maps each channel to the log position of its model's checkpoint;
+    ``uncheckpointed`` channels have none of their current policy, so they kept every decision
+    they learned from."""
+
+    pruned: int
+    before_ms: int
+    covered: Mapping[str, int]
+    uncheckpointed: tuple[str, ...]
+
+
 def to_dsjson(d: Decision, offers: Mapping[str, Offer]) -> dict[str, Any]:
     """One decision as a VW dsjson record. Actions are 1-based, the chosen one first in ``a``."""
     chosen = d.eligible.index(d.offer_id)  # type: ignore[arg-type]
@@ -762,4 +842,4 @@ def to_dsjson(d: Decision, offers: Mapping[str, Offer]) -> dict[str, Any]:
     return rec
 
 
-__all__ = ["CHANNELS", "Engine", "EngineConfig", "to_dsjson"]
+__all__ = ["CHANNELS", "Engine", "EngineConfig", "PruneReport", "to_dsjson"]

@@ -1,12 +1,13 @@
 """Logged decisions -> arrays for the estimators; a cross-fitted reward model; evaluation of a
 candidate policy configuration against the logs.
 
-Logs come from the engine's own ledger (:func:`from_decisions`, :func:`from_engine`) or from VW
-dsjson files (:func:`from_dsjson`, the format of ``bandit-engine export-dsjson``).
+Logs come from the engine's own ledger (:func:`from_decisions`, :func:`from_engine`, which also
+reads retention archives) or from VW dsjson files (:func:`from_dsjson`, the format of ``bandit-engine export-dsjson``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ..catalog import Offer, PolicySpec
 from ..errors import InvalidArgument
 from ..exploration import event_rng
 from ..features import FeatureHasher
-from ..ledger.records import Decision
+from ..ledger.records import Decision, read_archive
 from .estimators import Estimate, all_estimates
 
 
@@ -72,8 +73,17 @@ def from_decisions(decisions: Iterable[Decision], offers: Iterable[Offer] = ()) 
     return LoggedData(rows, {o.offer_id: o for o in offers})
 
 
-def from_engine(engine: Any, channel: str | None = None) -> LoggedData:
-    return from_decisions(engine.ledger.decisions(channel=channel), engine.offers())
+def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[str | Path] = ()) -> LoggedData:
+    """The ledger's decisions (of ``channel``), after those of retention ``archives`` (files
+    ``Engine.prune`` wrote; a decision in both counts once)."""
+    archived: dict[str, Decision] = {}
+    for path in archives:
+        with open(path, encoding="utf-8") as f:
+            for p in read_archive(f):
+                if channel is None or p.decision.channel == channel:
+                    archived.setdefault(p.decision.event_id, p.decision)
+    live = (d for d in engine.ledger.decisions(channel=channel) if d.event_id not in archived)
+    return from_decisions(itertools.chain(archived.values(), live), engine.offers())
 
 
 def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:

@@ -6,11 +6,11 @@ nothing. Caps are checked *inside* the write (guarded updates), never by a read-
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from ..catalog import ChannelConfig, MemberCap, Offer
-from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
+from .records import Decision, Feedback, HistoryItem, OfferState, Pruned, RewardOutcome, Snapshot
 
 
 class Ledger(Protocol):
@@ -93,5 +93,23 @@ class Ledger(Protocol):
     # checkpoints -----------------------------------------------------------------------------
     def save_snapshot(self, snapshot: Snapshot) -> None: ...
     def latest_snapshot(self, channel: str) -> Snapshot | None: ...
+
+    # retention -------------------------------------------------------------------------------
+    def prune(
+        self,
+        before_ms: int,
+        covered: Mapping[str, int],
+        archive: Callable[[list[Pruned]], None],
+        *,
+        batch: int = 1000,
+    ) -> int:
+        """Delete settled decisions (any status but ``open``) issued before ``before_ms`` on the
+        channels of ``covered``, with their rewards and feedback events, ``batch`` decisions per
+        transaction; returns how many. ``covered`` maps a channel to the log position its
+        model's checkpoint reaches: a decision with a feedback event past it is kept (a model
+        restored from that checkpoint still replays the event). Each batch goes to ``archive``
+        inside the transaction that deletes it, so an archive that raises deletes nothing of
+        that batch."""
+        ...
 
     def close(self) -> None: ...

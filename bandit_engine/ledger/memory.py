@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ..catalog import ChannelConfig, MemberCap, Offer
-from ..errors import CapExceeded, RewardWindowClosed, UnknownEvent
-from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
+from ..errors import CapExceeded, InvalidArgument, RewardWindowClosed, UnknownEvent
+from .records import Decision, Feedback, HistoryItem, OfferState, Pruned, RewardOutcome, Snapshot
 from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
 
 
@@ -265,6 +265,20 @@ class MemoryLedger:
 
     def latest_snapshot(self, channel: str) -> Snapshot | None:
         return self._snapshots.get(channel)
+
+    # retention -------------------------------------------------------------------------------
+    def prune(
+        self,
+        before_ms: int,
+        covered: Mapping[str, int],
+        archive: Callable[[list[Pruned]], None],
+        *,
+        batch: int = 1000,
+    ) -> int:
+        raise InvalidArgument(
+            "the in-memory ledger lives as long as its process and keeps every decision; "
+            "prune applies to the SQLite and PostgreSQL ledgers"
+        )
 
     def close(self) -> None:
         return None

@@ -116,6 +116,8 @@ class FeedbackRow(Base):
     # 'final', 'provisional' or 'correction' (see records.Feedback)
     kind: Mapped[str] = mapped_column(String(16), default="final", server_default="final")
 
+    __table_args__ = (Index("ix_feedback_event", "event_id"),)  # pruning finds a decision's events
+
 
 class SnapshotRow(Base):
     __tablename__ = "snapshots"

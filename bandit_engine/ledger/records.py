@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+from ..errors import InvalidArgument
 
 Group = Literal["treatment", "holdout"]
 # open: reservation held, waiting for a reward; closed: rewarded and settled;
@@ -96,6 +99,26 @@ class Decision:
         }
 
 
+    def record(self) -> dict[str, Any]:
+        """Every field, JSON-able: what an archive keeps (:meth:`from_record` reads it back).
+
+        >>> d = Decision("e", "m", "email", "treatment", "o", 0.5, "thompson", 3, 0, 1,
+        ...              eligible=("o", "p"), pmf=(0.5, 0.5), context={"tier": "gold"})
+        >>> Decision.from_record(d.record()) == d
+        True
+        """
+        out = {name: getattr(self, name) for name in _DECISION_FIELDS}
+        out.update(
+            eligible=list(self.eligible), pmf=list(self.pmf), context=dict(self.context),
+            offer_context={k: dict(v) for k, v in self.offer_context.items()},
+        )  # fmt: skip
+        return out
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Decision:
+        return cls(**{**rec, "eligible": tuple(rec["eligible"]), "pmf": tuple(rec["pmf"])})
+
+
 _DECISION_FIELDS = tuple(f.name for f in fields(Decision))
 _DECISION_FIELD_SET = frozenset(_DECISION_FIELDS)
 
@@ -132,6 +155,72 @@ class Feedback:
     reward: float
     learn: bool
     kind: FeedbackKind = "final"
+
+
+@dataclass(frozen=True, slots=True)
+class Reward:
+    """One recorded reward of a decision (several under ``aggregation = "sum"``)."""
+
+    event_id: str
+    reward_id: str
+    value: float
+    cost_cents: int
+    at: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """A decision :meth:`Engine.prune <bandit_engine.Engine.prune>` removed from the ledger, with
+    its rewards and feedback events: one line of a retention archive (:meth:`to_json`)."""
+
+    decision: Decision
+    rewards: tuple[Reward, ...] = ()
+    feedback: tuple[Feedback, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.record(),
+            "rewards": [{f.name: getattr(r, f.name) for f in fields(Reward)} for r in self.rewards],
+            "feedback": [{f.name: getattr(e, f.name) for f in fields(Feedback)} for e in self.feedback],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Pruned:
+        """
+        >>> d = Decision("e", "m", "email", "treatment", "o", 1.0, "thompson", 1, 0, 1,
+        ...              eligible=("o",), pmf=(1.0,), status="closed", reward=1.0)
+        >>> p = Pruned(d, (Reward("e", "", 1.0, 250, 5),), (Feedback(9, "e", "email", 1.0, True),))
+        >>> Pruned.from_json(p.to_json()) == p
+        True
+        """
+        return cls(
+            Decision.from_record(obj["decision"]),
+            tuple(Reward(**r) for r in obj["rewards"]),
+            tuple(Feedback(**f) for f in obj["feedback"]),
+        )
+
+
+def read_archive(lines: Iterable[str]) -> Iterator[Pruned]:
+    """The decisions of a retention archive (JSON lines written by ``Engine.prune``), each
+    event id once: a batch archived again after a crash before its delete committed repeats
+    its lines, and the first copy is kept.
+
+    >>> d = Decision("e", "m", "email", "treatment", None, None, "uniform", 0, 0, 1, status="none")
+    >>> line = json.dumps(Pruned(d).to_json())
+    >>> [p.decision.event_id for p in read_archive([line, line, ""])]
+    ['e']
+    """
+    seen: set[str] = set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            p = Pruned.from_json(json.loads(line))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidArgument(f"archive line {n}: not a pruned decision ({exc!r})"[:300]) from None
+        if p.decision.event_id not in seen:
+            seen.add(p.decision.event_id)
+            yield p
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,10 +47,20 @@ from .models import (
     DecisionRow,
     FeedbackRow,
     OfferRow,
+    RewardRow,
     SettingRow,
     SnapshotRow,
 )
-from .records import Decision, Feedback, HistoryItem, OfferState, RewardOutcome, Snapshot
+from .records import (
+    Decision,
+    Feedback,
+    HistoryItem,
+    OfferState,
+    Pruned,
+    Reward,
+    RewardOutcome,
+    Snapshot,
+)
 
 T = TypeVar("T")
 _DECISION_COLS = [DecisionRow.__table__.c[name] for name in DECISION_COLUMNS]
@@ -372,6 +382,68 @@ class SqlLedger:
             return None
         return Snapshot(r.channel, r.policy_name, int(r.version), int(r.feedback_seq),
                         bytes(r.data), int(r.created_at))  # fmt: skip
+
+    # retention -------------------------------------------------------------------------------
+    def prune(
+        self,
+        before_ms: int,
+        covered: Mapping[str, int],
+        archive: Callable[[list[Pruned]], None],
+        *,
+        batch: int = 1000,
+    ) -> int:
+        """Each channel is walked in log order through its ``(channel, seq)`` index; each batch
+        is read, archived and deleted in one write transaction (on PostgreSQL its rows are
+        locked ``FOR UPDATE SKIP LOCKED``, so two concurrent prunes never archive a decision
+        twice)."""
+        d, f, r = DecisionRow.__table__.c, FeedbackRow.__table__.c, RewardRow.__table__.c
+        n = 0
+        for channel, through in sorted(covered.items()):
+            after = 0
+            while True:
+                uncovered = select(f.seq).where(f.event_id == d.event_id, f.seq > through).exists()
+                q = (
+                    select(*_DECISION_COLS)
+                    .where(d.channel == channel, d.seq > after, d.issued_at < before_ms,
+                           d.status != "open", ~uncovered)
+                    .order_by(d.seq).limit(batch)
+                )  # fmt: skip
+                if self._dialect == "postgresql":
+                    q = q.with_for_update(skip_locked=True)
+                with self._tx(write=True) as c:
+                    rows = c.execute(q).all()
+                    if not rows:
+                        break
+                    ids = [row[1] for row in rows]
+                    rewards: dict[str, list[Reward]] = {}
+                    for row in c.execute(
+                        select(r.event_id, r.reward_id, r.value, r.cost_cents, r.at)
+                        .where(r.event_id.in_(ids)).order_by(r.id)
+                    ):  # fmt: skip
+                        rewards.setdefault(row[0], []).append(
+                            Reward(row[0], row[1], float(row[2]), int(row[3]), int(row[4]))
+                        )
+                    events: dict[str, list[Feedback]] = {}
+                    for row in c.execute(
+                        select(f.seq, f.event_id, f.channel, f.reward, f.learn, f.kind)
+                        .where(f.event_id.in_(ids)).order_by(f.seq)
+                    ):  # fmt: skip
+                        events.setdefault(row[1], []).append(
+                            Feedback(int(row[0]), row[1], row[2], float(row[3]), bool(row[4]), row[5])
+                        )
+                    archive([
+                        Pruned(decision_from_row(tuple(row)), tuple(rewards.get(row[1], ())),
+                               tuple(events.get(row[1], ())))
+                        for row in rows
+                    ])  # fmt: skip
+                    c.execute(delete(FeedbackRow).where(f.event_id.in_(ids)))
+                    c.execute(delete(RewardRow).where(r.event_id.in_(ids)))
+                    c.execute(delete(DecisionRow).where(d.seq.in_([int(row[0]) for row in rows])))
+                n += len(rows)
+                if len(rows) < batch:
+                    break
+                after = int(rows[-1][0])
+        return n
 
     @property
     def engine(self) -> Engine:

@@ -91,12 +91,13 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
 @click.option("--channel", default=None, help="Evaluate the logs of this channel (ledger mode).")
 @click.option("--policy", "policy", required=True, help='Candidate policy: a family name or JSON {"family": ..., "params": {...}}.')
 @click.option("--dsjson", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Read logs from a dsjson file instead of the ledger.")
+@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Also read the decisions `bandit-engine prune` archived to this file (before the ledger's; repeatable).")
 @click.option("--train-fraction", type=float, default=0.5, show_default=True, help="Leading share of the logs the candidate learns from; it is evaluated on the rest.")
 @click.option("--floor", type=float, default=0.02, show_default=True, help="Exploration floor of the candidate.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.pass_context
 def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path | None,
-             train_fraction: float, floor: float, seed: int) -> None:  # fmt: skip
+             archives: tuple[Path, ...], train_fraction: float, floor: float, seed: int) -> None:  # fmt: skip
     """Off-policy evaluation (IPS, SNIPS, DM, DR) of a candidate policy against logged decisions."""
     from ..catalog import PolicySpec
     from ..evaluation import evaluate as run_eval
@@ -109,6 +110,8 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
         raise click.BadParameter(f"--policy: {exc}") from None
     if not 0.0 <= train_fraction < 1.0:
         raise click.BadParameter("--train-fraction must be in [0, 1)")
+    if dsjson is not None and archives:
+        raise click.UsageError("--dsjson and --archive are two different sources; give one")
     if dsjson is not None:
         data = from_dsjson(dsjson)
     else:
@@ -116,7 +119,7 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
 
         engine = Engine.open(ctx.obj["database_url"])
         try:
-            data = from_engine(engine, channel)
+            data = from_engine(engine, channel, archives=archives)
         finally:
             engine.ledger.close()
     if len(data) < 2:
