@@ -19,6 +19,7 @@ from .errors import (
     Unauthorized,
     UnknownChannel,
     UnknownEvent,
+    UnknownModelGroup,
     UnknownOffer,
     UnknownPolicy,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Unauthorized",
     "UnknownChannel",
     "UnknownEvent",
+    "UnknownModelGroup",
     "UnknownOffer",
     "UnknownPolicy",
     "__version__",

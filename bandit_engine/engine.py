@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from .catalog import (
     FeatureValue,
     MemberCap,
     Offer,
+    PolicySpec,
     check_features,
     check_id,
     default_channels,
@@ -39,6 +40,7 @@ from .errors import (
     InvalidArgument,
     UnknownChannel,
     UnknownEvent,
+    UnknownModelGroup,
     UnknownOffer,
 )
 from .exploration import event_rng, sample
@@ -156,8 +158,7 @@ class Engine:
         self._since_snapshot = 0
         self._spec_keys: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
         if not self.ledger.channels():
-            for ch in default_channels().values():
-                self.ledger.put_channel(ch)
+            self.ledger.put_channels(default_channels().values())
         self._refresh_catalog(force=True)
 
     @classmethod
@@ -287,17 +288,31 @@ class Engine:
 
     def set_channel(self, channel: ChannelConfig) -> None:
         """Configure a channel. A new policy spec takes over by replaying the channel's log."""
-        if not isinstance(channel, ChannelConfig):
-            raise InvalidArgument(f"set_channel takes a ChannelConfig, got {type(channel).__name__}")
-        pol = make_policy(channel.policy, seed=self.config.seed)  # validate before storing
-        if channel.provisional_reward is not None and not pol.supports_correction:
-            raise InvalidArgument(
-                f"channel {channel.name!r}: provisional_reward needs a policy family that can "
-                f"correct a learned reward exactly; {channel.policy.family!r} cannot (it would "
-                "keep the provisional reward forever): unset provisional_reward or change family"
-            )
-        if channel.model_group is not None:
-            for other in self._refresh_catalog(force=True).channels.values():
+        self.set_channels([channel])
+
+    def set_channels(self, channels: Iterable[ChannelConfig]) -> None:
+        """Configure several channels at once: each is checked as :meth:`set_channel` checks it,
+        the channels of a model group against the group as it will be, and all are stored in one
+        transaction or none (a group's policy changes on every channel of the group together)."""
+        new = list(channels)
+        for channel in new:
+            if not isinstance(channel, ChannelConfig):
+                raise InvalidArgument(f"a channel configuration must be a ChannelConfig, got {type(channel).__name__}")
+        if len({c.name for c in new}) != len(new):
+            raise InvalidArgument(f"channels configured twice: {sorted(c.name for c in new)}")
+        for channel in new:
+            pol = make_policy(channel.policy, seed=self.config.seed)  # validate before storing
+            if channel.provisional_reward is not None and not pol.supports_correction:
+                raise InvalidArgument(
+                    f"channel {channel.name!r}: provisional_reward needs a policy family that can "
+                    f"correct a learned reward exactly; {channel.policy.family!r} cannot (it would "
+                    "keep the provisional reward forever): unset provisional_reward or change family"
+                )
+        after = {**self._refresh_catalog(force=True).channels, **{c.name: c for c in new}}
+        for channel in new:
+            if channel.model_group is None:
+                continue
+            for other in after.values():
                 if (
                     other.name != channel.name
                     and other.model_group == channel.model_group
@@ -306,10 +321,28 @@ class Engine:
                     raise InvalidArgument(
                         f"channel {channel.name!r}: model_group {channel.model_group!r} is learned "
                         f"by channel {other.name!r} with another policy spec; the channels of a "
-                        "group share one model, so they need the same policy"
+                        "group share one model, so they need the same policy (change a group's "
+                        "policy on all its channels at once: set_group_policy)"
                     )
-        self.ledger.put_channel(channel)
+        self.ledger.put_channels(new)
         self._refresh_catalog(force=True)
+
+    def set_group_policy(self, group: str, policy: PolicySpec | Mapping[str, Any]) -> list[ChannelConfig]:
+        """Switch the policy of every channel of ``model_group`` ``group`` at once (one model,
+        rebuilt once from the log). Returns the channels' new configurations."""
+        if not isinstance(policy, PolicySpec):
+            if not isinstance(policy, Mapping):
+                raise InvalidArgument(f"policy must be an object {{family, params}}, got {policy!r}")
+            try:
+                policy = PolicySpec(**policy)
+            except TypeError as exc:
+                raise InvalidArgument(f"invalid policy: {exc}"[:300]) from None
+        members = [c for c in self.channels().values() if c.model_group == group]
+        if not members:
+            raise UnknownModelGroup(f"no channel learns model_group {group!r}")
+        new = [replace(c, policy=policy) for c in members]
+        self.set_channels(new)
+        return new
 
     def _model_key(self, channel: str) -> str:
         """The model a channel learns (``ChannelConfig.model_key``)."""

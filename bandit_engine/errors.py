@@ -40,6 +40,11 @@ class UnknownChannel(NotFound):
     status = 404
 
 
+class UnknownModelGroup(NotFound):
+    code = "unknown_model_group"
+    status = 404
+
+
 class UnknownOffer(NotFound):
     code = "unknown_offer"
     status = 404

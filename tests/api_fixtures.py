@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from bandit_engine import ManualClock, Offer
+from bandit_engine import ChannelConfig, ManualClock, Offer
 from bandit_engine.api import create_app
 from bandit_engine.engine import Engine
 from bandit_engine.governance import Governance
@@ -96,8 +96,10 @@ def make_api(tmp_path: Any, *, sync_interval: float = 0.0, url: str | None = Non
 
 def seed(api: Api) -> None:
     """Two plain offers and one budgeted, capped offer on email, one budgeted offer on sms with
-    one open decision; one open decision ``ev-1`` on email."""
+    one open decision; one open decision ``ev-1`` on email; site and in_app learn one model
+    (``model_group`` ``apps``)."""
     eng = api.engine
+    eng.set_channels([ChannelConfig("site", model_group="apps"), ChannelConfig("in_app", model_group="apps")])
     eng.add_offer(Offer("plain-a", ["email", "push"], cost=1.0, features={"category": "home"}))
     eng.add_offer(Offer("plain-b", ["email"], cost=2.0, features={"category": "toys"}))
     eng.add_offer(Offer("capped", ["email"], cost=1.0, budget=50.0, max_impressions=500,

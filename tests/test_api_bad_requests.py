@@ -164,6 +164,23 @@ CASES: list[tuple[str, str, str, str, Any, int, str]] = [
     ("delete-offer", "DELETE", "/v1/offers/plain-a", "admin", None, 405, "method_not_allowed"),
     # --- channels
     ("channel-unknown", "PUT", "/v1/channels/fax", "admin", {"exploration_floor": 0.1}, 404, "unknown_channel"),
+    # --- model groups (seeded: site and in_app learn group "apps")
+    ("group-unknown", "PUT", "/v1/model-groups/nope", "admin", {"policy": {"family": "uniform"}}, 404, "unknown_model_group"),
+    ("group-empty-body", "PUT", "/v1/model-groups/apps", "admin", {}, 422, "missing_field"),
+    ("group-unknown-field", "PUT", "/v1/model-groups/apps", "admin",
+     {"policy": {"family": "uniform"}, "channels": ["site"]}, 422, "unknown_field"),
+    ("group-policy-string", "PUT", "/v1/model-groups/apps", "admin", {"policy": "uniform"}, 422, "invalid_argument"),
+    ("group-policy-null", "PUT", "/v1/model-groups/apps", "admin", {"policy": None}, 422, "invalid_argument"),
+    ("group-policy-unknown", "PUT", "/v1/model-groups/apps", "admin", {"policy": {"family": "oracle"}}, 422, "unknown_policy"),
+    ("group-policy-extra-key", "PUT", "/v1/model-groups/apps", "admin",
+     {"policy": {"family": "thompson", "segment_by": ["tier"]}}, 422, "invalid_argument"),
+    ("group-policy-bad-param", "PUT", "/v1/model-groups/apps", "admin",
+     {"policy": {"family": "thompson", "params": {"no_such_param": 1}}}, 422, "invalid_argument"),
+    ("group-policy-params-list", "PUT", "/v1/model-groups/apps", "admin",
+     {"policy": {"family": "thompson", "params": [1]}}, 422, "invalid_argument"),
+    ("group-malformed", "PUT", "/v1/model-groups/apps", "admin", (RAW, "{"), 400, "invalid_json"),
+    ("group-post", "POST", "/v1/model-groups/apps", "admin", {"policy": {"family": "uniform"}}, 405, "method_not_allowed"),
+    ("group-decide-role", "PUT", "/v1/model-groups/apps", "decide", {"policy": {"family": "uniform"}}, 403, "forbidden"),
     # --- engine-wide settings
     ("settings-empty", "PUT", "/v1/settings", "admin", {}, 422, "missing_field"),
     ("settings-unknown-field", "PUT", "/v1/settings", "admin", {"member_cap": None, "x": 1}, 422, "unknown_field"),

@@ -128,6 +128,27 @@ def test_the_cross_channel_member_cap_is_a_governed_setting(api: Api, tmp_path) 
     assert choose(api, "m-c", "push")["offer_id"] is not None
 
 
+def test_a_model_group_switches_policy_in_one_request(api: Api) -> None:
+    """Every channel of the group gets the new policy at once (one PUT, audited); the channels
+    keep their other settings; a single channel still cannot leave its group's policy."""
+    r = api.call("PUT", "/v1/channels/site", "admin", json={"exploration_floor": 0.05})
+    assert r.status_code == 200
+    spec = {"family": "lin_ts", "params": {"dim": 16}}
+    r = api.call("PUT", "/v1/model-groups/apps", "admin", json={"policy": spec})
+    assert r.status_code == 200, r.json
+    assert r.json == {"model_group": "apps", "policy": spec, "channels": ["in_app", "site"]}
+    channels = {c["name"]: c for c in api.call("GET", "/v1/channels", "analyst").json["channels"]}
+    assert channels["site"]["policy"] == channels["in_app"]["policy"] == spec
+    assert channels["site"]["exploration_floor"] == 0.05 and channels["site"]["model_group"] == "apps"
+    assert channels["email"]["policy"]["family"] == "thompson"  # not in the group: untouched
+    entries = api.call("GET", "/v1/audit", "analyst").json["entries"]
+    switch = [e for e in entries if e["action"] == "model_group.update"]
+    assert len(switch) == 1 and switch[0]["target"] == "model_group:apps"
+    assert switch[0]["detail"]["channels"] == ["in_app", "site"]
+    r = api.call("PUT", "/v1/channels/site", "admin", json={"policy": {"family": "thompson"}})
+    assert r.status_code == 422 and "set_group_policy" in r.json["error"]["message"]
+
+
 def test_channels_join_a_model_group_over_http(api: Api) -> None:
     """``model_group`` is a learning setting (not governed): it applies at once, is audited,
     and a group whose channels disagree on the policy is refused with nothing changed."""

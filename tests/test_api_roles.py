@@ -47,6 +47,8 @@ ROUTES: list[tuple[str, str, tuple[str, ...], Prep]] = [
     ("PATCH", "/v1/offers/{offer_id}", ("admin",), lambda a: ("/v1/offers/plain-a", {"cost": 1.5})),
     ("GET", "/v1/channels", ("analyst", "admin", "approver"), lambda a: ("/v1/channels", None)),
     ("PUT", "/v1/channels/{name}", ("admin",), lambda a: ("/v1/channels/site", {"exploration_floor": 0.05})),
+    ("PUT", "/v1/model-groups/{group}", ("admin",), lambda a: (
+        "/v1/model-groups/apps", {"policy": {"family": "thompson", "params": {"prior_beta": 1.0 + next(_counter)}}})),
     ("GET", "/v1/settings", ("analyst", "admin", "approver"), lambda a: ("/v1/settings", None)),
     ("PUT", "/v1/settings", ("admin",),
      lambda a: ("/v1/settings", {"member_cap": {"max": 3 + next(_counter), "window_days": 7}})),

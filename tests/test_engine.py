@@ -23,6 +23,8 @@ from bandit_engine import (
     Rule,
     UnknownChannel,
     UnknownEvent,
+    UnknownModelGroup,
+    UnknownPolicy,
 )
 from bandit_engine.clock import MS_PER_DAY
 from bandit_engine.engine import EngineConfig
@@ -681,6 +683,46 @@ def test_channels_of_a_model_group_need_the_same_policy(engine: Engine) -> None:
     with pytest.raises(InvalidArgument, match="model_group"):
         ChannelConfig("email", model_group="no spaces")
     assert ChannelConfig.from_dict(ChannelConfig("email", model_group="g").to_dict()).model_group == "g"
+
+
+def test_a_model_group_switches_policy_on_all_its_channels_at_once(engine: Engine) -> None:
+    _grouped(engine)  # lin_ts on email and push, one model
+    d = engine.choose("m-1", "push", {"tier": "gold"})
+    engine.reward(d.event_id, 1.0)
+    with pytest.raises(InvalidArgument, match="set_group_policy"):  # one channel at a time: refused
+        engine.set_channel(ChannelConfig("email", policy=PolicySpec("shared_ts"), model_group="all"))
+    version = engine.ledger.catalog_version()
+    new = engine.set_group_policy("all", {"family": "shared_ts", "params": {"prior_variance": 0.05}})
+    assert [c.name for c in new] == ["email", "push"]
+    assert engine.ledger.catalog_version() == version + 1  # one transaction
+    stored = engine.channels()
+    assert stored["email"].policy == stored["push"].policy == PolicySpec("shared_ts", {"prior_variance": 0.05})
+    assert stored["email"].model_group == stored["push"].model_group == "all"
+    pol = engine.policy("email")
+    assert pol.family == "shared_ts" and engine.policy("push") is pol
+    assert pol.version == 1  # the new model was rebuilt from the log: it learned the push reward
+    assert engine.choose("m-2", "email", {"tier": "gold"}).policy_name == "shared_ts"
+
+    # refused requests change nothing
+    before = engine.channels()
+    for group, policy, error in (
+        ("nope", {"family": "uniform"}, UnknownModelGroup),
+        ("all", {"family": "oracle"}, UnknownPolicy),
+        ("all", {"family": "thompson", "no_such_key": 1}, InvalidArgument),
+        ("all", {"family": "thompson", "params": {"no_such_param": 1}}, InvalidArgument),
+        ("all", "thompson", InvalidArgument),
+    ):
+        with pytest.raises(error):
+            engine.set_group_policy(group, policy)  # type: ignore[arg-type]
+    # all or nothing: the second channel is invalid (vw cannot correct a provisional reward)
+    with pytest.raises(InvalidArgument, match="provisional_reward"):
+        engine.set_channels([
+            ChannelConfig("email", policy=PolicySpec("vw"), model_group="all"),
+            ChannelConfig("push", policy=PolicySpec("vw"), model_group="all", provisional_reward=0.0),
+        ])  # fmt: skip
+    with pytest.raises(InvalidArgument, match="twice"):
+        engine.set_channels([ChannelConfig("email"), ChannelConfig("email")])
+    assert engine.channels() == before and engine.ledger.catalog_version() == version + 1
 
 
 def test_a_model_group_is_snapshotted_once_and_restored_on_reopen(tmp_path, clock) -> None:

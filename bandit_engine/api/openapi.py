@@ -139,6 +139,12 @@ def openapi_document() -> dict[str, Any]:
                 "200": _ok("applied"), "202": _ok("change pending", PENDING),
                 "404": _err("unknown channel or default offer")},
                 _body({"type": "object", "additionalProperties": False, "properties": CHANNEL_PROPS}))},  # fmt: skip
+        "/v1/model-groups/{group}": {
+            "parameters": [_path("group")],
+            "put": _op("Switch the policy of every channel of a model group at once", ["admin"], {
+                "200": _ok("applied"), "404": _err("no channel learns this model group")},
+                _body({"type": "object", "additionalProperties": False, "required": ["policy"],
+                       "properties": {"policy": CHANNEL_PROPS["policy"]}}))},  # fmt: skip
         "/v1/settings": {
             "get": _op("Engine-wide settings: the member cap shared by every channel", READERS,
                        {"200": _ok("settings", SETTINGS)}),

@@ -268,6 +268,20 @@ def put_channel(name: str) -> Any:
     return {**out, "change_id": ch.change_id, "status": "pending"}, 202
 
 
+@bp.put("/model-groups/<group>")
+@requires("admin")
+def put_model_group(group: str) -> Any:
+    """Switch the policy of every channel of a model group at once (their one shared model)."""
+    body = v.json_body()
+    v.fields(body, required=("policy",))
+    v.obj(body, "policy")
+    channels = engine().set_group_policy(group, body["policy"])
+    gov().audit(principal().actor, "model_group.update", f"model_group:{group}",
+                {"policy": body["policy"], "channels": [c.name for c in channels]})  # fmt: skip
+    return {"model_group": group, "policy": channels[0].policy.to_dict(),
+            "channels": [c.name for c in channels]}  # fmt: skip
+
+
 # settings ------------------------------------------------------------------------------------
 def _settings() -> dict[str, Any]:
     cap = engine().member_cap

@@ -43,9 +43,10 @@ class MemoryLedger:
         with self._lock:
             return [self._offers[k] for k in sorted(self._offers)]
 
-    def put_channel(self, channel: ChannelConfig) -> None:
+    def put_channels(self, channels: Iterable[ChannelConfig]) -> None:
         with self._lock:
-            self._channels[channel.name] = channel
+            for channel in channels:
+                self._channels[channel.name] = channel
             self._catalog_version += 1
 
     def channels(self) -> dict[str, ChannelConfig]:

@@ -234,14 +234,15 @@ class SqlLedger:
             rows = c.execute(select(OfferRow.spec).order_by(OfferRow.offer_id)).scalars().all()
         return [Offer.from_dict(r) for r in rows]
 
-    def put_channel(self, channel: ChannelConfig) -> None:
-        spec = channel.to_dict()
+    def put_channels(self, channels: Iterable[ChannelConfig]) -> None:
         with self._tx(write=True) as c:
-            n = c.execute(
-                update(ChannelRow).where(ChannelRow.name == channel.name).values(spec=spec)
-            ).rowcount
-            if n == 0:
-                c.execute(insert(ChannelRow).values(name=channel.name, spec=spec))
+            for channel in channels:
+                spec = channel.to_dict()
+                n = c.execute(
+                    update(ChannelRow).where(ChannelRow.name == channel.name).values(spec=spec)
+                ).rowcount
+                if n == 0:
+                    c.execute(insert(ChannelRow).values(name=channel.name, spec=spec))
             self._bump_catalog(c)
 
     def channels(self) -> dict[str, ChannelConfig]:
