@@ -770,7 +770,6 @@ class Engine:
             n += 1
         return n
 
-
     # retention -------------------------------------------------------------------------------
     def retention_floor_days(self) -> float:
         """The oldest decisions the engine still reads, in days: the member history a choose
@@ -795,7 +794,8 @@ class Engine:
         a decision stays while one of its feedback events lies past the checkpoint of the model
         its channel learns now (the latest snapshot of the channel's current policy), since a
         worker restoring that checkpoint replays the event. A channel whose current policy has
-        no checkpoint keeps every decision it learned from (``report.uncheckpointed``).
+        no checkpoint keeps every decision it learned from (``report.uncheckpointed`` names
+        those that kept some).
 
         Each batch is written to ``archive`` (flushed and fsynced) inside the transaction that
         deletes it: an archive that fails deletes nothing of its batch, and a crash after the
@@ -833,15 +833,22 @@ class Engine:
             os.fsync(fd)  # on disk before the batch's delete commits
 
         n = self.ledger.prune(before, covered, write, batch=batch)
-        return PruneReport(n, before, covered, tuple(sorted(k for k, v in covered.items() if v == 0)))
+        held = tuple(
+            name for name, seq in sorted(covered.items())
+            if seq == 0 and any(  # its oldest decision is settled and old: kept for want of one
+                d.issued_at < before and d.status != "open"
+                for d in self.ledger.decisions(channel=name, limit=1)
+            )
+        )  # fmt: skip
+        return PruneReport(n, before, covered, held)
 
 
 @dataclass(frozen=True)
 class PruneReport:
     """What :meth:`Engine.prune` did: ``pruned`` decisions issued before ``before_ms``;
     ``covered`` maps each channel to the log position of its model's checkpoint;
-    ``uncheckpointed`` channels have none of their current policy, so they kept every decision
-    they learned from."""
+    ``uncheckpointed`` channels have no checkpoint of their current policy, and kept settled
+    decisions older than ``before_ms`` for want of one."""
 
     pruned: int
     before_ms: int

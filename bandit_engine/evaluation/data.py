@@ -2,7 +2,8 @@
 candidate policy configuration against the logs.
 
 Logs come from the engine's own ledger (:func:`from_decisions`, :func:`from_engine`, which also
-reads retention archives) or from VW dsjson files (:func:`from_dsjson`, the format of ``bandit-engine export-dsjson``).
+reads retention archives) or from VW dsjson files (:func:`from_dsjson`, the format of
+``bandit-engine export-dsjson``).
 """
 
 from __future__ import annotations

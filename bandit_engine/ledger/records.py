@@ -98,7 +98,6 @@ class Decision:
             "provisional": self.provisional,
         }
 
-
     def record(self) -> dict[str, Any]:
         """Every field, JSON-able: what an archive keeps (:meth:`from_record` reads it back).
 
