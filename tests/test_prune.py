@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -22,66 +21,61 @@ from .conftest import catalog
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def sql_url(request: pytest.FixtureRequest, tmp_path) -> str:
+def ledger_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """The SQL ledgers only (conftest's ``engine`` runs on them here): the in-memory one keeps
+    everything."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture
-def eng(sql_url: str, clock: ManualClock) -> Iterator[Engine]:
-    e = Engine.open(sql_url, clock=clock, seed=7)
-    try:
-        yield e
-    finally:
-        e.ledger.close()
-
-
-def _history(eng: Engine, clock: ManualClock) -> dict[str, list[str]]:
+def _history(engine: Engine, clock: ManualClock) -> dict[str, list[str]]:
     """200 days ago: 12 decisions rewarded (closed), 12 left open, 4 with no offer (sms has none);
     then 200 days later 6 fresh decisions. Returns the event ids by kind."""
     for o in catalog(3):
-        eng.add_offer(o)
+        engine.add_offer(o)
     ids: dict[str, list[str]] = {"rewarded": [], "unrewarded": [], "none": [], "recent": []}
     for i in range(24):
-        d = eng.choose(f"m-{i}", "email", {"tier": "gold"})
+        d = engine.choose(f"m-{i}", "email", {"tier": "gold"})
         assert d.offer_id is not None
         if i % 2 == 0:
-            eng.reward(d.event_id, 1.0 if i % 4 == 0 else 0.0)
+            engine.reward(d.event_id, 1.0 if i % 4 == 0 else 0.0)
             ids["rewarded"].append(d.event_id)
         else:
             ids["unrewarded"].append(d.event_id)
     for i in range(4):
-        d = eng.choose(f"m-{i}", "sms", {})
+        d = engine.choose(f"m-{i}", "sms", {})
         assert d.offer_id is None and d.status == "none"
         ids["none"].append(d.event_id)
     clock.advance(days=200)
     for i in range(6):
-        ids["recent"].append(eng.choose(f"m-{i}", "email", {"tier": "gold"}).event_id)
+        ids["recent"].append(engine.choose(f"m-{i}", "email", {"tier": "gold"}).event_id)
     return ids
 
 
-def _counters(eng: Engine) -> dict[str, tuple[int, int, int, int]]:
+def _counters(engine: Engine) -> dict[str, tuple[int, int, int, int]]:
     return {k: (s.spent_cents, s.committed_cents, s.impressions, s.settled_cents)
-            for k, s in eng.ledger.offer_states().items()}  # fmt: skip
+            for k, s in engine.ledger.offer_states().items()}  # fmt: skip
 
 
-def test_prune_moves_old_settled_decisions_to_the_archive_and_keeps_the_rest(eng: Engine, sql_url: str, clock) -> None:
-    ids = _history(eng, clock)
-    eng.snapshot()  # the email model's checkpoint covers the whole log
-    money = _counters(eng)
+def test_prune_moves_old_settled_decisions_to_the_archive_and_keeps_the_rest(
+    engine: Engine, ledger_url: str, clock
+) -> None:
+    ids = _history(engine, clock)
+    engine.snapshot()  # the email model's checkpoint covers the whole log
+    money = _counters(engine)
 
     # the old unrewarded decisions are still open (no worker expired them): they stay
     out = io.StringIO()
-    report = eng.prune(120, out)
+    report = engine.prune(120, out)
     archived = list(read_archive(out.getvalue().splitlines()))
     assert report.pruned == len(archived) == 16  # 12 rewarded + 4 with no offer
     assert {p.decision.event_id for p in archived} == set(ids["rewarded"] + ids["none"])
     for eid in ids["rewarded"] + ids["none"]:
-        assert eng.ledger.get_decision(eid) is None
+        assert engine.ledger.get_decision(eid) is None
     for eid in ids["unrewarded"] + ids["recent"]:
-        assert eng.ledger.get_decision(eid) is not None
-    assert eng.ledger.count_decisions() == 18
+        assert engine.ledger.get_decision(eid) is not None
+    assert engine.ledger.count_decisions() == 18
     assert report.uncheckpointed == ()
 
     # the archive holds each decision whole, with its reward and its feedback event
@@ -96,26 +90,26 @@ def test_prune_moves_old_settled_decisions_to_the_archive_and_keeps_the_rest(eng
     assert Pruned.from_json(json.loads(json.dumps(paid.to_json()))) == paid
     # the ledger kept no reward or feedback event of a pruned decision
     pruned = {p.decision.event_id for p in archived}
-    assert not {f.event_id for f in eng.ledger.feedback_after(0, 10_000)} & pruned
+    assert not {f.event_id for f in engine.ledger.feedback_after(0, 10_000)} & pruned
 
     # money and counters are the offers', not the decisions': untouched
-    assert _counters(eng) == money
+    assert _counters(engine) == money
 
     # the unrewarded ones go once expired, with their feedback
-    assert eng.expire() == 12
+    assert engine.expire() == 12
     out2 = io.StringIO()
-    eng.snapshot()
-    assert eng.prune(120, out2).pruned == 12
+    engine.snapshot()
+    assert engine.prune(120, out2).pruned == 12
     assert {p.decision.event_id for p in read_archive(out2.getvalue().splitlines())} == set(ids["unrewarded"])
-    assert eng.ledger.count_decisions() == 6
-    assert eng.prune(120, None).pruned == 0  # nothing left that old
+    assert engine.ledger.count_decisions() == 6
+    assert engine.prune(120, None).pruned == 0  # nothing left that old
 
     # replay reproduces state: a fresh engine restores the checkpoint and replays the log's tail
     # past it, which is all there (the holes are behind the checkpoint)
     for eid in ids["recent"]:
-        eng.reward(eid, 1.0)
-    state = eng.policy("email").serialize()
-    fresh = Engine.open(sql_url, clock=clock, seed=7)
+        engine.reward(eid, 1.0)
+    state = engine.policy("email").serialize()
+    fresh = Engine.open(ledger_url, clock=clock, seed=7)
     try:
         assert fresh.policy("email").serialize() == state
         d = fresh.choose("m-new", "email", {"tier": "gold"})  # and it still serves
@@ -124,47 +118,47 @@ def test_prune_moves_old_settled_decisions_to_the_archive_and_keeps_the_rest(eng
         fresh.ledger.close()
 
 
-def test_prune_keeps_what_no_checkpoint_of_the_current_policy_covers(eng: Engine, clock) -> None:
-    ids = _history(eng, clock)
-    assert eng.expire() == 12
+def test_prune_keeps_what_no_checkpoint_of_the_current_policy_covers(engine: Engine, clock) -> None:
+    ids = _history(engine, clock)
+    assert engine.expire() == 12
 
     # no checkpoint at all: what email learned from stays; sms (never learned) has nothing at risk
-    report = eng.prune(120, None)
+    report = engine.prune(120, None)
     assert report.pruned == 4 and report.uncheckpointed == ("email",)  # not sms, push, ...
     for eid in ids["rewarded"] + ids["unrewarded"]:
-        assert eng.ledger.get_decision(eid) is not None
+        assert engine.ledger.get_decision(eid) is not None
 
     # a checkpoint of another policy does not count: a worker running the new one replays from 0
-    eng.snapshot()
-    eng.set_channel(ChannelConfig("email", policy={"family": "thompson", "params": {"prior_beta": 2.0}}))
-    report = eng.prune(120, None)
+    engine.snapshot()
+    engine.set_channel(ChannelConfig("email", policy={"family": "thompson", "params": {"prior_beta": 2.0}}))
+    report = engine.prune(120, None)
     assert report.pruned == 0 and report.covered["email"] == 0
     # once the new policy is checkpointed, its log is covered
-    eng.policy("email")
-    eng.snapshot()
-    assert eng.prune(120, None).pruned == 24
+    engine.policy("email")
+    engine.snapshot()
+    assert engine.prune(120, None).pruned == 24
 
 
-def test_prune_refuses_to_cut_into_what_the_engine_reads(eng: Engine, clock) -> None:
-    ids = _history(eng, clock)
-    n = eng.ledger.count_decisions()
-    assert eng.retention_floor_days() == 90
+def test_prune_refuses_to_cut_into_what_the_engine_reads(engine: Engine, clock) -> None:
+    ids = _history(engine, clock)
+    n = engine.ledger.count_decisions()
+    assert engine.retention_floor_days() == 90
     for bad in (30, 89.9, True, float("nan"), float("inf"), "120", None):
         with pytest.raises(InvalidArgument):
-            eng.prune(bad, None)  # type: ignore[arg-type]
+            engine.prune(bad, None)  # type: ignore[arg-type]
     for bad_batch in (0, 10_001, 1.5, True):
         with pytest.raises(InvalidArgument):
-            eng.prune(120, None, batch=bad_batch)  # type: ignore[arg-type]
+            engine.prune(120, None, batch=bad_batch)  # type: ignore[arg-type]
     # a member cap window longer than the history raises the floor
-    eng.set_member_cap(MemberCap(50, window_days=150))
-    assert eng.retention_floor_days() == 150
+    engine.set_member_cap(MemberCap(50, window_days=150))
+    assert engine.retention_floor_days() == 150
     with pytest.raises(InvalidArgument, match="at least 150"):
-        eng.prune(120, None)
+        engine.prune(120, None)
     # and a long reward window too
-    eng.set_channel(ChannelConfig("push", reward_window_days=200))
-    assert eng.retention_floor_days() == 200
-    assert eng.ledger.count_decisions() == n
-    assert all(eng.ledger.get_decision(e) is not None for e in ids["rewarded"])
+    engine.set_channel(ChannelConfig("push", reward_window_days=200))
+    assert engine.retention_floor_days() == 200
+    assert engine.ledger.count_decisions() == n
+    assert all(engine.ledger.get_decision(e) is not None for e in ids["rewarded"])
 
 
 class _FailingArchive(io.StringIO):
@@ -181,25 +175,25 @@ class _FailingArchive(io.StringIO):
         return super().write(s)
 
 
-def test_a_failing_archive_deletes_nothing_of_its_batch(eng: Engine, clock) -> None:
-    ids = _history(eng, clock)
-    eng.snapshot()
+def test_a_failing_archive_deletes_nothing_of_its_batch(engine: Engine, clock) -> None:
+    ids = _history(engine, clock)
+    engine.snapshot()
     archive = _FailingArchive(ok=1)
     with pytest.raises(OSError, match="No space"):
-        eng.prune(120, archive, batch=5)
+        engine.prune(120, archive, batch=5)
     done = {p.decision.event_id for p in read_archive(archive.getvalue().splitlines())}
     assert len(done) == 5  # the first batch: archived and deleted
     old = ids["rewarded"] + ids["none"]
-    assert all((eng.ledger.get_decision(e) is None) == (e in done) for e in old)
-    assert eng.ledger.count_decisions() == 34 - 5
+    assert all((engine.ledger.get_decision(e) is None) == (e in done) for e in old)
+    assert engine.ledger.count_decisions() == 34 - 5
     # the rest goes at the next run, into a working archive
     rest = io.StringIO()
-    assert eng.prune(120, rest, batch=5).pruned == 11
+    assert engine.prune(120, rest, batch=5).pruned == 11
     assert done.isdisjoint(p.decision.event_id for p in read_archive(rest.getvalue().splitlines()))
 
 
-def test_concurrent_prunes_archive_each_decision_once(sql_url: str, clock) -> None:
-    first = Engine.open(sql_url, clock=clock, seed=7)
+def test_concurrent_prunes_archive_each_decision_once(ledger_url: str, clock) -> None:
+    first = Engine.open(ledger_url, clock=clock, seed=7)
     try:
         for o in catalog(3):
             first.add_offer(o)
@@ -210,7 +204,7 @@ def test_concurrent_prunes_archive_each_decision_once(sql_url: str, clock) -> No
         clock.advance(days=100)
     finally:
         first.ledger.close()
-    engines = [Engine.open(sql_url, clock=clock, seed=7) for _ in range(3)]
+    engines = [Engine.open(ledger_url, clock=clock, seed=7) for _ in range(3)]
     archives = [io.StringIO() for _ in engines]
     counts: list[int] = []
     barrier = threading.Barrier(len(engines))
