@@ -549,9 +549,13 @@ class Engine:
 
     def _covered(self, s: Snapshot) -> bool:
         """Whether the stored checkpoints already reach as far into the log as ``s``."""
-        stored = self.ledger.latest_snapshot(s.channel)
-        reached = stored.feedback_seq if stored is not None and stored.policy_name == s.policy_name else 0
-        return reached >= s.feedback_seq
+        return self._checkpointed(s.channel, s.policy_name) >= s.feedback_seq
+
+    def _checkpointed(self, model: str, spec_key: str) -> int:
+        """How far into the log the latest stored checkpoint of ``model`` reaches, if it is of
+        the policy ``spec_key`` (what a restoring engine would use); 0 if there is none."""
+        stored = self.ledger.latest_snapshot(model)
+        return stored.feedback_seq if stored is not None and stored.policy_name == spec_key else 0
 
     # choose ----------------------------------------------------------------------------------
     def in_holdout(self, member_id: str, channel: str) -> bool:
@@ -816,10 +820,10 @@ class Engine:
         if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 10_000:
             raise InvalidArgument(f"batch must be an integer in [1, 10000], got {batch!r}")
         before = self.clock.now_ms() - int(older_than_days * MS_PER_DAY)
-        covered: dict[str, int] = {}
-        for name, cfg in self.channels().items():
-            snap = self.ledger.latest_snapshot(cfg.model_key)
-            covered[name] = snap.feedback_seq if snap is not None and snap.policy_name == self._spec_key(cfg) else 0
+        covered = {
+            name: self._checkpointed(cfg.model_key, self._spec_key(cfg))
+            for name, cfg in self.channels().items()
+        }  # fmt: skip
 
         def write(pruned: list[Pruned]) -> None:
             if archive is None:
