@@ -224,6 +224,11 @@ def decision_from_row(r: tuple[Any, ...]) -> Decision:
     )  # fmt: skip
 
 
+def feedback_from_row(r: tuple[Any, ...]) -> Feedback:
+    """A feedback event from a row of ``seq, event_id, channel, reward, learn, kind``."""
+    return Feedback(int(r[0]), r[1], r[2], float(r[3]), bool(r[4]), r[5])
+
+
 def decision_params(d: Decision) -> dict[str, Any]:
     payload = {
         "eligible": list(d.eligible), "pmf": list(d.pmf), "context": dict(d.context),
@@ -499,7 +504,7 @@ class HotPath:
 
     def feedback_after(self, seq: int, limit: int) -> list[Feedback]:
         rows = self._run(lambda conn: self._q(conn, "feedback_after", {"seq": seq, "limit": limit}).fetchall())
-        return [Feedback(int(r[0]), r[1], r[2], float(r[3]), bool(r[4]), r[5]) for r in rows]
+        return [feedback_from_row(r) for r in rows]
 
     def offer_states(self, offer_ids: Iterable[str] | None) -> dict[str, OfferState]:
         ids = None if offer_ids is None else list(offer_ids)

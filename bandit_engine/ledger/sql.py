@@ -40,6 +40,7 @@ from .hot import (
     HotPath,
     connection_lock,
     decision_from_row,
+    feedback_from_row,
 )
 from .models import (
     CatalogVersionRow,
@@ -400,19 +401,18 @@ class SqlLedger:
         d, f, r = DecisionRow.__table__.c, FeedbackRow.__table__.c, RewardRow.__table__.c
         n = 0
         for channel, through in sorted(covered.items()):
+            uncovered = select(f.seq).where(f.event_id == d.event_id, f.seq > through).exists()
+            due = (
+                select(*_DECISION_COLS)
+                .where(d.channel == channel, d.issued_at < before_ms, d.status != "open", ~uncovered)
+                .order_by(d.seq).limit(batch)
+            )  # fmt: skip
+            if self._dialect == "postgresql":
+                due = due.with_for_update(skip_locked=True)
             after = 0
             while True:
-                uncovered = select(f.seq).where(f.event_id == d.event_id, f.seq > through).exists()
-                q = (
-                    select(*_DECISION_COLS)
-                    .where(d.channel == channel, d.seq > after, d.issued_at < before_ms,
-                           d.status != "open", ~uncovered)
-                    .order_by(d.seq).limit(batch)
-                )  # fmt: skip
-                if self._dialect == "postgresql":
-                    q = q.with_for_update(skip_locked=True)
                 with self._tx(write=True) as c:
-                    rows = c.execute(q).all()
+                    rows = c.execute(due.where(d.seq > after)).all()
                     if not rows:
                         break
                     ids = [row[1] for row in rows]
@@ -429,9 +429,7 @@ class SqlLedger:
                         select(f.seq, f.event_id, f.channel, f.reward, f.learn, f.kind)
                         .where(f.event_id.in_(ids)).order_by(f.seq)
                     ):  # fmt: skip
-                        events.setdefault(row[1], []).append(
-                            Feedback(int(row[0]), row[1], row[2], float(row[3]), bool(row[4]), row[5])
-                        )
+                        events.setdefault(row[1], []).append(feedback_from_row(tuple(row)))
                     archive([
                         Pruned(decision_from_row(tuple(row)), tuple(rewards.get(row[1], ())),
                                tuple(events.get(row[1], ())))
