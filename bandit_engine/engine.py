@@ -763,11 +763,14 @@ class Engine:
         return d
 
     # export ----------------------------------------------------------------------------------
-    def export_dsjson(self, out: IO[str], *, channel: str | None = None) -> int:
-        """Write treatment decisions as VW dsjson lines (``a``, ``p``, ``_label_cost``, ...)."""
+    def export_dsjson(self, out: IO[str], *, channel: str | None = None, limit: int | None = None) -> int:
+        """Write treatment decisions as VW dsjson lines (``a``, ``p``, ``_label_cost``, ...): the
+        first ``limit`` of the log (all by default). Returns how many."""
         offers = self._refresh_catalog(force=True).offers
         n = 0
         for d in self.ledger.decisions(channel=channel):
+            if n == limit:
+                break
             if d.offer_id is None or not d.learnable:
                 continue
             out.write(json.dumps(to_dsjson(d, offers)) + "\n")

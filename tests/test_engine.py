@@ -400,6 +400,8 @@ def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
     buf = io.StringIO()
     assert engine.export_dsjson(buf) == 6
     lines = buf.getvalue().splitlines()
+    head = io.StringIO()
+    assert engine.export_dsjson(head, limit=2) == 2 and head.getvalue().splitlines() == lines[:2]
     rec = json.loads(lines[0])
     d = engine.get_decision(rec["EventId"])
     assert rec["_label_probability"] == d.probability

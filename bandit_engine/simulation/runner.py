@@ -15,7 +15,7 @@ comparisons; realized redemptions are reported too.
 from __future__ import annotations
 
 import heapq
-import json
+import io
 import math
 import multiprocessing
 import time
@@ -30,7 +30,7 @@ from scipy import stats
 
 from ..catalog import ChannelConfig, MemberCap, PolicySpec
 from ..clock import MS_PER_DAY, ManualClock
-from ..engine import Engine, to_dsjson
+from ..engine import Engine
 from ..errors import InvalidArgument
 from ..policies.registry import make_policy
 from .oracles import attach, sim_families, solve_budget_duals, static_probabilities
@@ -491,15 +491,9 @@ DSJSON_SAMPLE = 200  # decisions of a run's log kept as its dsjson sample
 def run_artifacts(engine: Engine) -> dict[str, bytes]:
     """What MLflow keeps of a run's engine: the first ``DSJSON_SAMPLE`` learnable served
     decisions of its log as dsjson, and each channel's policy snapshot (``policy_<channel>``)."""
-    offers = {o.offer_id: o for o in engine.offers()}
-    lines: list[str] = []
-    for d in engine.ledger.decisions():
-        if d.offer_id is None or not d.learnable:
-            continue
-        lines.append(json.dumps(to_dsjson(d, offers)) + "\n")
-        if len(lines) >= DSJSON_SAMPLE:
-            break
-    out = {"decisions_sample.dsjson": "".join(lines).encode()}
+    sample = io.StringIO()
+    engine.export_dsjson(sample, limit=DSJSON_SAMPLE)
+    out = {"decisions_sample.dsjson": sample.getvalue().encode()}
     for ch in engine.channels():
         model = engine.channel(ch).model_key
         if engine.ledger.latest_snapshot(model) is not None or model in engine._policies:
