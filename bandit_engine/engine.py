@@ -692,7 +692,8 @@ class Engine:
         return self._log_none(common, ctx, "contention")
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
-        offer = self._catalog.offers.get(cfg.default_offer or "")
+        cat = self._catalog  # one catalog version for the offer and its caps
+        offer = cat.offers.get(cfg.default_offer or "")
         if offer is None or not offer.is_live(base.channel, base.issued_at):
             return self.ledger.log_decision(base.with_(reason=reason), None, {})
         d = base.with_(
@@ -701,7 +702,7 @@ class Engine:
         )  # fmt: skip
         try:
             return self.ledger.log_decision(
-                d, offer, constraints.member_caps(offer, self._catalog.member_cap)
+                d, offer, constraints.member_caps(offer, cat.member_cap)
             )
         except CapExceeded as exc:
             return self.ledger.log_decision(base.with_(reason=f"{reason}:capped:{exc.cap}"), None, {})
