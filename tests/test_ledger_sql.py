@@ -95,6 +95,61 @@ def test_expire_closes_more_than_one_batch(backend, request, tmp_path, clock) ->
         eng.ledger.close()
 
 
+def test_expiry_writes_each_kind_of_settlement_as_the_shared_rule_says(engine, clock) -> None:
+    """Expiry writes a batch's decisions in one statement and their feedback events in
+    another (``HotPath._settle_many``, ``_insert_feedbacks``). A batch that mixes every kind of
+    open decision is written, field by field, as ``settle_expiry`` says, on every backend; the
+    feedback events returned are the ones stored, in log order, each under its own event id."""
+    from bandit_engine.ledger.settle import settle_expiry
+
+    noisy = 0.1 + 0.2  # a default reward whose text form is long: it must survive the JSON trip
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), reward_window_days=1,
+                                     default_reward=noisy))  # fmt: skip
+    engine.set_channel(ChannelConfig("push", policy=PolicySpec("uniform"), reward_window_days=1,
+                                     aggregation="sum"))  # fmt: skip
+    engine.set_channel(ChannelConfig("site", policy=PolicySpec("uniform"), reward_window_days=1,
+                                     provisional_reward=0.25))  # fmt: skip
+    for ch in ("email", "push", "site"):
+        engine.add_offer(Offer(f"o-{ch}", [ch], cost=2.0, budget=1_000.0))
+    plain = [engine.choose(f"e{i}", "email").event_id for i in range(3)]
+    deferred = engine.choose("e-deferred", "email", active=False).event_id
+    closed = engine.choose("e-closed", "email").event_id
+    engine.reward(closed, 1.0)
+    summed = engine.choose("p-summed", "push").event_id
+    engine.reward(summed, 1.5, cost=0.5)
+    unrewarded_sum = engine.choose("p-none", "push").event_id
+    provisional = [engine.choose(f"s{i}", "site").event_id for i in range(2)]
+    engine.choose("holdout-like", "email", consent=False)  # no offer: nothing to expire
+    before = {d.event_id: d for d in engine.ledger.decisions()}
+    last = engine.ledger.last_feedback_seq()
+    clock.advance(days=2)
+    defaults = {"email": noisy, "push": 0.0, "site": 0.0}
+
+    fbs = engine.ledger.expire(clock.now_ms(), defaults)
+
+    due = [*plain, deferred, summed, unrewarded_sum, *provisional]
+    assert sorted(f.event_id for f in fbs) == sorted(due)
+    assert fbs == engine.ledger.feedback_after(last, 100)  # what is stored, in log order
+    by_event = {f.event_id: f for f in fbs}
+    after = {d.event_id: d for d in engine.ledger.decisions()}
+    for eid in due:
+        want, _, reward = settle_expiry(before[eid], defaults[before[eid].channel])
+        assert after[eid] == want, eid
+        f = by_event[eid]
+        assert (f.channel, f.reward) == (want.channel, reward), eid
+    assert by_event[plain[0]].reward == noisy and by_event[plain[0]].kind == "final"
+    assert by_event[plain[0]].learn and not by_event[deferred].learn
+    assert (after[summed].reward, after[summed].spent_cents, after[summed].reserved_cents) == (1.5, 50, 50)
+    assert by_event[summed].reward == 1.5 and by_event[unrewarded_sum].reward == 0.0
+    assert {by_event[e].kind for e in provisional} == {"correction"}
+    assert after[closed] == before[closed]  # settled before: untouched
+    for ch in ("email", "push", "site"):
+        st = engine.ledger.offer_states()[f"o-{ch}"]
+        assert st.committed_cents == 0
+    assert engine.ledger.offer_states()["o-push"].spent_cents == 50
+    assert engine.ledger.expire(clock.now_ms(), defaults) == []
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_concurrent_expirers_close_each_decision_once(backend, request, tmp_path, clock) -> None:
     """Every serving worker closes due windows (``api.sync.Syncer``): four engines expiring the

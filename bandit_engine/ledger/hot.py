@@ -181,6 +181,39 @@ _INSERT_FEEDBACK = (
     "INSERT INTO feedback (event_id, channel, reward, learn, kind) "
     "VALUES (:eid, :channel, :reward, :learn, :kind) RETURNING seq"
 )
+# A batch of settlements (expiry) in two statements instead of two per decision: the rows travel
+# as one JSON array parameter, read by jsonb_to_recordset (PostgreSQL) or json_each (SQLite).
+# Fed back with the event id: neither database promises RETURNING's row order.
+_SETTLE_FIELDS = (
+    ("seq", "BIGINT"), ("status", "VARCHAR"), ("reward", "DOUBLE PRECISION"),
+    ("reward_count", "INTEGER"), ("spent_cents", "BIGINT"), ("reserved_cents", "BIGINT"),
+    ("active", "BOOLEAN"),
+)  # fmt: skip
+_FEEDBACK_FIELDS = (
+    ("i", "INTEGER"), ("event_id", "VARCHAR"), ("channel", "VARCHAR"), ("reward", "DOUBLE PRECISION"),
+    ("learn", "BOOLEAN"), ("kind", "VARCHAR"),
+)  # fmt: skip
+
+
+def _batch_sql(pg: bool) -> dict[str, str]:
+    """The batch statements for one backend (``:rows`` is the JSON array)."""
+
+    def rows(fields: tuple[tuple[str, str], ...]) -> tuple[str, dict[str, str]]:
+        if pg:
+            spec = ", ".join(f"{n} {t}" for n, t in fields)
+            return f"jsonb_to_recordset(CAST(:rows AS JSONB)) AS v({spec})", {n: f"v.{n}" for n, _ in fields}
+        return "json_each(:rows) AS v", {n: f"json_extract(v.value, '$.{n}')" for n, _ in fields}
+
+    source, col = rows(_SETTLE_FIELDS)
+    sets = ", ".join(f"{n} = {col[n]}" for n, _ in _SETTLE_FIELDS[1:])
+    settle = f"UPDATE decisions SET {sets} FROM {source} WHERE decisions.seq = {col['seq']}"
+    source, col = rows(_FEEDBACK_FIELDS)
+    names = [n for n, _ in _FEEDBACK_FIELDS[1:]]
+    feedback = (
+        f"INSERT INTO feedback ({', '.join(names)}) SELECT {', '.join(col[n] for n in names)} "
+        f"FROM {source} ORDER BY {col['i']} RETURNING seq, event_id"
+    )
+    return {"settle_many": settle, "insert_feedbacks": feedback}
 
 
 # engine -> the lock its one shared connection is used under (a StaticPool: in-memory SQLite)
@@ -284,7 +317,7 @@ class HotPath:
                 "decision_for_reward": _DECISION_FOR_REWARD,
                 "settle_reward_cas": _SETTLE_REWARD_CAS, "insert_reward": _INSERT_REWARD,
                 "settle_decision": _SETTLE_DECISION, "apply": _APPLY,
-                "insert_feedback": _INSERT_FEEDBACK,
+                "insert_feedback": _INSERT_FEEDBACK, **_batch_sql(self._pg),
             }.items()
         }  # fmt: skip
         database = engine.url.database
@@ -687,22 +720,25 @@ class HotPath:
         return self._run(op, write=True)
 
     def expire(self, now_ms: int, default_rewards: Mapping[str, float], batch: int = 500) -> list[Feedback]:
-        """Close every open decision past its deadline, ``batch`` per transaction, each offer's
-        counters updated once per transaction."""
+        """Close every open decision past its deadline, ``batch`` per transaction: the batch's
+        decisions in one statement, their feedback events in another, and each offer's counters
+        once."""
 
         def op(conn: Any) -> tuple[int, list[Feedback]]:
             self._begin(conn, True)
             rows = self._q(conn, "due", {"now": now_ms, "limit": batch}).fetchall()
-            fbs = []
+            settled, learned = [], []
             deltas: dict[str, OfferDelta] = {}
             for row in rows:
                 d = decision_from_row(row)
                 new, delta, fb_reward = settle_expiry(d, default_rewards.get(d.channel, 0.0))
-                self._update_decision(conn, new)
+                settled.append(new)
                 if new.offer_id is not None:
                     deltas[new.offer_id] = deltas.get(new.offer_id, OfferDelta()) + delta
                 if fb_reward is not None:
-                    fbs.append(self._insert_feedback(conn, new, fb_reward, settlement_kind(new)))
+                    learned.append((new, fb_reward))
+            self._settle_many(conn, settled)
+            fbs = self._insert_feedbacks(conn, learned)
             # the offers' rows, which every choose updates, last and in one order: each is
             # locked for the commit only, and concurrent expirers cannot deadlock on them
             for oid, delta in sorted(deltas.items()):
@@ -719,6 +755,29 @@ class HotPath:
             out.extend(fbs)
             if n < batch:
                 return out
+
+    def _settle_many(self, conn: Any, settled: list[Decision]) -> None:
+        """Write a batch of settled decisions (what :meth:`_update_decision` writes, in one
+        statement)."""
+        if settled:
+            self._q(conn, "settle_many", {"rows": json.dumps([{
+                "seq": d.seq, "status": d.status, "reward": d.reward, "reward_count": d.reward_count,
+                "spent_cents": d.spent_cents, "reserved_cents": d.reserved_cents, "active": d.active,
+            } for d in settled])})  # fmt: skip
+
+    def _insert_feedbacks(self, conn: Any, learned: list[tuple[Decision, float]]) -> list[Feedback]:
+        """Append a feedback event per (settled decision, reward), in that order, in one
+        statement; returns them in log order (what :meth:`_insert_feedback` does for one)."""
+        if not learned:
+            return []
+        rows = [
+            {"i": i, "event_id": d.event_id, "channel": d.channel, "reward": reward,
+             "learn": d.learnable and d.active, "kind": settlement_kind(d)}
+            for i, (d, reward) in enumerate(learned)
+        ]  # fmt: skip
+        seqs = dict((e, int(s)) for s, e in self._q(conn, "insert_feedbacks", {"rows": json.dumps(rows)}).fetchall())
+        fbs = [Feedback(seqs[r["event_id"]], r["event_id"], r["channel"], r["reward"], r["learn"], r["kind"]) for r in rows]
+        return sorted(fbs, key=lambda f: f.seq)
 
 
 __all__ = ["DECISION_COLUMNS", "DuplicateEvent", "HotPath", "decision_from_row", "decision_params"]
