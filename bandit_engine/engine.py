@@ -692,10 +692,16 @@ class Engine:
         return self._log_none(common, ctx, "contention")
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
+        """The hold-out's (or a member without consent's) decision: the channel's default offer
+        if it is live and within its caps, else nothing. A hold-out member's decision stays
+        open for its window either way: the service reports the member's outcome (a purchase
+        made without our offer) as its reward, and the window closes with the default reward,
+        so the lift report compares like with like."""
         cat = self._catalog  # one catalog version for the offer and its caps
         offer = cat.offers.get(cfg.default_offer or "")
+        nothing = base.with_(status="open" if base.group == "holdout" else "none")
         if offer is None or not offer.is_live(base.channel, base.issued_at):
-            return self.ledger.log_decision(base.with_(reason=reason), None, {})
+            return self.ledger.log_decision(nothing.with_(reason=reason), None, {})
         d = base.with_(
             offer_id=offer.offer_id, probability=1.0, eligible=(offer.offer_id,), pmf=(1.0,),
             reserved_cents=offer.cost_cents, status="open", reason=reason,
@@ -705,7 +711,7 @@ class Engine:
                 d, offer, constraints.member_caps(offer, cat.member_cap)
             )
         except CapExceeded as exc:
-            return self.ledger.log_decision(base.with_(reason=f"{reason}:capped:{exc.cap}"), None, {})
+            return self.ledger.log_decision(nothing.with_(reason=f"{reason}:capped:{exc.cap}"), None, {})
 
     def _log_none(self, common: Mapping[str, Any], ctx: Mapping[str, Any], reason: str) -> Decision:
         """Log a decision that served no offer (with why); it reserves and counts nothing."""

@@ -191,6 +191,37 @@ def test_holdout_and_no_consent_get_the_default_offer(engine: Engine) -> None:
     assert engine.policy("email").version == 0
 
 
+def test_a_holdout_member_without_a_default_offer_has_an_outcome_to_report(engine: Engine, clock) -> None:
+    """The hold-out measures incremental lift only if hold-out members' outcomes are recorded
+    too: their decision serves nothing and reserves nothing, but stays open for the window, takes
+    the member's outcome as its reward (no cost: nothing was spent), and closes with the default
+    reward. It is never learned from. A member without consent gets nothing to report."""
+    for o in catalog(2, budget=100.0):
+        engine.add_offer(o)
+    engine.set_channel(ChannelConfig("email", holdout_fraction=0.5, default_reward=0.0, reward_window_days=2))
+    held = [m for m in range(200) if engine.in_holdout(f"m-{m}", "email")][:3]
+    treated = next(m for m in range(200) if not engine.in_holdout(f"m-{m}", "email"))
+    bought, quiet, costly = (engine.choose(f"m-{m}", "email") for m in held)
+    assert (bought.group, bought.offer_id, bought.status, bought.reserved_cents) == ("holdout", None, "open", 0)
+    assert bought.reason == "holdout" and not bought.learnable
+    no_consent = engine.choose(f"m-{treated}", "email", consent=False)
+    assert (no_consent.status, no_consent.reason) == ("none", "no_consent")
+    with pytest.raises(InvalidArgument, match="no cost"):
+        engine.reward(costly.event_id, 1.0, cost=2.0)
+    assert engine.reward(bought.event_id, 1.0).status == "recorded"
+    with pytest.raises(InvalidArgument, match="nothing to reward"):
+        engine.reward(no_consent.event_id, 1.0)
+    clock.advance(days=3)
+    assert engine.expire() == 2  # quiet and costly close with the default reward
+    got = {e.event_id: engine.get_decision(e.event_id) for e in (bought, quiet, costly)}
+    assert [(d.status, d.reward, d.spent_cents) for d in got.values()] == [
+        ("closed", 1.0, 0), ("expired", 0.0, 0), ("expired", 0.0, 0)]
+    assert engine.get_decision(no_consent.event_id).status == "none"
+    assert not any(f.learn for f in engine.ledger.feedback_after(0))
+    assert engine.policy("email").version == 0
+    assert all(s.committed_cents == 0 and s.spent_cents == 0 for s in engine.ledger.offer_states().values())
+
+
 def test_budget_is_never_exceeded_and_exhaustion_returns_no_offer(engine: Engine) -> None:
     engine.add_offer(Offer("a", ["email"], cost=3.00, budget=10.00))
     served = [engine.choose(f"m-{i}", "email") for i in range(5)]

@@ -130,6 +130,7 @@ class MemoryLedger:
             self._log.append(stored)
             if offer is not None:
                 self._by_member[stored.member_id].append(stored.event_id)
+            if stored.status == "open":
                 self._open[stored.event_id] = None
             fb = None
             if stored.provisional is not None:

@@ -46,6 +46,10 @@ def settle_reward(
         )
     if d.status == "none":
         raise InvalidArgument(f"event {d.event_id!r} served no offer; there is nothing to reward")
+    if d.offer_id is None and cost_cents:
+        raise InvalidArgument(
+            f"event {d.event_id!r} is a hold-out decision that served no offer: its outcome has no cost"
+        )
     held = d.reserved_cents - d.spent_cents
     if cost_cents is None:
         # the reservation is the unit cost at issuance: a redemption books it (what is left of it)
