@@ -20,13 +20,25 @@ from .errors import InvalidArgument
 CHANNELS: tuple[str, ...] = ("email", "in_app", "push", "site", "sms")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
 FeatureValue = float | int | str | bool
+MAX_INT_FEATURE = 2**53  # integers a float (every model's number) holds exactly
+MAX_COUNT = 10**12  # impressions, cap counts: plausible, and far inside a 64-bit column
+MAX_FEATURES = 64  # an offer's features, as a request's context keys
+# epoch milliseconds from 1970 to the end of year 9999
+MAX_EPOCH_MS = 253_402_300_799_999
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages (a 5 000-character id
+    is not echoed back whole)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def check_id(kind: str, value: object) -> str:
     if not isinstance(value, str) or not ID_PATTERN.match(value):
         raise InvalidArgument(
             f"{kind} must be 1-128 characters of letters, digits or _.:@/- "
-            f"(starting with a letter or digit), got {value!r}"
+            f"(starting with a letter or digit), got {shown(value)}"
         )
     return value
 
@@ -56,7 +68,7 @@ def check_features(name: str, features: Mapping[str, Any] | None) -> Mapping[str
     isfinite = math.isfinite
     for k, v in features.items():
         if type(k) is not str or not k or len(k) > 64:
-            raise InvalidArgument(f"{name} keys must be non-empty strings of <= 64 chars, got {k!r}")
+            raise InvalidArgument(f"{name} keys must be non-empty strings of <= 64 chars, got {shown(k)}")
         t = type(v)
         if t is float:
             if not isfinite(v):
@@ -64,11 +76,16 @@ def check_features(name: str, features: Mapping[str, Any] | None) -> Mapping[str
         elif t is str:
             if len(v) > 256:
                 raise InvalidArgument(f"{name}[{k!r}] is longer than 256 characters")
-        elif t is not int and t is not bool:
+        elif t is int:
+            if not -MAX_INT_FEATURE <= v <= MAX_INT_FEATURE:
+                raise InvalidArgument(f"{name}[{k!r}] must be an integer of magnitude <= 2**53, got {shown(v)}")
+        elif t is not bool:
             if isinstance(v, (bool, str)):  # subclasses
                 continue
             if not isinstance(v, (int, float)):
-                raise InvalidArgument(f"{name}[{k!r}] must be a number, string or bool, got {v!r}")
+                raise InvalidArgument(f"{name}[{k!r}] must be a number, string or bool, got {shown(v)}")
+            if isinstance(v, int) and not -MAX_INT_FEATURE <= v <= MAX_INT_FEATURE:
+                raise InvalidArgument(f"{name}[{k!r}] must be an integer of magnitude <= 2**53, got {shown(v)}")
             if not isfinite(v):
                 raise InvalidArgument(f"{name}[{k!r}] must be finite, got {v!r}")
     return MappingProxyType(dict(sorted(features.items())))
@@ -137,10 +154,10 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Rule:
-        try:
-            return cls(d["field"], d["op"], d["value"])
-        except (KeyError, TypeError):
-            raise InvalidArgument(f"a rule needs field, op and value, got {d!r}") from None
+        """``{"field", "op", "value"}``, nothing else."""
+        if not isinstance(d, Mapping) or set(d) != {"field", "op", "value"}:
+            raise InvalidArgument(f"a rule is {{field, op, value}}, got {shown(d)}")
+        return cls(d["field"], d["op"], d["value"])
 
 
 @dataclass(frozen=True)
@@ -151,8 +168,8 @@ class MemberCap:
     window_days: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.max, bool) or not isinstance(self.max, int) or self.max < 1:
-            raise InvalidArgument(f"MemberCap.max must be an integer >= 1, got {self.max!r}")
+        if isinstance(self.max, bool) or not isinstance(self.max, int) or not 1 <= self.max <= MAX_COUNT:
+            raise InvalidArgument(f"MemberCap.max must be an integer in [1, 10**12], got {shown(self.max)}")
         if (
             isinstance(self.window_days, bool)
             or not isinstance(self.window_days, int | float)
@@ -224,13 +241,15 @@ class Offer:
         object.__setattr__(self, "cost_cents", to_cents("cost", self.cost))
         object.__setattr__(self, "budget_cents", to_cents("budget", self.budget, allow_none=True))
         object.__setattr__(self, "features", check_features("features", self.features))
+        if len(self.features) > MAX_FEATURES:
+            raise InvalidArgument(f"an offer has at most {MAX_FEATURES} features, got {len(self.features)}")
         if self.max_impressions is not None and (
             isinstance(self.max_impressions, bool)
             or not isinstance(self.max_impressions, int)
-            or self.max_impressions < 0
+            or not 0 <= self.max_impressions <= MAX_COUNT
         ):
             raise InvalidArgument(
-                f"max_impressions must be an integer >= 0, got {self.max_impressions!r}"
+                f"max_impressions must be an integer in [0, 10**12], got {shown(self.max_impressions)}"
             )
         object.__setattr__(self, "member_cap", MemberCap.coerce(self.member_cap))
         try:
@@ -241,6 +260,10 @@ class Offer:
                 f"starts_at/ends_at must be datetimes, ISO-8601 strings or epoch ms, "
                 f"got {self.starts_at!r}, {self.ends_at!r}"
             ) from None
+        for name in ("starts_at", "ends_at"):
+            at = getattr(self, name)
+            if at is not None and not 0 <= at <= MAX_EPOCH_MS:
+                raise InvalidArgument(f"{name} must lie between 1970 and the year 9999, got {shown(at)}")
         if self.starts_at is not None and self.ends_at is not None and self.ends_at <= self.starts_at:
             raise InvalidArgument(f"offer {self.offer_id!r}: ends_at must be after starts_at")
         if not isinstance(self.active, bool):
@@ -318,6 +341,8 @@ class ChannelConfig:
 
     ``holdout_fraction`` of members (stable hash of member and ``salt``) get ``default_offer``
     (business as usual, or nothing when ``None``) and are logged with ``group="holdout"``.
+    A hold-out decision stays open for the reward window, so the member's outcome can be
+    reported as its reward (the lift report's hold-out rate); it is never learned from.
 
     ``provisional_reward`` (None = off): learn every served, active, learnable treatment
     decision when it is made as if its reward were this value (typically 0, "no redemption

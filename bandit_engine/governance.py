@@ -39,7 +39,8 @@ T = TypeVar("T")
 Role = Literal["decide", "analyst", "admin", "approver"]
 ROLES: tuple[str, ...] = ("admin", "analyst", "approver", "decide")
 OFFER_GOVERNED: tuple[str, ...] = ("budget", "max_impressions", "member_cap")
-CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction")
+# the salt decides which members are in the hold-out: changing it reshuffles the groups
+CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction", "salt")
 KEY_PREFIX = "bek_"
 AUTH_CACHE_SECONDS = 1.0  # a revoked key stops working within this delay on every worker
 
@@ -236,6 +237,8 @@ class Governance:
         return self.get_change(int(cid))
 
     def get_change(self, change_id: int) -> Change:
+        if isinstance(change_id, bool) or not isinstance(change_id, int) or not 0 < change_id < 2**63:
+            raise UnknownChange(f"unknown change {str(change_id)[:40]}")  # no id of a 64-bit key
         with self._tx() as c:
             r = c.execute(select(ChangeRow).where(ChangeRow.id == change_id)).first()
         if r is None:

@@ -3,6 +3,8 @@ changes have no effect, everything is audited; choose/reward semantics."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from bandit_engine import Engine, MemberCap, Offer
@@ -237,3 +239,83 @@ def test_approval_that_cannot_apply_changes_nothing(api: Api) -> None:
     assert api.state() == before  # still pending, budget unchanged, nothing audited
     assert api.gov.get_change(cid).status == "pending"
     assert api.call("POST", f"/v1/changes/{cid}/reject", "approver").status_code == 200
+
+
+def test_holdout_outcomes_are_reported_and_the_lift_report_measures_them(api: Api) -> None:
+    """With no default offer, hold-out members get nothing, yet their outcomes are reported
+    (reward) and their windows close with the default reward, so both groups are measured."""
+    api.engine.set_channel(dataclasses.replace(api.engine.channel("push"), holdout_fraction=0.5))
+    decisions = [choose(api, f"m-lift-{i}", "push") for i in range(40)]
+    held = [d for d in decisions if d["group"] == "holdout"]
+    treated = [d for d in decisions if d["group"] == "treatment"]
+    assert len(held) >= 10 and len(treated) >= 10 and all(d["offer_id"] is None for d in held)
+    for d in held[:4] + treated[:8]:
+        r = api.call("POST", "/v1/reward", "decide", json={"event_id": d["event_id"], "reward": 1})
+        assert r.status_code == 200 and r.json["status"] == "recorded", r.json
+    before = api.state()
+    r = api.call("POST", "/v1/reward", "decide", json={"event_id": held[5]["event_id"], "reward": 1, "cost": 1})
+    assert r.status_code == 422 and api.state() == before  # a hold-out outcome has no cost
+    api.clock.advance(days=8)
+    api.engine.expire()
+    lift = api.call("GET", "/v1/reports/lift?channel=push", "analyst").json["channels"][0]
+    assert lift["holdout"]["n"] == len(held) and lift["holdout"]["rate"] == 4 / len(held)
+    assert lift["treatment"]["n"] == len(treated) and lift["treatment"]["rate"] == 8 / len(treated)
+    diff = lift["lift"]["difference"]
+    assert diff == 8 / len(treated) - 4 / len(held)
+    assert lift["lift"]["ci95"][0] < diff < lift["lift"]["ci95"][1]
+
+
+def test_one_outcome_has_a_rate_but_no_interval(api: Api) -> None:
+    api.engine.add_offer(Offer("lone", ["site"], cost=1.0))
+    e = choose(api, "m-lone", "site")["event_id"]
+    api.call("POST", "/v1/reward", "decide", json={"event_id": e, "reward": 1})
+    lift = api.call("GET", "/v1/reports/lift?channel=site", "analyst").json["channels"][0]
+    assert lift["treatment"] == {"n": 1, "rate": 1.0, "ci95": None} and lift["lift"] is None
+
+
+def test_a_pending_offer_cannot_be_paused_or_activated_before_approval(api: Api) -> None:
+    """Approval activates a created offer, so a pause sent while it waits would be overridden
+    silently: it is refused, and withdrawing the offer means rejecting the change."""
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "waiting", "channels": ["email"], "cost": 1, "budget": 10})
+    cid = r.json["change_id"]
+    before = api.state()
+    for active in (False, True):
+        r = api.call("PATCH", "/v1/offers/waiting", "admin", json={"active": active})
+        assert r.status_code == 409 and "reject the change" in r.json["error"]["message"]
+    assert api.state() == before
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    assert api.call("GET", "/v1/offers/waiting", "analyst").json["active"] is True
+    r = api.call("PATCH", "/v1/offers/waiting", "admin", json={"active": False})  # now it is live: fine
+    assert r.status_code == 200 and r.json["active"] is False
+
+
+def test_the_holdout_salt_is_governed(api: Api) -> None:
+    """The salt decides who is in the hold-out: changing it reshuffles the groups."""
+    r = api.call("PUT", "/v1/channels/email", "admin", json={"salt": "reshuffled"})
+    assert r.status_code == 202 and r.json["salt"] == "email"
+    assert api.call("GET", "/v1/channels/email", "analyst").json["salt"] == "email"
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
+    assert api.call("GET", "/v1/channels/email", "analyst").json["salt"] == "reshuffled"
+
+
+def test_ids_with_a_slash_reach_their_routes_and_consent_travels(api: Api) -> None:
+    r = api.call("POST", "/v1/offers", "admin", json={"offer_id": "promo/2026", "channels": ["push"], "cost": 1})
+    assert r.status_code == 201
+    for path in ("/v1/offers/promo/2026", "/v1/offers/promo%2F2026"):
+        assert api.call("GET", path, "analyst").json["offer_id"] == "promo/2026"
+    r = api.call("PATCH", "/v1/offers/promo/2026", "admin", json={"active": False})
+    assert r.status_code == 200 and r.json["active"] is False
+    d = choose(api, "m-slash", "email", event_id="order/123", activate=False)
+    r = api.call("POST", "/v1/events/order/123/activate", "decide")
+    assert r.status_code == 200 and r.json == {"event_id": "order/123", "active": True, "status": "open"}
+    assert d["active"] is False
+    d = choose(api, "m-no-consent", "email", consent=False)
+    assert d["offer_id"] is None and d["reason"] == "no_consent"
+
+
+def test_a_401_names_its_scheme_and_metrics_say_their_charset_once(api: Api) -> None:
+    r = api.call("GET", "/v1/offers")
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+    ctype = api.call("GET", "/metrics").headers["Content-Type"]
+    assert ctype.count("charset") == 1 and ctype.startswith("text/plain; version=0.0.4")

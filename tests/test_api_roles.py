@@ -46,6 +46,7 @@ ROUTES: list[tuple[str, str, tuple[str, ...], Prep]] = [
     ("GET", "/v1/offers/{offer_id}", ("analyst", "admin", "approver"), lambda a: ("/v1/offers/plain-a", None)),
     ("PATCH", "/v1/offers/{offer_id}", ("admin",), lambda a: ("/v1/offers/plain-a", {"cost": 1.5})),
     ("GET", "/v1/channels", ("analyst", "admin", "approver"), lambda a: ("/v1/channels", None)),
+    ("GET", "/v1/channels/{name}", ("analyst", "admin", "approver"), lambda a: ("/v1/channels/push", None)),
     ("PUT", "/v1/channels/{name}", ("admin",), lambda a: ("/v1/channels/site", {"exploration_floor": 0.05})),
     ("PUT", "/v1/model-groups/{group}", ("admin",), lambda a: (
         "/v1/model-groups/apps", {"policy": {"family": "thompson", "params": {"prior_beta": 1.0 + next(_counter)}}})),

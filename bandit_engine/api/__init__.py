@@ -111,7 +111,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         body = current_app.extensions["bandit_engine.metrics"].render()
-        return Response(body, mimetype="text/plain; version=0.0.4; charset=utf-8")
+        return Response(body, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/openapi.json")
     def openapi() -> Any:

@@ -43,7 +43,10 @@ def register_error_handlers(app: Flask) -> None:
     def _engine_error(exc: BanditEngineError) -> Any:
         if exc.status >= 500:
             log.error("server-side error: %s", exc.message)
-        return error_response(exc.status, exc.code, exc.message)
+        resp = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 401:  # RFC 9110: a 401 names the scheme to authenticate with
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="bandit_engine"'
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

@@ -16,7 +16,8 @@ OPT_NUM = {"type": ["number", "null"]}
 SCALAR = {"type": ["number", "string", "boolean"]}
 MONEY = {"type": "number", "minimum": 0, "maximum": 1e12}
 OPT_MONEY = {"type": ["number", "null"], "minimum": 0, "maximum": 1e12}
-TIME = {"type": ["integer", "string", "null"]}
+TIME = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 253_402_300_799_999},  # epoch ms to 9999
+                  {"type": "string"}, {"type": "null"}]}
 
 
 def _err(desc: str) -> dict[str, Any]:
@@ -50,17 +51,22 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 READERS = ["analyst", "admin", "approver"]
+CHANGE_ID = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
 MEMBER_CAP = {"type": ["object", "null"], "additionalProperties": False, "required": ["max", "window_days"],
-              "properties": {"max": {"type": "integer", "minimum": 1},
+              "properties": {"max": {"type": "integer", "minimum": 1, "maximum": 10**12},
                              "window_days": {"type": "number", "exclusiveMinimum": 0, "maximum": 3660}}}  # fmt: skip
 SETTINGS = {"type": "object", "additionalProperties": False, "properties": {"member_cap": MEMBER_CAP}}
 RULE = {"type": "object", "required": ["field", "op", "value"], "additionalProperties": False,
         "properties": {"field": {"type": "string", "minLength": 1},
                        "op": {"enum": ["in", "not_in", "eq", "ne", "gt", "gte", "lt", "lte"]},
                        "value": {}}}  # fmt: skip
-FEATURES = {"type": "object", "maxProperties": 64,
-            "additionalProperties": {"type": ["number", "string", "boolean"]}}  # fmt: skip
+# integers up to 2**53 (a float holds them exactly), strings up to 256 characters
+FEATURES = {"type": "object", "maxProperties": 64, "propertyNames": {"minLength": 1, "maxLength": 64},
+            "additionalProperties": {"anyOf": [
+                {"type": "number", "not": {"type": "integer"}}, {"type": "boolean"},
+                {"type": "integer", "minimum": -(2**53), "maximum": 2**53},
+                {"type": "string", "maxLength": 256}]}}  # fmt: skip
 # a choose's context: the engine's own feature names are refused (the history's ``member.*``
 # and the request's ``channel``)
 CONTEXT = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1,
@@ -68,7 +74,7 @@ CONTEXT = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1,
 OFFER_PROPS: dict[str, Any] = {
     "channels": {"type": "array", "items": ID, "minItems": 1},
     "features": FEATURES, "cost": MONEY, "budget": OPT_MONEY,
-    "max_impressions": {"type": ["integer", "null"], "minimum": 0},
+    "max_impressions": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**12},
     "member_cap": MEMBER_CAP, "starts_at": TIME, "ends_at": TIME,
     "active": {"type": "boolean"}, "rules": {"type": "array", "items": RULE},
 }  # fmt: skip
@@ -105,7 +111,7 @@ def openapi_document() -> dict[str, Any]:
             "404": _err("unknown channel"), "409": _err("event id reused for another member")},
             _body({"type": "object", "additionalProperties": False, "required": ["member_id", "channel"],
                    "properties": {"member_id": ID, "channel": ID, "context": CONTEXT, "event_id": ID,
-                                  "activate": {"type": "boolean"}}}))},  # fmt: skip
+                                  "activate": {"type": "boolean"}, "consent": {"type": "boolean"}}}))},  # fmt: skip
         "/v1/reward": {"post": _op("Record the reward of a decision", ["decide"], {
             "200": _ok("recorded or duplicate", {"type": "object", "required": ["event_id", "status"],
                        "properties": {"status": {"enum": ["recorded", "duplicate"]}}}),
@@ -135,6 +141,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/channels": {"get": _op("List channels", READERS, {"200": _ok("channels")})},
         "/v1/channels/{name}": {
             "parameters": [_path("name")],
+            "get": _op("One channel's settings", READERS, {"200": _ok("channel"), "404": _err("unknown channel")}),
             "put": _op("Configure a channel (objective and hold-out are governed)", ["admin"], {
                 "200": _ok("applied"), "202": _ok("change pending", PENDING),
                 "404": _err("unknown channel or default offer")},
@@ -155,12 +162,12 @@ def openapi_document() -> dict[str, Any]:
             {"name": "status", "in": "query", "required": False,
              "schema": {"enum": ["pending", "approved", "rejected"]}}])},  # fmt: skip
         "/v1/changes/{change_id}/approve": {
-            "parameters": [_path("change_id", {"type": "integer", "minimum": 0})],
+            "parameters": [_path("change_id", CHANGE_ID)],
             "post": _op("Approve a change (never by its proposer)", ["approver"], {
                 "200": _ok("approved and applied"), "404": _err("unknown change"),
                 "409": _err("not pending, or cannot apply")}, REASON)},  # fmt: skip
         "/v1/changes/{change_id}/reject": {
-            "parameters": [_path("change_id", {"type": "integer", "minimum": 0})],
+            "parameters": [_path("change_id", CHANGE_ID)],
             "post": _op("Reject a change", ["approver"], {
                 "200": _ok("rejected"), "404": _err("unknown change"), "409": _err("not pending")}, REASON)},  # fmt: skip
         "/v1/audit": {"get": _op("The audit log", READERS, {"200": _ok("entries")}, params=[

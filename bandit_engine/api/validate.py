@@ -26,11 +26,35 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once, not per request
 
 
-def json_body() -> dict[str, Any]:
-    """The request body as a JSON object (413 over 64 KiB is raised by Werkzeug)."""
+def raw_body() -> bytes:
+    """The request body; 413 over 64 KiB. Werkzeug refuses a longer ``Content-Length`` itself,
+    but a chunked body has no length: its stream stops, silently, at the limit. One more byte
+    from the server's input tells whether there was more."""
     raw = request.get_data(cache=True)
-    if not raw:
+    if (
+        request.content_length is None
+        and len(raw) >= MAX_BODY_BYTES
+        and request.environ["wsgi.input"].read(1)
+    ):
+        raise ApiError(413, "payload_too_large", "request body is larger than 64 KiB")
+    return raw
+
+
+def json_body() -> dict[str, Any]:
+    """The request body as a JSON object."""
+    body = optional_json_body()
+    if body is None:
         raise ApiError(400, "invalid_json", "the request body must be a JSON object")
+    return body
+
+
+def optional_json_body() -> dict[str, Any] | None:
+    """The request body as a JSON object, or None when there is no body (chunked or not)."""
+    raw = raw_body()
+    if not raw:
+        return None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ApiError(400, "invalid_json", "the request body starts with a byte order mark; send UTF-8 without one")
     try:
         body = _DECODER.decode(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError

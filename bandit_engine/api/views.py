@@ -40,18 +40,19 @@ def metrics() -> Any:
 @requires("decide")
 def choose() -> Any:
     body = v.json_body()
-    v.fields(body, required=("member_id", "channel"), optional=("context", "event_id", "activate"))
+    v.fields(body, required=("member_id", "channel"), optional=("context", "event_id", "activate", "consent"))
     member_id = v.string(body, "member_id")
     channel = v.string(body, "channel")
     context = v.obj(body, "context", default={})
     event_id = v.string(body, "event_id")
     active = v.boolean(body, "activate", default=True)
+    consent = v.boolean(body, "consent", default=True)
     check_id("member_id", member_id)
     check_id("channel", channel)
     eng = engine()
     eng.channel(channel)  # 404 before anything else
     current_app.extensions["bandit_engine.syncer"].maybe_sync()
-    d = eng.choose(member_id, channel, context, event_id=event_id, active=active)
+    d = eng.choose(member_id, channel, context, event_id=event_id, active=active, consent=consent)
     metrics().observe_decision(d)
     out: dict[str, Any] = {
         "event_id": d.event_id, "offer_id": d.offer_id, "probability": d.probability,
@@ -78,11 +79,11 @@ def reward() -> Any:
             "spent": out.spent_cents / 100}  # fmt: skip
 
 
-@bp.post("/events/<event_id>/activate")
+@bp.post("/events/<path:event_id>/activate")  # ids may hold "/"
 @requires("decide")
 def activate(event_id: str) -> Any:
-    if request.content_length:
-        body = v.json_body()
+    body = v.optional_json_body()
+    if body is not None:
         v.fields(body)
     d = engine().activate(event_id)
     return {"event_id": d.event_id, "active": d.active, "status": d.status}
@@ -185,13 +186,13 @@ def list_offers() -> Any:
                        for o in offers]}  # fmt: skip
 
 
-@bp.get("/offers/<offer_id>")
+@bp.get("/offers/<path:offer_id>")
 @requires(*READERS)
 def get_offer(offer_id: str) -> Any:
     return _offer_get(offer_id)
 
 
-@bp.patch("/offers/<offer_id>")
+@bp.patch("/offers/<path:offer_id>")
 @requires("admin")
 def patch_offer(offer_id: str) -> Any:
     body = v.json_body()
@@ -204,9 +205,9 @@ def patch_offer(offer_id: str) -> Any:
     old_gov, new_gov = _governed_offer_settings(old), _governed_offer_settings(new)
     governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}
     pending_create = [c for c in _pending_offer_changes(offer_id) if c.activate]
-    if new.active and not old.active and pending_create:
-        raise Conflict(f"offer {offer_id!r} awaits approval of change "
-                       f"{pending_create[0].change_id}; it is activated when that is approved")  # fmt: skip
+    if "active" in body and pending_create:  # approval activates it: neither on nor off is heard
+        raise Conflict(f"offer {offer_id!r} awaits approval of change {pending_create[0].change_id}; "
+                       "it goes live when that is approved (reject the change to withdraw it)")  # fmt: skip
     ungoverned = {**new.to_dict(), **old_gov}
     if governed:  # validate the proposal against the live state before applying anything
         _check_offer_budget(eng, new)
@@ -236,6 +237,12 @@ def list_channels() -> Any:
     return {"channels": [c.to_dict() for c in engine().channels().values()]}
 
 
+@bp.get("/channels/<name>")
+@requires(*READERS)
+def get_channel(name: str) -> Any:
+    return engine().channel(name).to_dict()
+
+
 @bp.put("/channels/<name>")
 @requires("admin")
 def put_channel(name: str) -> Any:
@@ -244,10 +251,12 @@ def put_channel(name: str) -> Any:
     if "name" in body and body["name"] != name:
         raise InvalidArgument("name in the body must match the URL")
     v.obj(body, "policy")
-    if body.get("default_offer") is not None:
-        engine().get_offer(v.string(body, "default_offer"))
     eng = engine()
     old = eng.channel(name)
+    if body.get("default_offer") is not None:
+        default = eng.get_offer(v.string(body, "default_offer"))
+        if name not in default.channels:
+            raise InvalidArgument(f"default_offer {default.offer_id!r} is not offered on channel {name!r}")
     try:
         new = ChannelConfig.from_dict({**old.to_dict(), **body, "name": name})
     except (TypeError, ValueError) as exc:
@@ -335,9 +344,9 @@ def _apply_change(ch: Change) -> None:
 
 
 def _decision_body() -> str | None:
-    if not request.content_length:
+    body = v.optional_json_body()
+    if body is None:
         return None
-    body = v.json_body()
     v.fields(body, optional=("reason",))
     reason = v.string(body, "reason")
     if reason is not None and len(reason) > 1000:
@@ -373,7 +382,9 @@ def _rate(values: list[float]) -> dict[str, Any]:
     if n == 0:
         return {"n": 0, "rate": None, "ci95": None}
     m = sum(values) / n
-    var = sum((x - m) ** 2 for x in values) / (n - 1) if n > 1 else 0.0
+    if n == 1:  # one outcome says nothing about its spread: no interval, not a zero-width one
+        return {"n": 1, "rate": m, "ci95": None}
+    var = sum((x - m) ** 2 for x in values) / (n - 1)
     half = Z95 * math.sqrt(var / n)
     return {"n": n, "rate": m, "ci95": [m - half, m + half], "_var": var}
 
@@ -393,7 +404,7 @@ def lift() -> Any:
                 groups[d.group].append(float(d.reward))
         t, h = _rate(groups["treatment"]), _rate(groups["holdout"])
         lift_ = None
-        if t["n"] and h["n"]:
+        if t["n"] > 1 and h["n"] > 1:
             diff = t["rate"] - h["rate"]
             half = Z95 * math.sqrt(t["_var"] / t["n"] + h["_var"] / h["n"])
             lift_ = {"difference": diff, "ci95": [diff - half, diff + half]}
