@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,11 +36,15 @@ def make_policy(spec: PolicySpec | Mapping[str, Any], *, seed: int = 0) -> Polic
         spec = PolicySpec(**spec)
     factory = _FAMILIES.get(spec.family)
     if factory is None:
-        raise UnknownPolicy(f"unknown policy family {spec.family!r}; known: {sorted(_FAMILIES)}")
+        known = [f for f in sorted(_FAMILIES) if not f.startswith("sim_")]  # the simulator's own
+        raise UnknownPolicy(f"unknown policy family {spec.family!r}; known: {known}")
     try:
         return factory(seed=seed, **dict(spec.params))
-    except TypeError as exc:  # unexpected keyword -> a clear configuration error
-        raise InvalidArgument(f"bad parameters for policy {spec.family!r}: {exc}") from None
+    except TypeError as exc:  # unexpected keyword -> a clear configuration error, in the caller's terms
+        accepted = [n for n in inspect.signature(factory).parameters if n not in ("self", "seed")]
+        unknown = sorted(set(spec.params) - set(accepted))
+        detail = f"unknown parameters {unknown}; accepted: {accepted}" if unknown else str(exc).split(") ", 1)[-1]
+        raise InvalidArgument(f"bad parameters for policy {spec.family!r}: {detail}") from None
 
 
 _loaded = False
