@@ -269,3 +269,39 @@ def test_cli_prunes_into_an_archive_that_evaluate_reads_back(tmp_path, clock) ->
     r = runner.invoke(main, ["--database-url", url, "evaluate", "--policy", "uniform", "--archive", str(archive)])
     assert r.exit_code == 0, r.output
     assert "uniform" in r.output and "on " in r.output
+
+
+def test_a_worker_passes_the_holes_a_prune_leaves_with_one_wait(engine: Engine, clock) -> None:
+    """A prune leaves holes in the feedback log. A serving worker's reader (``GapSafeLedger``)
+    takes a hole for an uncommitted insert until a higher seq has been visible for its grace;
+    it used to wait that grace for each hole in turn, so a model rebuilt from the start of a
+    pruned log (a new policy, an uncheckpointed channel) stalled every channel's learning for
+    grace x holes. Now the holes below the log's top pass together after one grace."""
+    import time
+
+    from bandit_engine.api.sync import GapSafeLedger
+    from bandit_engine.catalog import Offer
+
+    for ch in ("email", "sms"):
+        engine.add_offer(Offer(f"o-{ch}", [ch], cost=1.0))
+    for i in range(30):  # email and sms feedback interleaved in the log
+        for ch in ("email", "sms"):
+            engine.reward(engine.choose(f"m-{i}", ch).event_id, float(i % 2))
+    engine.snapshot()
+    engine.set_channel(ChannelConfig("sms", policy={"family": "uniform"}))  # sms: no usable checkpoint
+    clock.advance(days=200)
+    assert engine.prune(120, None).pruned == 30  # email's, covered by its checkpoint
+    kept = [f.seq for f in engine.ledger.feedback_after(0, 10_000)]
+    assert len(kept) == 30 and kept[-1] - len(kept) >= 29  # 30 holes between them
+
+    reader, grace = GapSafeLedger(engine.ledger, gap_grace=0.5), 0.5
+    start, pos, got = time.monotonic(), 0, []
+    while pos < kept[-1] and time.monotonic() - start < 10:
+        batch = reader.feedback_after(pos, 4)
+        if batch:
+            got, pos = got + [f.seq for f in batch], batch[-1].seq
+        else:
+            time.sleep(0.02)
+    elapsed = time.monotonic() - start
+    assert got == kept
+    assert grace <= elapsed < 3 * grace  # one wait; one per hole was 30 x 0.5 s

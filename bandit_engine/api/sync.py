@@ -33,8 +33,8 @@ Design (documented in the README's HTTP section):
   them (``--snapshot-interval 0``).
 * PostgreSQL hands out feedback sequence numbers before commit, so a reader can see seq N+1
   while N is still uncommitted. :class:`GapSafeLedger` stops reading at such a gap and only
-  skips it once it has stayed open for ``gap_grace`` seconds (a rolled-back insert leaves a
-  permanent hole). Decisions therefore reflect new rewards within ``sync_interval`` (plus
+  skips it once a higher seq has been visible for ``gap_grace`` seconds (a rolled-back insert,
+  or ``prune``, leaves a permanent hole; all the holes below one such seq are skipped at once). Decisions therefore reflect new rewards within ``sync_interval`` (plus
   ``gap_grace`` in the rare case of an aborted reward transaction).
 """
 
@@ -61,21 +61,33 @@ log = logging.getLogger("bandit_engine.sync")
 class GapSafeLedger:
     """Wraps a ledger; ``feedback_after`` never returns rows past a young gap in ``seq``.
 
+    A missing seq is either an insert not committed yet or a permanent hole (a rolled-back
+    insert, or feedback ``prune`` moved to an archive). It is taken as permanent once some
+    higher seq has been visible for ``gap_grace`` seconds: that seq was allocated after the
+    missing one, so the missing one's transaction has had at least that long to commit. The
+    reader keeps "horizons" (the log's highest visible seq, noted when a gap stops it): once a
+    horizon is ``gap_grace`` old, every gap below it is passed at once. So a log with thousands
+    of holes (a replay from the start after a prune) costs one wait, not one per hole.
+
     >>> from bandit_engine.ledger.records import Feedback
     >>> class L:
+    ...     rows = [Feedback(1, "a", "email", 1.0, True), Feedback(3, "c", "email", 0.0, True),
+    ...             Feedback(5, "e", "email", 0.0, True)]
     ...     def feedback_after(self, seq, limit=10_000):
-    ...         return [f for f in [Feedback(1, "a", "email", 1.0, True),
-    ...                             Feedback(3, "c", "email", 0.0, True)] if f.seq > seq]
+    ...         return [f for f in self.rows if f.seq > seq]
+    ...     def last_feedback_seq(self):
+    ...         return 5
     >>> [f.seq for f in GapSafeLedger(L(), gap_grace=60).feedback_after(0)]
     [1]
     >>> [f.seq for f in GapSafeLedger(L(), gap_grace=0).feedback_after(0)]
-    [1, 3]
+    [1, 3, 5]
     """
 
     def __init__(self, inner: Any, *, gap_grace: float = DEFAULT_GAP_GRACE) -> None:
         self._inner = inner
         self.gap_grace = gap_grace
-        self._gaps: dict[int, float] = {}
+        self._horizon = 0  # every gap below this seq is permanent
+        self._pending: list[tuple[float, int]] = []  # (when noted, highest visible seq then)
         self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
@@ -89,19 +101,29 @@ class GapSafeLedger:
         rows = self._inner.feedback_after(seq, limit)
         out: list[Feedback] = []
         prev = seq
-        now = time.monotonic()
         with self._lock:
             for f in rows:
-                if f.seq != prev + 1:
-                    first = self._gaps.setdefault(prev + 1, now)
-                    if now - first < self.gap_grace:
-                        break
-                    self._gaps.pop(prev + 1, None)
+                if f.seq != prev + 1 and not self._permanent(f.seq):
+                    break
                 out.append(f)
                 prev = f.seq
-            if len(self._gaps) > 1000:
-                self._gaps.clear()
         return out
+
+    def _permanent(self, after_gap: int) -> bool:
+        """Whether the gap just below ``after_gap`` (a visible seq) is permanent."""
+        now = time.monotonic()
+        while self._pending and now - self._pending[0][0] >= self.gap_grace:
+            self._horizon = max(self._horizon, self._pending.pop(0)[1])
+        if after_gap <= self._horizon:
+            return True
+        if not self._pending or now - self._pending[-1][0] >= self.gap_grace / 4:
+            top = max(after_gap, int(self._inner.last_feedback_seq() or 0))
+            self._pending.append((now, top))
+            if self.gap_grace <= 0:
+                self._horizon = max(self._horizon, top)
+                self._pending.clear()
+                return True
+        return False
 
 
 class Syncer:
