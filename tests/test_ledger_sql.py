@@ -302,3 +302,51 @@ def test_each_thread_owns_one_connection_and_none_outlives_its_thread_or_the_led
     finally:
         ledger.close()
     assert _settled_backends(postgres_url, app, 0) == 0
+
+
+def test_requests_after_the_server_dropped_every_connection_are_served(postgres_url, tmp_path) -> None:
+    """The pooled connections (keys, governance, catalog reloads) are pre-pinged: after the
+    server dropped them all (a restart, a failover), the next requests are served, not 503."""
+    from tests.api_fixtures import make_api
+
+    app = f"be-{uuid.uuid4().hex[:10]}"
+    api = make_api(tmp_path, url=f"{postgres_url}&application_name={app}")
+    try:
+        assert api.call("GET", "/v1/offers", "analyst").status_code == 200
+        assert _kill_backends(postgres_url, app) >= 1
+        key = api.gov.create_key("analyst", name="after-restart")[0]  # a write on the pool
+        assert api.call("GET", "/v1/offers", key=key).status_code == 200  # authenticates anew
+        assert _kill_backends(postgres_url, app) >= 1
+        r = api.call("POST", "/v1/offers", "admin", json={"offer_id": "o1", "channels": ["email"], "cost": 1})
+        assert r.status_code == 201, r.json
+    finally:
+        api.engine.ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_servers_starting_together_on_an_empty_database_all_come_up(backend, request, tmp_path) -> None:
+    """Four processes opening an empty database at once (servers started together): the
+    migrations run once, one at a time (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on
+    SQLite), the default channels are seeded without a duplicate key, and every one serves."""
+    import subprocess
+    import sys
+
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'r.db'}"
+    script = (
+        "import sys, time; from bandit_engine import Engine; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
+        "e = Engine.open(sys.argv[1], seed=1); print(','.join(sorted(e.channels()))); e.ledger.close()"
+    )
+    at = str(time.time() + 1.5)  # all four start their open at the same moment
+    procs = [subprocess.Popen([sys.executable, "-c", script, url, at], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == "email,in_app,push,site,sms"
+    eng = Engine.open(url, seed=1)
+    try:
+        eng.add_offer(catalog(1)[0])
+        assert eng.choose("m", "email").offer_id == "offer-0"
+    finally:
+        eng.ledger.close()
