@@ -69,9 +69,9 @@ def expire(ctx: click.Context) -> None:
 @click.pass_context
 def export_dsjson(ctx: click.Context, channel: str | None, output: click.utils.LazyFile) -> None:
     """Write logged decisions as VW dsjson (one JSON object per line)."""
-    from .engine import Engine
+    from .evaluation import open_existing
 
-    engine = Engine.open(database_url(ctx))
+    engine = open_existing(database_url(ctx))  # a mistyped SQLite path is an error, not a new empty ledger
     try:
         n = engine.export_dsjson(output, channel=channel)  # type: ignore[arg-type]
     finally:

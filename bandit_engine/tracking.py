@@ -3,7 +3,9 @@ functions, never on the serving path.
 
 The store defaults to ``sqlite:///<root>/mlruns/mlflow.db`` with artifacts under ``<root>/mlruns``
 (MLflow 3.17 would otherwise default to ``./mlflow.db``); ``BANDIT_ENGINE_MLFLOW_URI`` or
-``--tracking-uri`` points it elsewhere (a server: ``http://host:5000``).
+``--tracking-uri`` points it elsewhere (a server: ``http://host:5000``). A SQLite store keeps
+the artifacts of the experiment it creates in its database's directory, as the default store
+does (MLflow would put them under ``./mlruns`` of whatever directory the command ran in).
 
 One parent run per ``simulate`` command, one nested child run per policy x seed with params,
 step metrics (the curves, logged with ``MlflowClient.log_batch`` in chunks of 1 000), tags and
@@ -22,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import InvalidArgument
+
 if TYPE_CHECKING:
     from .simulation.runner import Comparison, RunResult
     from .simulation.scenario import Scenario
@@ -29,6 +33,10 @@ if TYPE_CHECKING:
 ENV_URI = "BANDIT_ENGINE_MLFLOW_URI"
 EXPERIMENT = "bandit_engine-simulations"
 BATCH = 1000
+# the first request to an http(s) store, which tells whether it answers at all: one try with this
+# timeout (MLflow's defaults, 7 retries with backoff and 120 s each, hang for minutes on a wrong
+# host); set MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT to override
+CHECK_TIMEOUT_S = 10
 
 
 def default_uri(root: str | Path = ".") -> str:
@@ -42,6 +50,43 @@ def resolve_uri(override: str | None = None, root: str | Path = ".") -> str:
     'http://mlflow:5000'
     """
     return override or os.environ.get(ENV_URI) or default_uri(root)
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a SQLite store's experiment keeps its artifacts: its database's directory (for the
+    default store, ``mlruns/``). None for other stores (MLflow's default location) and an
+    in-memory database.
+
+    >>> artifact_root("sqlite:////data/exp/mlflow.db")
+    PosixPath('/data/exp')
+    >>> artifact_root("http://mlflow:5000") is None
+    True
+    """
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    db = make_url(uri).database
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db).resolve().parent
+
+
+@contextmanager
+def _first_request_bounded(uri: str) -> Iterator[None]:
+    """Bound the retries and timeout of the first request to an http(s) store (see
+    :data:`CHECK_TIMEOUT_S`), unless the user set MLflow's own variables."""
+    changed = []
+    if uri.startswith(("http://", "https://")):
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", str(CHECK_TIMEOUT_S))):
+            if name not in os.environ:
+                os.environ[name] = value
+                changed.append(name)
+    try:
+        yield
+    finally:
+        for name in changed:
+            os.environ.pop(name, None)
 
 
 def _chunks(items: Sequence[Any], n: int = BATCH) -> Iterator[Sequence[Any]]:
@@ -65,18 +110,32 @@ class Tracker:
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self, scenario: Scenario, params: dict[str, Any]) -> None:
+        """Open the store and the parent run. A store MLflow cannot open or reach is one
+        :class:`InvalidArgument` naming the URI (the CLI's exit 2), not MLflow's traceback."""
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        self._client = MlflowClient(self.uri)
-        exp = self._client.get_experiment_by_name(self.experiment)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:///") and self.uri == default_uri(self.root):
-                (self.root / "mlruns").mkdir(parents=True, exist_ok=True)
-                location = (self.root / "mlruns").as_uri()
-            exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
-        else:
-            exp_id = exp.experiment_id
+        try:
+            with _first_request_bounded(self.uri):
+                self._client = MlflowClient(self.uri)
+                exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                root = artifact_root(self.uri)
+                location = None
+                if root is not None:
+                    root.mkdir(parents=True, exist_ok=True)
+                    location = root.as_uri()
+                exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+        except (MlflowException, OSError) as exc:
+            self._client = None
+            if ":" not in self.uri:  # a bare path: MLflow's file store, which MLflow 3 refuses
+                why = "is not a tracking URI; give sqlite:///path/to/mlflow.db or http://host:port"
+            else:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+                why = f"cannot be used: {first[:400]}"
+            raise InvalidArgument(f"MLflow tracking URI {self.uri!r} {why}") from None
         self._tmp = tempfile.TemporaryDirectory(prefix="be-mlflow-")
         run = self._client.create_run(
             exp_id, run_name=self.run_name or f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -138,6 +197,10 @@ class Tracker:
             "seed": result.seed, "decisions": result.decisions, "engine_version": __version__,
             "exploration_floor": scenario.exploration_floor, "channels": ",".join(scenario.channels),
         }  # fmt: skip
+        # what the run used (the floor it applied, its pacing, member cap, model group, ...):
+        # policies that differ only there differ in their params too
+        for k, v in result.settings.items():
+            params[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else "none" if v is None else v
         final = comparison.per_run(result)
         curve = result.curve
         series: list[tuple[str, float, int]] = []

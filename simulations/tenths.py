@@ -13,7 +13,8 @@ the ceiling of any policy that sees only the context: ``bayes_oracle``, greedy o
 member's context tells of the truth (``bayes_budget_oracle`` with budgets: the same, priced by
 duals solved on those probabilities). Overrides (values are JSON): ``world.<field>`` changes
 the simulated world, ``<policy>.<param>`` one policy's parameter, and a bare ``<field>`` the
-scenario (``decisions``, ``days``, ...). Nothing is logged to MLflow.
+scenario (``decisions``, ``days``, ...). Nothing is logged to MLflow. A tenth in which the
+oracle earned exactly what random did (a very short run) has no lift: it prints as ``-``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ def _tenths(run: RunResult) -> np.ndarray:
     return np.diff(np.concatenate([[0.0], np.interp(edges, steps, cum)]))
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, NaN where the oracle earned what random did (no lift to speak of)."""
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "-" if np.isnan(x) else format(x, spec)
+
+
 def lift_by_tenth(sc: Scenario, seeds: Sequence[int]) -> dict[tuple[str, int], tuple[np.ndarray, float]]:
     """(policy, seed) -> (lift of each tenth, lift of the whole run): the scenario's policies,
     then the ceiling, in that order."""
@@ -72,8 +84,9 @@ def lift_by_tenth(sc: Scenario, seeds: Sequence[int]) -> dict[tuple[str, int], t
         for seed in seeds:
             p, o, rnd = by[(name, seed)], by[(comp.reference_oracle, seed)], by[(RANDOM, seed)]
             tr = _tenths(rnd)
-            lift = (_tenths(p) - tr) / (_tenths(o) - tr)
-            total = (p.expected_reward - rnd.expected_reward) / (o.expected_reward - rnd.expected_reward)
+            lift = _ratio(_tenths(p) - tr, _tenths(o) - tr)
+            total = _ratio(np.array([p.expected_reward - rnd.expected_reward]),
+                           np.array([o.expected_reward - rnd.expected_reward]))[0]  # fmt: skip
             out[(name, seed)] = (lift, float(total))
     return out
 
@@ -82,18 +95,21 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) < 3:
         raise SystemExit(__doc__)
     try:
-        path, policies, seeds = argv[0], argv[1].split(","), [int(s) for s in argv[2].split(",")]
+        path, policies, seeds = argv[0], argv[1].split(","), list(dict.fromkeys(int(s) for s in argv[2].split(",")))
         sc = apply_overrides(Scenario.load(path).select_policies(policies), argv[3:])
     except (InvalidArgument, OSError, TypeError, ValueError) as exc:  # a bad argument or override
         raise SystemExit(f"error: {exc}") from None
-    results = lift_by_tenth(sc, seeds)
+    try:
+        results = lift_by_tenth(sc, seeds)
+    except InvalidArgument as exc:  # e.g. a policy parameter's typo: found when the run builds the policy
+        raise SystemExit(f"error: {exc}") from None
     for name in dict.fromkeys(name for name, _ in results):
         totals = []
         for seed in seeds:
             lift, total = results[(name, seed)]
             totals.append(total)
-            print(f"{name} seed {seed}: " + " ".join(f"{x:.2f}" for x in lift) + f"  total {total:.3f}")
-        print(f"{name} mean {np.mean(totals):.3f}")
+            print(f"{name} seed {seed}: " + " ".join(_fmt(x, ".2f") for x in lift) + f"  total {_fmt(total, '.3f')}")
+        print(f"{name} mean {_fmt(float(np.mean(totals)), '.3f')}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from bandit_engine import ChannelConfig, Engine, ManualClock, Offer, PolicySpec
-from bandit_engine.cli import main
+from bandit_engine.cli import main, run
 from bandit_engine.engine import to_dsjson
 from bandit_engine.errors import InvalidArgument
 from bandit_engine.evaluation import (
@@ -187,6 +188,54 @@ def test_bad_dsjson_line_is_reported() -> None:
         from_dsjson(io.StringIO(json.dumps({"_label_cost": -1, "c": {}}) + "\n"))
 
 
+def _record(**changes: object) -> dict:
+    rec = {"EventId": "e1", "a": [2, 1, 3], "p": [0.5, 0.25, 0.25],
+           "c": {"U": {"tier": "gold"}, "_multi": [{"A": {"offer": f"o{i}"}} for i in range(3)]},
+           "_label_cost": -1.0, "_label_probability": 0.5, "_label_Action": 2, "_labelIndex": 1}  # fmt: skip
+    return {**rec, **changes}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"a": [4, 1, 2]}, r"'a' must list 1-based actions in \[1, 3\]"),
+    ({"a": [2, 0, 3]}, r"'a' must list 1-based actions in \[1, 3\]"),
+    ({"a": [2, 1.5, 3]}, r"'a' must list 1-based actions"),
+    ({"a": [2, 2, 3]}, r"'a' repeats an action"),
+    ({"a": [2, 1, 3, 4], "p": [0.4, 0.2, 0.2, 0.2]}, r"'a' must list 1-based actions in \[1, 3\]"),
+    ({"p": [0.5, 0.5]}, r"'p' must have one probability per action"),
+    ({"_labelIndex": 7}, r"'_labelIndex' must be the 0-based chosen action, 1 \(the first of 'a'\), got 7"),
+    ({"_labelIndex": -1}, r"'_labelIndex' must be the 0-based chosen action, 1 .*got -1"),  # was read from the end
+    ({"_labelIndex": 0}, r"'_labelIndex' must be the 0-based chosen action"),
+])  # fmt: skip
+def test_dsjson_action_indexes_are_validated(changes: dict, message: str) -> None:
+    good = json.dumps(_record(EventId="e0"))
+    row = from_dsjson([good]).rows[0]
+    assert (row.chosen, row.eligible[row.chosen], list(row.pmf)) == (1, "o1", [0.25, 0.5, 0.25])
+    with pytest.raises(InvalidArgument, match="dsjson line 3: " + message):
+        from_dsjson([good, "", json.dumps(_record(**changes))])
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``bandit-engine ARGS`` through the console script's entry point (exit 2 and one line for
+    the engine's errors): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["bandit-engine", *args])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    out = capsys.readouterr()
+    return int(exit_.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--channel", "email", "--policy", "uniform"], ["export-dsjson"]])
+def test_reading_commands_refuse_a_sqlite_ledger_that_does_not_exist(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """A mistyped path used to create an empty database and report 0 decisions."""
+    typo = tmp_path / "ledgr.db"
+    code, out, err = _cli(monkeypatch, capsys, "--database-url", f"sqlite:///{typo}", *command)
+    assert code == 2, (out, err)
+    assert err.strip() == f"error: no ledger at sqlite:///{typo}: the SQLite file '{typo}' does not exist"
+    assert not typo.exists() and not list(tmp_path.iterdir())
+
+
 # the CLI ---------------------------------------------------------------------------------------
 def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -215,3 +264,9 @@ def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> No
     assert "| ips |" in res2.output
     bad = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "log.dsjson"), "--policy", "{bad"])
     assert bad.exit_code != 0
+    fax = runner.invoke(main, ["--database-url", url, "evaluate", "--channel", "fax", "--policy", "uniform"])
+    assert isinstance(fax.exception, InvalidArgument)  # the console script: "error: ..." and exit 2
+    assert str(fax.exception).startswith("unknown channel 'fax'; the ledger has [") and "'email'" in str(fax.exception)
+    for args in (["--floor", "0"], ["--floor", "1.5"], ["--seed", "-1"], ["--train-fraction", "1"]):
+        res3 = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "log.dsjson"), "--policy", "uniform", *args])
+        assert res3.exit_code == 2 and "Invalid value" in res3.output, (args, res3.output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from bandit_engine.catalog import PolicySpec
-from bandit_engine.cli import main
+from bandit_engine.cli import main, run
 from bandit_engine.errors import InvalidArgument
 from bandit_engine.simulation import Scenario, Simulator, World, solve_budget_duals
 from bandit_engine.simulation.world import Exposure
@@ -40,9 +41,39 @@ BAD_SCENARIOS = [
     ({"offers": [{"id": "x", "kind": "points", "depth": 1.5}]}, r"depth must be in \[0, 1\)"),
     ({"policies": [{"name": "p"}]}, r"exactly one of family or baseline"),
     ({"policies": [{"name": "p", "baseline": "magic"}]}, r"baseline must be one of"),
-    ({"decisions": 0}, r"decisions must be >= 1"),
+    ({"decisions": 0}, r"decisions must be an integer >= 1"),
     ({"world": {"fatigue": -1}}, r"world.fatigue must be >= 0"),
     ({"aggregation": "max"}, r"aggregation must be 'first' or 'sum'"),
+    # wrong types: one clear error each, not a crash (some of them mid-simulation)
+    ({"members": "4000"}, r"members must be an integer >= 1, got '4000'"),
+    ({"days": "28"}, r"days must be a number > 0, got '28'"),
+    ({"decisions": 2.5}, r"decisions must be an integer >= 1"),
+    ({"seeds": 3}, r"seeds must be a list, got 3"),
+    ({"seeds": [1, "2"]}, r"seeds must be a list of integers >= 0"),
+    ({"seeds": [1, 1]}, r"duplicate seeds in \[1, 1\]"),
+    ({"channels": "email"}, r"channels must be a list, got 'email'"),
+    ({"channels": ["email", "email"]}, r"duplicate channels"),
+    ({"offers": [{"id": "x", "kind": "points", "cost": "2.0"}]}, r"offer 'x': cost must be a number, got '2.0'"),
+    ({"offers": [{"id": "x", "kind": "points", "margin": True}]}, r"offer 'x': margin must be a number"),
+    ({"offers": [{"id": "x", "kind": "points", "channels": "email"}]}, r"offer 'x': channels must be a list"),
+    ({"offers": [{"kind": "points"}]}, r"offers\[1\] needs an id"),
+    ({"offers": ["x"]}, r"offers\[1\] must be a table"),
+    ({"offers": [{"id": "x", "kind": "points", "budget": -5}]}, r"offer 'x': budget must be a finite amount >= 0"),
+    ({"world": {"fatigue": "0.3"}}, r"world.fatigue must be >= 0, got '0.3'"),
+    ({"world": 3}, r"world must be a table"),
+    ({"exploration_floor": "x"}, r"exploration_floor must be a finite number"),
+    ({"reward_window_days": -1}, r"reward_window_days must be in"),
+    ({"member_cap": {"max": 0, "window_days": 7}}, r"MemberCap.max must be"),
+    ({"policies": [{"name": "p", "family": "thompson", "pacing": "no"}]}, r"policy 'p': pacing must be true or false"),
+    ({"policies": [{"name": "p", "family": "thompson", "params": [1]}]}, r"policy 'p': PolicySpec.params must be a mapping"),
+    # a scenario policy named like a reference would merge into the reference's row
+    ({"policies": [{"name": "oracle", "family": "thompson"}]}, r"policy 'oracle': the name is reserved"),
+    ({"policies": [{"name": "budget_oracle", "family": "thompson"}]}, r"the name is reserved"),
+    ({"policies": [{"name": "truth_paced", "baseline": "segment_rules"}]}, r"the name is reserved"),
+    ({"policies": [{"name": "bayes_oracle", "family": "uniform"}]}, r"the name is reserved"),
+    ({"policies": [{"name": "random", "family": "thompson"}]}, r"'random' is the uniform baseline"),
+    ({"policies": [{"name": "random", "baseline": "segment_rules"}]}, r"'random' is the uniform baseline"),
+    ({"policies": [{"name": "t", "family": "thompson"}, {"name": "t", "family": "lin_ts"}]}, r"duplicate policy names \['t'\]"),
 ]
 
 
@@ -60,6 +91,78 @@ def test_bad_scenarios_are_rejected_with_a_clear_message(change: dict, message: 
 def test_unknown_policy_selection_is_rejected() -> None:
     with pytest.raises(InvalidArgument, match="unknown policies"):
         Scenario.default().select_policies(["nope"])
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``bandit-engine ARGS`` through the console script's entry point (``run``, which turns the
+    engine's errors into one line and exit 2): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["bandit-engine", *args])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    out = capsys.readouterr()
+    return int(exit_.value.code or 0), out.out, out.err
+
+
+MALFORMED = [
+    ('members = 4000', 'members = "4000"', "members must be an integer >= 1"),
+    ('days = 28', 'days = "28"', "days must be a number > 0"),
+    ('seeds = [1, 2, 3]', 'seeds = 3', "seeds must be a list"),
+    ('cost = 2.0', 'cost = "2.0"', "offer 'home-10': cost must be a number"),
+    ('channels = ["email", "push", "in_app"]', 'channels = "email"', "channels must be a list"),
+    ('name = "thompson"\n', 'name = "oracle"\n', "policy 'oracle': the name is reserved"),
+    ('name = "thompson_segmented"', 'name = "random"', "'random' is the uniform baseline"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "message"), MALFORMED, ids=[m[1].split()[0] + "-" + m[1].split()[-1] for m in MALFORMED])
+def test_malformed_scenario_files_are_one_line_errors_with_exit_2(
+    old: str, new: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    text = (ROOT / "simulations/default.toml").read_text()
+    assert text.count(old) >= 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(old, new, 1))
+    code, out, err = _cli(monkeypatch, capsys, "simulate", str(bad), "--policies", "segment_rules", "--seeds", "1",
+                          "--decisions", "50", "--no-tracking", "--no-progress")  # fmt: skip
+    assert code == 2 and message in err, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "| policy |" not in out  # refused before simulating
+
+
+def test_repeated_policies_and_seeds_run_once() -> None:
+    s = Scenario.default().with_(members=100)
+    assert [p.name for p in s.select_policies(["thompson", "random", "thompson"]).policies] == ["thompson", "random"]
+    sim = Simulator(s.select_policies(["random"]), decisions=50)
+    c = sim.compare([3, 3])
+    assert sorted((r.policy, r.seed) for r in c.runs) == [("oracle", 3), ("random", 3)]
+    assert {row["policy"]: row["seeds"] for row in c.summary()} == {"random": 1, "oracle": 1}
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/default.toml"), "--policies", "segment_rules,segment_rules",
+        "--seeds", "4,4", "--decisions", "100", "--no-tracking", "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.output.count("| segment_rules |") == 1 and "seeds [4]" in result.output
+
+
+def test_numeric_options_are_range_checked() -> None:
+    """``--decisions 0`` ran the scenario's full count, ``-1`` crashed; seeds must be >= 0."""
+    with pytest.raises(InvalidArgument, match="decisions must be an integer >= 1"):
+        Simulator(Scenario.default(), decisions=0)
+    for args in (["--decisions", "0"], ["--decisions", "-1"], ["--jobs", "0"], ["--seeds", "-1"]):
+        result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"), *args,
+                                           "--no-tracking", "--no-progress"])  # fmt: skip
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value" in result.output and "Traceback" not in result.output, args
+
+
+def test_json_out_into_a_missing_directory_fails_before_simulating(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/default.toml"), "--policies", "segment_rules", "--seeds", "1",
+        "--decisions", "100", "--no-tracking", "--no-progress", "--json-out", str(tmp_path / "nodir" / "x.json"),
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "--json-out" in result.output and "does not exist" in result.output
+    assert "| policy |" not in result.output and not (tmp_path / "nodir").exists()
 
 
 # the world -----------------------------------------------------------------------------------
@@ -168,6 +271,35 @@ def test_seeds_in_parallel_processes_give_the_sequential_comparison(small: Simul
         small.compare(seeds, jobs=2, keep_engines=True)
     with pytest.raises(InvalidArgument, match="jobs"):
         small.compare(seeds, jobs=0)
+
+
+def test_a_run_reports_what_it_used_and_its_spec_is_deterministic() -> None:
+    """Runs that differ only in pacing, member cap or model group differ in their settings; the
+    oracles report the floor they ran at, and no per-process world key."""
+    from bandit_engine.simulation.scenario import PolicyEntry
+
+    base = Scenario.load(ROOT / "simulations/tight_budget.toml").with_(members=100)
+    s = base.with_(policies=(
+        PolicyEntry("paced", family="thompson"),
+        PolicyEntry("hard", family="thompson", pacing=False),
+        PolicyEntry("capped", family="thompson", member_cap={"max": 2, "window_days": 7}),
+        PolicyEntry("pooled", family="thompson", model_group="all"),
+    ))  # fmt: skip
+    runs = {r.policy: r for r in Simulator(s, decisions=60).compare([2]).runs}
+    assert len({r.spec["family"] for n, r in runs.items() if n in ("paced", "hard", "capped", "pooled")}) == 1
+    settings = {n: runs[n].settings for n in ("paced", "hard", "capped", "pooled")}
+    assert settings["paced"]["pacing"] == "paced" and settings["hard"]["pacing"] == "hard stop"
+    assert settings["capped"]["member_cap"] == {"max": 2, "window_days": 7} and settings["paced"]["member_cap"] is None
+    assert settings["pooled"]["model_group"] == "all" and settings["paced"]["model_group"] is None
+    assert len({repr(sorted(v.items())) for v in settings.values()}) == 4
+    assert settings["paced"]["exploration_floor"] == base.exploration_floor
+    assert settings["paced"]["provisional_reward"] == base.provisional_reward
+    for ref in ("oracle", "budget_oracle", "truth_paced"):
+        assert runs[ref].settings["exploration_floor"] == 1e-6, ref
+        assert "world" not in runs[ref].spec["params"], ref
+    assert runs["oracle"].settings["pacing"] == "no budgets" and runs["oracle"].settings["unconstrained"] is True
+    again = {r.policy: r for r in Simulator(s, decisions=60).compare([2]).runs}
+    assert all(again[n].spec == runs[n].spec and again[n].settings == runs[n].settings for n in runs)
 
 
 def test_common_random_numbers_make_runs_reproducible(small: Simulator) -> None:
@@ -390,7 +522,9 @@ def _tenths_module():  # simulations/ is a folder of scenarios and scripts, not 
     return mod
 
 
-def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_normalized_lift() -> None:
+def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_normalized_lift(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """``simulations/tenths.py``: ten lifts per policy and seed, and a total equal to the one the
     summary table reports for the same runs; overrides reach the world, a policy and the scenario."""
     import subprocess
@@ -404,6 +538,12 @@ def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_norma
     assert tenths.apply_overrides(lin, ["lin_ts.dim=64"]).policies[0].params["dim"] == 64
     with pytest.raises(SystemExit, match="no policy or section 'nope'"):
         tenths.apply_overrides(base, ["nope.x=1"])
+    with pytest.raises(SystemExit, match=r"error: .*unknown parameters \['dimm'\]"):  # found when the run builds it
+        tenths.main([str(ROOT / "simulations/default.toml"), "lin_ts", "1", "lin_ts.dimm=3", "decisions=50"])
+    capsys.readouterr()
+    tenths.main([str(ROOT / "simulations/default.toml"), "segment_rules", "1", "members=300", "decisions=20"])
+    short = capsys.readouterr().out  # tenths of 2 decisions: where oracle = random there is no lift
+    assert "nan" not in short and "inf" not in short and " - " in short, short
 
     lift, total = tenths.lift_by_tenth(sc, [1])[("segment_rules", 1)]
     summary = Simulator(sc).compare([1]).summary()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bandit_engine.cli import main
-from bandit_engine.tracking import ENV_URI, default_uri, resolve_uri
+from bandit_engine.cli import main, run
+from bandit_engine.tracking import ENV_URI, artifact_root, default_uri, resolve_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,6 +107,8 @@ def test_simulate_with_jobs_logs_every_seeds_runs_and_their_artifacts(store: str
     exp = client.get_experiment_by_name("bandit_engine-simulations")
     children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 10  # 5 runs (4 references + the policy) x 2 seeds
+    for c in children:  # each seed's runs are logged once its references are in, also from workers
+        assert {"normalized_lift", "vs_oracle", "regret_budget_oracle"} <= set(c.data.metrics), c.data.tags
     assert {(c.data.tags["policy"], c.data.tags["seed"]) for c in children if c.data.tags["policy"] == "thompson_segmented"} == {
         ("thompson_segmented", "5"), ("thompson_segmented", "6")}  # fmt: skip
     for c in children:
@@ -132,3 +134,103 @@ def test_default_store_lives_under_mlruns(tmp_path: Path, monkeypatch: pytest.Mo
     import mlflow
 
     assert mlflow.active_run() is None
+
+
+def _children(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bandit_engine-simulations")
+    return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_every_child_run_gets_its_relative_metrics_even_when_its_references_finish_after_it(store: str) -> None:
+    """``random`` as a scenario policy runs after ``thompson`` (and the oracle before it): a run
+    logged as soon as it finished had no normalized lift (no random yet), and the oracle and
+    random had neither lift nor regret. Every child now has them, and the regret curve."""
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/default.toml"), "--policies", "thompson,random",
+        "--seeds", "2", "--decisions", "200", "--no-progress", "--tracking-uri", store,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from mlflow.tracking import MlflowClient
+
+    children = _children(store)
+    assert sorted(c.data.tags["policy"] for c in children) == ["oracle", "random", "thompson"]
+    for c in children:
+        m = c.data.metrics
+        assert {"normalized_lift", "vs_oracle", "regret_oracle"} <= set(m), c.data.tags["policy"]
+        assert len(MlflowClient(store).get_metric_history(c.info.run_id, "curve.regret")) >= 40
+    by = {c.data.tags["policy"]: c.data.metrics for c in children}
+    assert by["oracle"]["normalized_lift"] == 1.0 and by["random"]["normalized_lift"] == 0.0
+    assert 0.0 < by["thompson"]["regret_oracle"] == by["oracle"]["expected_reward"] - by["thompson"]["expected_reward"]
+
+
+def test_child_params_tell_apart_what_the_runs_used(store: str) -> None:
+    """Policies differing only in pacing show it; the oracles log the floor they ran at and no
+    per-process world key, so the same command twice logs the same params."""
+    args = ["simulate", str(ROOT / "simulations/tight_budget.toml"), "--policies",
+            "thompson_segmented,thompson_hard_stop,lin_ts", "--seeds", "3", "--decisions", "100",
+            "--no-progress", "--tracking-uri", store]  # fmt: skip
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    children = _children(store)
+    assert len(children) == 2 * 7
+    params: dict[str, list[dict[str, str]]] = {}
+    for c in children:
+        params.setdefault(c.data.tags["policy"], []).append(c.data.params)
+    assert all(a == b for a, b in params.values())  # deterministic: the second command logged the same
+    paced, hard = params["thompson_segmented"][0], params["thompson_hard_stop"][0]
+    assert paced["policy_params"] == hard["policy_params"] and paced["family"] == hard["family"]
+    assert (paced["pacing"], hard["pacing"]) == ("paced", "hard stop")
+    assert params["lin_ts"][0]["model_group"] == "all" and paced["model_group"] == "none"
+    assert paced["member_cap"] == "none" and paced["exploration_floor"] == "0.005"
+    assert paced["provisional_reward"] == "0.0"
+    for ref in ("oracle", "budget_oracle", "truth_paced"):
+        assert params[ref][0]["exploration_floor"] == "1e-06", ref
+        assert "world" not in params[ref][0]["policy_params"], ref
+    assert params["oracle"][0]["pacing"] == "no budgets" and params["random"][0]["exploration_floor"] == "0.005"
+
+
+def test_a_sqlite_store_elsewhere_keeps_its_artifacts_beside_its_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not under ``./mlruns`` of the directory the command ran in."""
+    monkeypatch.delenv(ENV_URI, raising=False)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    assert artifact_root(uri) == tmp_path / "store" and artifact_root("http://mlflow:5000") is None
+    (tmp_path / "store").mkdir()
+    result = CliRunner().invoke(main, [
+        "simulate", str(ROOT / "simulations/default.toml"), "--policies", "segment_rules", "--seeds", "1",
+        "--decisions", "100", "--no-progress", "--tracking-uri", uri,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not list(cwd.iterdir()), list(cwd.rglob("*"))
+    pngs = list((tmp_path / "store").rglob("reward_regret.png"))
+    assert len(pngs) == 3  # random, oracle, segment_rules
+    assert list((tmp_path / "store").rglob("summary.md"))
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("/tmp/notauri", "is not a tracking URI; give sqlite:///path/to/mlflow.db or http://host:port"),
+    ("foo://bar", "cannot be used: "),
+    ("http://127.0.0.1:9", "cannot be used: "),  # nothing listens on the discard port: refused at once
+])  # fmt: skip
+def test_a_tracking_uri_mlflow_cannot_use_is_one_line_and_exit_2(
+    uri: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bandit-engine", "simulate", str(ROOT / "simulations/default.toml"),
+                                      "--policies", "segment_rules", "--seeds", "1", "--decisions", "50",
+                                      "--no-progress", "--tracking-uri", uri])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith(f"error: MLflow tracking URI {uri!r} ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    import os
+
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the bounded first request leaves no trace

@@ -10,6 +10,7 @@ from .data import (
     from_decisions,
     from_dsjson,
     from_engine,
+    open_existing,
     policy_target,
 )
 from .estimators import Estimate, all_estimates, dm, dr, ips, snips
@@ -28,6 +29,7 @@ __all__ = [
     "from_dsjson",
     "from_engine",
     "ips",
+    "open_existing",
     "policy_target",
     "snips",
 ]

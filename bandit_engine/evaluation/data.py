@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from ..exploration import event_rng
 from ..features import FeatureHasher
 from ..ledger.records import Decision, read_archive
 from .estimators import Estimate, all_estimates
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 
 @dataclass(frozen=True)
@@ -74,22 +77,49 @@ def from_decisions(decisions: Iterable[Decision], offers: Iterable[Offer] = ()) 
     return LoggedData(rows, {o.offer_id: o for o in offers})
 
 
+def open_existing(url: str) -> Engine:
+    """An engine on an existing ledger, to read its logs. ``Engine.open`` creates a SQLite file
+    that is not there: for a command that only reads, a mistyped path would then read as an
+    empty ledger ("0 settled decisions") and leave an empty database behind."""
+    from ..engine import Engine
+
+    if url.startswith("sqlite"):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            db = make_url(url).database
+        except ArgumentError:
+            db = None  # not a URL: Engine.open says so
+        if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
+            raise InvalidArgument(f"no ledger at {url}: the SQLite file {db!r} does not exist")
+    return Engine.open(url)
+
+
 def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[str | Path] = ()) -> LoggedData:
     """The ledger's decisions (of ``channel``), after those of retention ``archives`` (files
-    ``Engine.prune`` wrote; a decision in both counts once)."""
+    ``Engine.prune`` wrote; a decision in both counts once). A channel neither the ledger nor
+    an archive knows is an error, not an empty log."""
     archived: dict[str, Decision] = {}
     for path in archives:
         with open(path, encoding="utf-8") as f:
             for p in read_archive(f):
                 if channel is None or p.decision.channel == channel:
                     archived.setdefault(p.decision.event_id, p.decision)
+    if channel is not None and not archived:
+        known = engine.channels()
+        if channel not in known:
+            raise InvalidArgument(f"unknown channel {channel!r}; the ledger has {sorted(known)}")
     live = (d for d in engine.ledger.decisions(channel=channel) if d.event_id not in archived)
     return from_decisions(itertools.chain(archived.values(), live), engine.offers())
 
 
 def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
     """Parse dsjson lines (``a`` 1-based with the chosen action first, ``p`` in the same order,
-    ``c._multi[*].A.offer`` the eligible offers, ``_label_cost`` = -reward)."""
+    ``c._multi[*].A.offer`` the eligible offers, ``_label_cost`` = -reward, ``_labelIndex`` the
+    0-based chosen action). Actions out of range, repeated, or a ``_labelIndex`` that is not the
+    first of ``a`` are errors naming the line: read as indexes they would crash, or (a negative
+    index counts from the end) silently evaluate another action than the one logged."""
     if isinstance(source, str | Path):
         with open(source) as fh:
             lines = fh.readlines()
@@ -113,17 +143,36 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
                 eligible.append(oid)
                 if oid not in offers:
                     offers[oid] = Offer(oid, channels=["dsjson"], features=a)
-            pmf = np.zeros(len(eligible))
-            for a_i, p_i in zip(rec["a"], rec["p"], strict=True):
-                pmf[int(a_i) - 1] = float(p_i)
-            chosen = int(rec.get("_labelIndex", int(rec["a"][0]) - 1))
+            k = len(eligible)
+            actions, probs = rec["a"], rec["p"]
+            if not isinstance(actions, list) or not actions or not all(_is_int(a) and 1 <= a <= k for a in actions):
+                raise InvalidArgument(f"dsjson line {n}: 'a' must list 1-based actions in [1, {k}] (the {k} of "
+                                      f"'c._multi'), got {actions!r}")  # fmt: skip
+            if len(set(actions)) != len(actions):
+                raise InvalidArgument(f"dsjson line {n}: 'a' repeats an action: {actions!r}")
+            if not isinstance(probs, list) or len(probs) != len(actions):
+                raise InvalidArgument(f"dsjson line {n}: 'p' must have one probability per action of 'a', got {probs!r}")
+            pmf = np.zeros(k)
+            for a_i, p_i in zip(actions, probs, strict=True):
+                pmf[a_i - 1] = float(p_i)
+            chosen = actions[0] - 1
+            label = rec.get("_labelIndex", chosen)
+            if not _is_int(label) or label != chosen:
+                raise InvalidArgument(f"dsjson line {n}: '_labelIndex' must be the 0-based chosen action, "
+                                      f"{chosen} (the first of 'a'), got {label!r}")  # fmt: skip
             rows.append(LoggedRow(
                 str(rec.get("EventId", n)), "", dict(rec["c"].get("U", {})), tuple(eligible), pmf,
                 chosen, float(rec["_label_probability"]), -float(rec["_label_cost"]),
             ))  # fmt: skip
+        except InvalidArgument:
+            raise
         except (KeyError, ValueError, TypeError) as exc:
             raise InvalidArgument(f"dsjson line {n}: {exc!r}") from None
     return LoggedData(rows, offers)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # reward model ------------------------------------------------------------------------------
@@ -235,5 +284,5 @@ def evaluate(data: LoggedData, target: Target, *, folds: int = 2, seed: int = 0,
 
 __all__ = [
     "LoggedData", "LoggedRow", "Report", "RidgeRewardModel", "Target", "cross_fit_predictions",
-    "evaluate", "from_decisions", "from_dsjson", "from_engine", "policy_target",
+    "evaluate", "from_decisions", "from_dsjson", "from_engine", "open_existing", "policy_target",
 ]  # fmt: skip

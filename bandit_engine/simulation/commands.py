@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import defaultdict
 from pathlib import Path
 
 import click
 
 
 def _ints(value: str | None) -> list[int] | None:
+    """Comma-separated seeds (integers >= 0, what the worlds' generators take); a seed given
+    twice runs once."""
     if not value:
         return None
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        seeds = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if any(s < 0 for s in seeds):
+        raise click.BadParameter(f"seeds must be integers >= 0, got {value!r}")
+    return list(dict.fromkeys(seeds)) or None
+
+
+def _check_writable(path: Path | None) -> None:
+    """Fail before the simulation, not after it, when its output cannot be written."""
+    if path is None:
+        return
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"directory {str(parent)!r} does not exist", param_hint="'--json-out'")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{str(path)!r} is not writable", param_hint="'--json-out'")
 
 
 @click.command()
 @click.argument("scenario_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policies", default=None, help="Comma-separated policy names of the scenario (default: all).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default: the scenario's).")
-@click.option("--decisions", type=int, default=None, help="Decisions per run (default: the scenario's).")
+@click.option("--decisions", type=click.IntRange(min=1), default=None, help="Decisions per run (default: the scenario's).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $BANDIT_ENGINE_MLFLOW_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the summary rows as JSON.")
@@ -38,6 +56,7 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
     from .runner import Simulator
     from .scenario import Scenario
 
+    _check_writable(json_out)
     scenario = Scenario.load(scenario_file)
     if policies:
         scenario = scenario.select_policies([p.strip() for p in policies.split(",") if p.strip()])
@@ -55,23 +74,34 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
             "decisions": sim.decisions, "policies": ",".join(p.name for p in scenario.policies),
         })  # fmt: skip
     try:
-        box: dict[str, object] = {}
+        from .runner import Comparison, RunResult
 
-        def on_run(r: object) -> None:
-            if tracker is not None:
-                from .runner import Comparison, RunResult
+        # A run's relative metrics (normalized lift, vs oracle, regret and its curve) need its
+        # seed's random baseline and reference oracle, which may finish after it (a scenario
+        # policy named random runs last): a seed's runs are logged once all of them are in.
+        # compare() hands them over seed by seed, also with --jobs.
+        per_seed = sim.total_runs(1, ceiling=ceiling)
+        waiting: dict[int, list[RunResult]] = defaultdict(list)
 
-                assert isinstance(r, RunResult)
-                partial = box.setdefault("runs", [])
-                assert isinstance(partial, list)
-                partial.append(r)
-                tracker.log_run(r, Comparison(scenario, list(partial)), scenario)
+        def log_seed(runs: list[RunResult]) -> None:
+            assert tracker is not None
+            seed_comparison = Comparison(scenario, runs)
+            for r in runs:
+                tracker.log_run(r, seed_comparison, scenario)
                 r.artifacts = {}  # free them once logged
+
+        def on_run(r: RunResult) -> None:
+            if tracker is not None:
+                waiting[r.seed].append(r)
+                if len(waiting[r.seed]) == per_seed:
+                    log_seed(waiting.pop(r.seed))
 
         comparison = sim.compare(seed_list, progress=bar.update, artifacts=tracker is not None, on_run=on_run,
                                  ceiling=ceiling, jobs=jobs)  # fmt: skip
         bar.close()
         if tracker is not None:
+            for runs in waiting.values():  # none, unless a seed ran other than total_runs says
+                log_seed(runs)
             tracker.finish(comparison)
     except BaseException:
         if tracker is not None:
@@ -92,9 +122,11 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
 @click.option("--policy", "policy", required=True, help='Candidate policy: a family name or JSON {"family": ..., "params": {...}}.')
 @click.option("--dsjson", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="Read logs from a dsjson file instead of the ledger.")
 @click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Also read the decisions `bandit-engine prune` archived to this file (before the ledger's; repeatable).")
-@click.option("--train-fraction", type=float, default=0.5, show_default=True, help="Leading share of the logs the candidate learns from; it is evaluated on the rest.")
-@click.option("--floor", type=float, default=0.02, show_default=True, help="Exploration floor of the candidate.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train-fraction", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.5, show_default=True,
+              help="Leading share of the logs the candidate learns from; it is evaluated on the rest.")
+@click.option("--floor", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.02, show_default=True,
+              help="Exploration floor of the candidate.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.pass_context
 def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path | None,
              archives: tuple[Path, ...], train_fraction: float, floor: float, seed: int) -> None:  # fmt: skip
@@ -108,16 +140,14 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
         spec = PolicySpec(**spec_d)
     except (ValueError, TypeError) as exc:
         raise click.BadParameter(f"--policy: {exc}") from None
-    if not 0.0 <= train_fraction < 1.0:
-        raise click.BadParameter("--train-fraction must be in [0, 1)")
     if dsjson is not None and archives:
         raise click.UsageError("--dsjson and --archive are two different sources; give one")
     if dsjson is not None:
         data = from_dsjson(dsjson)
     else:
-        from ..engine import Engine
+        from ..evaluation import open_existing
 
-        engine = Engine.open(ctx.obj["database_url"])
+        engine = open_existing(ctx.obj["database_url"])
         try:
             data = from_engine(engine, channel, archives=archives)
         finally:

@@ -34,15 +34,18 @@ from ..engine import Engine
 from ..errors import InvalidArgument
 from ..policies.registry import make_policy
 from .oracles import attach, sim_families, solve_budget_duals, static_probabilities
-from .scenario import PolicyEntry, Scenario
+from .scenario import (
+    BAYES_BUDGET_ORACLE,
+    BAYES_ORACLE,
+    BUDGET_ORACLE,
+    ORACLE,
+    RANDOM,
+    TRUTH_PACED,
+    PolicyEntry,
+    Scenario,
+)
 from .world import World
 
-RANDOM = "random"
-ORACLE = "oracle"
-BUDGET_ORACLE = "budget_oracle"
-TRUTH_PACED = "truth_paced"
-BAYES_ORACLE = "bayes_oracle"
-BAYES_BUDGET_ORACLE = "bayes_budget_oracle"
 CURVE_POINTS = 50
 
 
@@ -85,7 +88,11 @@ class RunResult:
 
     policy: str
     seed: int
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # the policy family and params (deterministic: no per-process world key)
+    # what the run's engine actually used beyond the spec: the exploration floor applied, budget
+    # pacing, the engine-wide member cap, the model group, the provisional reward, ... (MLflow
+    # logs them, so two runs that differ only there can be told apart)
+    settings: dict[str, Any] = field(default_factory=dict)
     decisions: int = 0
     served: int = 0
     redemptions: int = 0
@@ -147,8 +154,10 @@ class Simulator:
     """One scenario: a world per seed, references (random, oracles) and the policies to compare."""
 
     def __init__(self, scenario: Scenario, *, decisions: int | None = None) -> None:
+        if decisions is not None and (isinstance(decisions, bool) or not isinstance(decisions, int) or decisions < 1):
+            raise InvalidArgument(f"decisions must be an integer >= 1, got {decisions!r}")  # 0 is not "the scenario's"
         self.scenario = scenario
-        self.decisions = decisions or scenario.decisions
+        self.decisions = scenario.decisions if decisions is None else decisions
         self._worlds: dict[int, tuple[World, Arrivals]] = {}
 
     def world(self, seed: int) -> tuple[World, Arrivals]:
@@ -234,7 +243,15 @@ class Simulator:
                 holdout_fraction=s.holdout_fraction, exploration_floor=floor,
                 aggregation=s.aggregation, provisional_reward=provisional, model_group=model_group,
             ))  # fmt: skip
-        res = RunResult(name, seed, spec.to_dict())
+        res = RunResult(name, seed, _spec_dict(spec), {
+            "exploration_floor": floor,
+            "pacing": "no budgets" if unconstrained or not s.budgeted else "paced" if paced else "hard stop",
+            "member_cap": None if member_cap is None else member_cap.to_dict(),
+            "model_group": model_group,
+            "provisional_reward": provisional,
+            "aggregation": s.aggregation,
+            "unconstrained": unconstrained,
+        })  # fmt: skip
         budgeted = [o for o in offers if o.budget_cents is not None]
         budget_total = sum(o.budget_cents for o in budgeted) / 100 if budgeted else 0.0
         pending: list[tuple[int, str]] = []
@@ -370,7 +387,7 @@ class Simulator:
         differ); ``on_run`` and ``progress`` then hear of a seed's runs when it has finished,
         in seed order. Engines cannot leave their process, so ``keep_engines`` needs
         ``jobs = 1``."""
-        seeds = list(seeds or self.scenario.seeds)
+        seeds = list(dict.fromkeys(seeds or self.scenario.seeds))  # a seed given twice runs once
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise InvalidArgument(f"jobs must be an integer >= 1, got {jobs!r}")
         runs: list[RunResult] = []
@@ -444,6 +461,16 @@ class Simulator:
         names = [p.name for p in self.scenario.policies]
         refs = (RANDOM not in names) + 1 + 2 * self.scenario.budgeted + ceiling * (1 + self.scenario.budgeted)
         return n_seeds * (refs + len(self.scenario.policies))
+
+
+def _spec_dict(spec: PolicySpec) -> dict[str, Any]:
+    """The spec as a run reports it: a simulation family's ``world`` param is the key of a
+    world in this process (:func:`~.oracles.attach`), different in every process and run, so
+    it is left out (the seed names the world)."""
+    d = spec.to_dict()
+    if spec.family.startswith("sim_"):
+        d["params"] = {k: v for k, v in d["params"].items() if k != "world"}
+    return d
 
 
 def _breaches(offers: Sequence[Any], states: dict[str, Any]) -> int:

@@ -7,23 +7,59 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..catalog import MemberCap, Offer, Rule
+from ..catalog import ChannelConfig, MemberCap, Offer, PolicySpec, Rule
 from ..clock import MS_PER_DAY
 from ..errors import InvalidArgument
 
 KINDS = ("discount", "points", "free_shipping", "early_access")
 BASELINES = ("batch_and_blast", "best_fixed", "segment_rules")
+# the references every comparison runs beside the scenario's policies (Simulator.compare): a
+# scenario policy may not take their names, or its runs would merge into their rows; only
+# ``random`` may be the scenario's own, as the uniform baseline it then replaces
+RANDOM = "random"
+ORACLE = "oracle"
+BUDGET_ORACLE = "budget_oracle"
+TRUTH_PACED = "truth_paced"
+BAYES_ORACLE = "bayes_oracle"
+BAYES_BUDGET_ORACLE = "bayes_budget_oracle"
+RESERVED = (ORACLE, BUDGET_ORACLE, TRUTH_PACED, BAYES_ORACLE, BAYES_BUDGET_ORACLE)
+START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise InvalidArgument(msg)
+
+
+def _is_num(v: object) -> bool:
+    """A finite int or float (TOML ``"2.0"`` is a string and ``true`` a bool: neither is)."""
+    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+
+
+def _is_int(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int)
+
+
+def _names(v: object) -> bool:
+    """A list (tuple) of strings, not a string (``tuple("email")`` would be its letters)."""
+    return isinstance(v, tuple | list) and all(isinstance(x, str) and x for x in v)
+
+
+def _table(where: str, v: object) -> dict[str, Any]:
+    _check(isinstance(v, Mapping), f"{where} must be a table, got {v!r}")
+    return dict(v)  # type: ignore[arg-type]
+
+
+def _list(where: str, v: object) -> list[Any]:
+    _check(isinstance(v, list | tuple), f"{where} must be a list, got {v!r}")
+    return list(v)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -43,16 +79,16 @@ class WorldConfig:
     optout_window_days: float = 7.0
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.optout_free_contacts, int) and self.optout_free_contacts >= 0,
+        _check(_is_int(self.optout_free_contacts) and self.optout_free_contacts >= 0,
                f"world.optout_free_contacts must be an integer >= 0, got {self.optout_free_contacts!r}")  # fmt: skip
-        _check(isinstance(self.optout_window_days, int | float) and self.optout_window_days > 0,
+        _check(_is_num(self.optout_window_days) and self.optout_window_days > 0,
                f"world.optout_window_days must be > 0, got {self.optout_window_days!r}")  # fmt: skip
         for name in ("fatigue", "conditioning", "drift", "delay_mean_days"):
             v = getattr(self, name)
-            _check(isinstance(v, int | float) and v >= 0, f"world.{name} must be >= 0, got {v!r}")
+            _check(_is_num(v) and v >= 0, f"world.{name} must be >= 0, got {v!r}")
         for name in ("organic_rate", "consent_rate", "deep_threshold", "optout_rate"):
             v = getattr(self, name)
-            _check(isinstance(v, int | float) and 0 <= v <= 1, f"world.{name} must be in [0, 1], got {v!r}")
+            _check(_is_num(v) and 0 <= v <= 1, f"world.{name} must be in [0, 1], got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -75,8 +111,24 @@ class OfferSpec:
     rules: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        _check(self.kind in KINDS, f"offer {self.offer_id!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        _check(0 <= self.depth < 1, f"offer {self.offer_id!r}: depth must be in [0, 1), got {self.depth!r}")
+        _check(isinstance(self.offer_id, str) and bool(self.offer_id), f"an offer id must be a string, got {self.offer_id!r}")
+        where = f"offer {self.offer_id!r}"
+        _check(self.kind in KINDS, f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
+        _check(_names(self.channels), f"{where}: channels must be a list of channel names, got {self.channels!r}")
+        _check(self.category is None or isinstance(self.category, str), f"{where}: category must be a string, got {self.category!r}")
+        _check(_is_num(self.depth) and 0 <= self.depth < 1, f"{where}: depth must be in [0, 1), got {self.depth!r}")
+        for name in ("cost", "margin", "appeal", "budget", "starts_day", "ends_day"):
+            v = getattr(self, name)
+            _check(_is_num(v) or (v is None and name in ("budget", "starts_day", "ends_day")),
+                   f"{where}: {name} must be a number, got {v!r}")  # fmt: skip
+        _check(self.max_impressions is None or _is_int(self.max_impressions),
+               f"{where}: max_impressions must be an integer, got {self.max_impressions!r}")  # fmt: skip
+        _check(isinstance(self.rules, tuple | list) and all(isinstance(r, Mapping) for r in self.rules),
+               f"{where}: rules must be a list of tables, got {self.rules!r}")  # fmt: skip
+        try:  # the engine's own checks (amounts, caps, rules, dates), before any run starts
+            self.to_offer(START_MS, 1.0)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}: {exc.message}") from None
 
     def features(self) -> dict[str, Any]:
         f: dict[str, Any] = {"kind": self.kind, "depth": self.depth}
@@ -121,10 +173,26 @@ class PolicyEntry:
     model_group: str | None = None
 
     def __post_init__(self) -> None:
-        _check((self.family is None) != (self.baseline is None),
-               f"policy {self.name!r}: give exactly one of family or baseline")  # fmt: skip
+        _check(isinstance(self.name, str) and bool(self.name), f"a policy name must be a string, got {self.name!r}")
+        where = f"policy {self.name!r}"
+        _check((self.family is None) != (self.baseline is None), f"{where}: give exactly one of family or baseline")
         _check(self.baseline is None or self.baseline in BASELINES,
-               f"policy {self.name!r}: baseline must be one of {BASELINES}, got {self.baseline!r}")  # fmt: skip
+               f"{where}: baseline must be one of {BASELINES}, got {self.baseline!r}")  # fmt: skip
+        _check(self.name not in RESERVED,
+               f"{where}: the name is reserved for a reference the simulator runs itself ({', '.join(RESERVED)})")  # fmt: skip
+        _check(self.name != RANDOM or (self.family == "uniform" and not self.params),
+               f"{where}: 'random' is the uniform baseline of the normalized lift; it must be family "
+               f"'uniform' without params, or take another name")  # fmt: skip
+        _check(isinstance(self.pacing, bool), f"{where}: pacing must be true or false, got {self.pacing!r}")
+        _check(self.offer is None or isinstance(self.offer, str), f"{where}: offer must be an offer id, got {self.offer!r}")
+        try:
+            if self.family is not None:
+                PolicySpec(self.family, self.params)
+            MemberCap.coerce(self.member_cap)
+            if self.model_group is not None:
+                ChannelConfig("check", model_group=self.model_group)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{where}: {exc.message}") from None
 
 
 @dataclass(frozen=True)
@@ -150,19 +218,34 @@ class Scenario:
     provisional_reward: float | None = None
     member_cap: Mapping[str, Any] | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
-    start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00Z
+    start_ms: int = START_MS
     source: str | None = None  # the TOML text it was read from
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.decisions, int) and self.decisions >= 1, f"decisions must be >= 1, got {self.decisions!r}")
-        _check(self.days > 0, f"days must be > 0, got {self.days!r}")
-        _check(self.members >= 1, f"members must be >= 1, got {self.members!r}")
+        _check(isinstance(self.name, str) and bool(self.name), f"name must be a string, got {self.name!r}")
+        _check(isinstance(self.description, str), f"description must be a string, got {self.description!r}")
+        _check(_is_int(self.decisions) and self.decisions >= 1, f"decisions must be an integer >= 1, got {self.decisions!r}")
+        _check(_is_num(self.days) and self.days > 0, f"days must be a number > 0, got {self.days!r}")
+        _check(_is_int(self.members) and self.members >= 1, f"members must be an integer >= 1, got {self.members!r}")
+        _check(_names(self.channels) and bool(self.channels),
+               f"channels must be a list of channel names, got {self.channels!r}")  # fmt: skip
+        _check(len(set(self.channels)) == len(self.channels), f"duplicate channels in {list(self.channels)}")
+        _check(isinstance(self.seeds, tuple | list) and bool(self.seeds) and all(_is_int(x) and x >= 0 for x in self.seeds),
+               f"seeds must be a list of integers >= 0, got {self.seeds!r}")  # fmt: skip
+        _check(len(set(self.seeds)) == len(self.seeds), f"duplicate seeds in {list(self.seeds)}")
+        _check(_is_int(self.start_ms) and self.start_ms >= 0, f"start_ms must be epoch ms, got {self.start_ms!r}")
         _check(self.aggregation in ("first", "sum"), f"aggregation must be 'first' or 'sum', got {self.aggregation!r}")
-        _check(
-            self.provisional_reward is None
-            or (not isinstance(self.provisional_reward, bool) and isinstance(self.provisional_reward, int | float)),
-            f"provisional_reward must be a number, got {self.provisional_reward!r}",
-        )
+        _check(self.provisional_reward is None or _is_num(self.provisional_reward),
+               f"provisional_reward must be a number, got {self.provisional_reward!r}")  # fmt: skip
+        _check(isinstance(self.world, WorldConfig), f"world must be a table, got {self.world!r}")
+        try:  # the channels' own checks (window, hold-out, floor) and the member cap, before any run
+            for ch in self.channels:
+                ChannelConfig(ch, reward_window_days=self.reward_window_days, holdout_fraction=self.holdout_fraction,
+                              exploration_floor=self.exploration_floor, aggregation=self.aggregation,  # type: ignore[arg-type]
+                              provisional_reward=self.provisional_reward)  # fmt: skip
+            MemberCap.coerce(self.member_cap)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"bad scenario: {exc.message}") from None
         _check(bool(self.offers), "a scenario needs at least one offer")
         _check(bool(self.policies), "a scenario needs at least one policy")
         ids = [o.offer_id for o in self.offers]
@@ -170,6 +253,9 @@ class Scenario:
         for o in self.offers:
             bad = set(o.channels) - set(self.channels)
             _check(not bad, f"offer {o.offer_id!r} uses channels {sorted(bad)} not in the scenario")
+        names = [p.name for p in self.policies]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, f"duplicate policy names {dup}: each policy's runs are reported under its name")
 
     @property
     def budgeted(self) -> bool:
@@ -179,35 +265,37 @@ class Scenario:
         return replace(self, **changes)
 
     def select_policies(self, names: Sequence[str]) -> Scenario:
+        """The named policies, in that order; a name given twice runs once."""
         known = {p.name: p for p in self.policies}
         missing = [n for n in names if n not in known]
         _check(not missing, f"unknown policies {missing}; scenario has {sorted(known)}")
-        return replace(self, policies=tuple(known[n] for n in names))
+        return replace(self, policies=tuple(known[n] for n in dict.fromkeys(names)))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str | None = None) -> Scenario:
+        """Every field is type-checked here or in the dataclasses' ``__post_init__``: a wrong
+        type is one :class:`InvalidArgument` naming the field, never a crash mid-simulation."""
         d = dict(d)
+        for key in ("channels", "seeds"):  # TOML arrays; a string or number is a mistake, not a tuple
+            if key in d:
+                d[key] = tuple(_list(key, d[key]))
+        unknown = set(d) - (set(cls.__dataclass_fields__) - {"source"})
+        _check(not unknown, f"unknown scenario fields: {sorted(unknown)}")
         try:
-            offers = tuple(
-                OfferSpec(
-                    offer_id=o.pop("id"),
-                    channels=tuple(o.pop("channels", d.get("channels", cls.channels))),
-                    rules=tuple(o.pop("rules", ())),
-                    **o,
-                )
-                for o in (dict(x) for x in d.pop("offers", ()))
-            )
-            policies = tuple(PolicyEntry(**p) for p in d.pop("policies", ()))
-            world = WorldConfig(**d.pop("world", {}))
+            offers = []
+            for i, x in enumerate(_list("offers", d.pop("offers", ())), 1):
+                o = _table(f"offers[{i}]", x)
+                _check("id" in o, f"offers[{i}] needs an id")
+                oid = o.pop("id")
+                channels = _list(f"offer {oid!r}: channels", o.pop("channels", d.get("channels", cls.channels)))
+                rules = _list(f"offer {oid!r}: rules", o.pop("rules", ()))
+                offers.append(OfferSpec(offer_id=oid, channels=tuple(channels), rules=tuple(rules), **o))
+            policies = tuple(PolicyEntry(**_table(f"policies[{i}]", p))
+                             for i, p in enumerate(_list("policies", d.pop("policies", ())), 1))  # fmt: skip
+            world = WorldConfig(**_table("world", d.pop("world", {})))
         except TypeError as exc:
             raise InvalidArgument(f"bad scenario: {exc}") from None
-        for key in ("channels", "seeds"):
-            if key in d:
-                d[key] = tuple(d[key])
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        _check(not unknown, f"unknown scenario fields: {sorted(unknown)}")
-        return cls(offers=offers, policies=policies, world=world, source=source, **d)
+        return cls(offers=tuple(offers), policies=policies, world=world, source=source, **d)
 
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
