@@ -58,7 +58,10 @@ def expire(ctx: click.Context) -> None:
     """Close decisions whose reward window has passed (default reward, release reservations)."""
     from .engine import Engine
 
-    with Engine.open(database_url(ctx)) as engine:
+    # closes windows and writes their feedback, learns nothing: a model learned here and
+    # checkpointed on close could step past a reward a server is still committing (a lower
+    # seq), which restarted workers would then never learn. The serving workers learn it.
+    with Engine.open(database_url(ctx), learn_in_process=False) as engine:
         n = engine.expire()
     click.echo(f"expired {n} decisions")
 
@@ -129,11 +132,29 @@ for _module in ("bandit_engine.api.commands", "bandit_engine.simulation.commands
 
 
 def run() -> None:  # pragma: no cover - thin wrapper
+    """The console script: an error an operator can act on is one line and exit 2, not a
+    traceback (a database that cannot be reached or named, a schema newer than this code, a
+    file that cannot be written)."""
+    from alembic.util.exc import CommandError
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
     try:
         main(standalone_mode=True)
     except BanditEngineError as exc:
-        click.echo(f"error: {exc.message}", err=True)
-        sys.exit(2)
+        _fail(exc.message)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        _fail(f"not a database URL bandit_engine can use (sqlite:///file.db or postgresql+psycopg://...): {exc}")
+    except DBAPIError as exc:
+        _fail(f"database error: {str(exc.orig or exc).strip().splitlines()[0]}")
+    except CommandError as exc:
+        _fail(f"schema migration: {exc} (is the database's schema newer than this bandit_engine?)")
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message[:1000]}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -92,6 +92,7 @@ class _ChannelPolicy:
     spec_key: str
     policy: Policy
     applied_seq: int = 0
+    restored_version: int = 0  # the version its snapshot gave it (not learned in this process)
 
 
 @dataclass
@@ -395,7 +396,7 @@ class Engine:
             if snap is not None and snap.policy_name == key:
                 pol.restore(snap.data)
                 applied = snap.feedback_seq
-            cp = _ChannelPolicy(key, pol, applied)
+            cp = _ChannelPolicy(key, pol, applied, pol.version)
             self._policies[model] = cp
             self._replay(model, cp)
             return pol
@@ -409,8 +410,8 @@ class Engine:
             self._learn_chunk(batch, *self._read_chunk(batch, {model}), {model: cp})
 
     def sync(self, *, chunk: int = 5000) -> int:
-        """Apply every feedback event not yet learned, in log order. Returns how far the loaded
-        policies' versions moved.
+        """Apply every feedback event not yet learned, in log order. Returns how many updates
+        that took (a model loaded meanwhile counts from its snapshot's version, not from 0).
 
         Learns ``chunk`` events at a time: the log and the decisions are read without the engine
         lock, which is then held only to learn one chunk, so a concurrent ``choose`` waits for
@@ -422,7 +423,7 @@ class Engine:
             raise InvalidArgument(f"chunk must be an integer >= 1, got {chunk!r}")
         channels = self.channels()
         with self._lock:
-            before = sum(cp.policy.version for cp in self._policies.values())
+            before = {k: (cp, cp.policy.version) for k, cp in self._policies.items()}
             for ch in channels:
                 self.policy(ch)  # loads (and catches up) a channel seen for the first time
         # only the models channels learn now: one a channel left is caught up from where it
@@ -441,7 +442,11 @@ class Engine:
                 cps = {k: cp for k, cp in self._policies.items() if k in current}
                 self._learn_chunk(batch, learnable, decisions, cps)
         with self._lock:
-            return sum(cp.policy.version for cp in self._policies.values()) - before
+            return sum(
+                cp.policy.version - (v if old is cp else cp.restored_version)
+                for k, cp in self._policies.items()
+                for old, v in [before.get(k, (None, 0))]
+            )
 
     def _read_chunk(
         self, batch: list[Feedback], models: Set[str]
@@ -817,9 +822,9 @@ class Engine:
         the first line of an event id)."""
         if (
             isinstance(older_than_days, bool) or not isinstance(older_than_days, int | float)
-            or not np.isfinite(older_than_days)
+            or not np.isfinite(older_than_days) or older_than_days > 36_500
         ):  # fmt: skip
-            raise InvalidArgument(f"older_than_days must be a number of days, got {older_than_days!r}")
+            raise InvalidArgument(f"older_than_days must be a number of days (at most 36 500), got {older_than_days!r}")
         floor = self.retention_floor_days()
         if older_than_days < floor:
             raise InvalidArgument(

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
 from click.testing import CliRunner
 
@@ -49,11 +50,22 @@ def test_learner_publishes_a_snapshot(tmp_path) -> None:
     assert r.exit_code == 0, r.output
     snap = eng.ledger.latest_snapshot("email")
     assert snap is not None and snap.feedback_seq == eng.ledger.last_feedback_seq() and snap.version >= 5
+    assert "after 5 updates" in r.output
+    # nothing new: a second run restores the snapshots, counts no update and writes none
+    again = CliRunner().invoke(main, ["--database-url", url, "learner", "--once"])
+    assert again.exit_code == 0 and "snapshot" not in again.output, again.output
+    assert eng.ledger.latest_snapshot("email").created_at == snap.created_at
+    d = eng.choose("m-6", "email")
+    eng.reward(d.event_id, 1.0)
+    third = CliRunner().invoke(main, ["--database-url", url, "learner", "--once"])
+    assert "after 1 updates" in third.output, third.output  # not the restored versions again
     # a fresh worker restores that snapshot and serves its version without replaying
     fresh = open_engine(url, seed=1)
-    assert fresh.choose("m-new", "email").policy_version == snap.version
+    assert fresh.choose("m-new", "email").policy_version == snap.version + 1
     fresh.ledger.close()
     eng.ledger.close()
+    bad = CliRunner().invoke(main, ["--database-url", url, "learner", "--poll", "0"])
+    assert bad.exit_code == 2 and "--poll" in bad.output
 
 
 def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
@@ -167,3 +179,44 @@ def test_chunked_bodies_are_read_and_held_to_the_64_kib_limit(tmp_path) -> None:
         ledger.dispose()
     finally:
         stop_server(proc)
+
+
+def test_expire_closes_windows_and_learns_nothing(tmp_path) -> None:
+    """`bandit-engine expire` beside running servers only closes windows: a model it learned
+    and checkpointed on exit could step past a reward a server is still committing, which
+    restarted workers would then never learn."""
+    from bandit_engine import Engine, ManualClock
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    eng = Engine.open(url, clock=ManualClock(start_ms=int(time.time() * 1000) - 10 * 86_400_000), seed=1)
+    eng.add_offer(Offer("a", ["email"], cost=1.0))
+    eid = eng.choose("m-1", "email").event_id  # its 7-day window closed 3 days ago
+    eng.ledger.close()
+    r = CliRunner().invoke(main, ["--database-url", url, "expire"])
+    assert r.exit_code == 0 and "expired 1 decisions" in r.output, r.output
+    check = Engine.open(url, seed=1, learn_in_process=False)
+    assert check.get_decision(eid).status == "expired"
+    assert all(check.ledger.latest_snapshot(ch) is None for ch in check.channels())
+    check.ledger.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bandit_engine.cli", *args], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--database-url", "notaurl", "keys", "list"], "unsupported database URL"),
+    (["--database-url", "mysql://u@h/db", "expire"], "unsupported database URL"),
+    (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/x", "db", "upgrade"], "database error"),
+    (["db", "upgrade", "--revision", "9999"], "schema migration"),
+    (["prune", "--older-than", "200", "--archive", "/nonexistent/dir/a.jsonl"], "No such file or directory"),
+    (["prune", "--older-than", "1e308", "--no-archive"], "at most 36 500"),
+])  # fmt: skip
+def test_operator_errors_are_one_line_and_exit_2(tmp_path, args: list[str], says: str) -> None:
+    if args[0] != "--database-url":
+        args = ["--database-url", f"sqlite:///{tmp_path / 'c.db'}", *args]
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len(r.stderr.strip().splitlines()) == 1

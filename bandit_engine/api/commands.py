@@ -53,10 +53,13 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
     Run it inside :func:`multiprocess_metrics` so ``/metrics`` aggregates every worker."""
     from gunicorn.app.base import BaseApplication
 
+    # imported here, not in the handler: gunicorn calls child_exit from its SIGCHLD handler, and
+    # a second worker exiting during the first import re-entered it half-initialized (an
+    # ImportError at shutdown, and that worker's gauges never marked dead)
+    from prometheus_client import multiprocess
+
     def child_exit(_server: Any, worker: Any) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
             multiprocess.mark_process_dead(worker.pid)
 
     class _App(BaseApplication):  # type: ignore[misc]
@@ -205,9 +208,9 @@ def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
 
 
 @click.command()
-@click.option("--every", default=5.0, show_default=True, type=float,
+@click.option("--every", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between snapshots (only when something was learned).")
-@click.option("--poll", default=0.5, show_default=True, type=float, help="Seconds between log reads.")
+@click.option("--poll", default=0.5, show_default=True, type=click.FloatRange(min=0.01), help="Seconds between log reads.")
 @click.option("--once", is_flag=True, help="Sync and snapshot once, then exit.")
 @click.pass_context
 def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
@@ -220,8 +223,9 @@ def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
         while True:
             learned += eng.sync()
             if learned and (once or time.monotonic() - last >= every):
-                n = eng.snapshot()
-                click.echo(f"snapshot of {n} policies after {learned} updates", err=True)
+                n = eng.snapshot(if_newer=True)  # a model the stored snapshot already holds: none
+                if n:
+                    click.echo(f"snapshot of {n} policies after {learned} updates", err=True)
                 learned, last = 0, time.monotonic()
             if once:
                 return

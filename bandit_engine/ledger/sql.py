@@ -33,7 +33,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from ..catalog import ChannelConfig, MemberCap, Offer
-from ..errors import StorageError
+from ..errors import InvalidArgument, StorageError
 from .hot import (
     DECISION_COLUMNS,
     DuplicateEvent,
@@ -71,6 +71,10 @@ def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
 
     ``autocheckpoint=False`` (SQLite): commits never checkpoint the WAL themselves; a
     :class:`WalCheckpointer` must run beside them."""
+    if not url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
+        raise InvalidArgument(
+            f"unsupported database URL {url[:200]!r}: give sqlite:///file.db or postgresql+psycopg://user@host/db"
+        )
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("sqlite"):
