@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -162,7 +163,9 @@ def test_chunked_bodies_are_read_and_held_to_the_64_kib_limit(tmp_path) -> None:
         before = count()
         status, err = _chunked(base, "/v1/choose", keys["decide"], body_of(64 * 1024 + 1))
         assert (status, err["error"]["code"]) == (413, "payload_too_large")
-        assert _chunked(base, "/v1/choose", keys["decide"], body_of(2_000_000))[0] == 413
+        # the server answers 413 after 64 KiB and closes: a client still sending may see a reset
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            assert _chunked(base, "/v1/choose", keys["decide"], body_of(2_000_000))[0] == 413
         assert count() == before
         status, d = _chunked(base, "/v1/choose", keys["decide"], body_of(64 * 1024, activate=False))
         assert status == 200 and d["active"] is False  # exactly the limit, and the body was read
