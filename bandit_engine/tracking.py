@@ -62,14 +62,10 @@ def artifact_root(uri: str) -> Path | None:
     >>> artifact_root("http://mlflow:5000") is None
     True
     """
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
+    from .ledger.sql import sqlite_file
 
-    db = make_url(uri).database
-    if not db or db == ":memory:" or db.startswith("file:"):
-        return None
-    return Path(db).resolve().parent
+    db = sqlite_file(uri)
+    return None if db is None else db.resolve().parent
 
 
 @contextmanager

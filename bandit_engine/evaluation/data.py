@@ -82,17 +82,11 @@ def open_existing(url: str) -> Engine:
     that is not there: for a command that only reads, a mistyped path would then read as an
     empty ledger ("0 settled decisions") and leave an empty database behind."""
     from ..engine import Engine
+    from ..ledger.sql import sqlite_file
 
-    if url.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            db = make_url(url).database
-        except ArgumentError:
-            db = None  # not a URL: Engine.open says so
-        if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_file():
-            raise InvalidArgument(f"no ledger at {url}: the SQLite file {db!r} does not exist")
+    db = sqlite_file(url)  # None for what is not a SQLite file (not a URL: Engine.open says so)
+    if db is not None and not db.is_file():
+        raise InvalidArgument(f"no ledger at {url}: the SQLite file {str(db)!r} does not exist")
     return Engine.open(url)
 
 

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -29,7 +30,8 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 from ..catalog import ChannelConfig, MemberCap, Offer
@@ -65,6 +67,24 @@ from .records import (
 
 T = TypeVar("T")
 _DECISION_COLS = [DecisionRow.__table__.c[name] for name in DECISION_COLUMNS]
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file a ``sqlite`` URL names; None for another backend, an in-memory
+    database, a ``file:`` URI, or text that is not a URL.
+
+    >>> sqlite_file("sqlite:////data/bandit.db"), sqlite_file("sqlite://"), sqlite_file("postgresql://h/db")
+    (PosixPath('/data/bandit.db'), None, None)
+    """
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        db = make_url(url).database
+    except ArgumentError:
+        return None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
 
 def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
     """A SQLAlchemy engine configured for the ledger (SQLite pragmas, explicit BEGINs).
