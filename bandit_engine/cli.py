@@ -136,13 +136,13 @@ def run() -> None:  # pragma: no cover - thin wrapper
     traceback (a database that cannot be reached or named, a schema newer than this code, a
     file that cannot be written)."""
     from alembic.util.exc import CommandError
-    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
 
     try:
         main(standalone_mode=True)
     except BanditEngineError as exc:
         _fail(exc.message)
-    except (ArgumentError, NoSuchModuleError) as exc:
+    except ArgumentError as exc:  # a sqlite/postgresql URL that does not parse (others: make_engine)
         _fail(f"not a database URL bandit_engine can use (sqlite:///file.db or postgresql+psycopg://...): {exc}")
     except DBAPIError as exc:
         _fail(f"database error: {str(exc.orig or exc).strip().splitlines()[0]}")

@@ -441,12 +441,12 @@ class Engine:
             with self._lock:
                 cps = {k: cp for k, cp in self._policies.items() if k in current}
                 self._learn_chunk(batch, learnable, decisions, cps)
+        moved = 0
         with self._lock:
-            return sum(
-                cp.policy.version - (v if old is cp else cp.restored_version)
-                for k, cp in self._policies.items()
-                for old, v in [before.get(k, (None, 0))]
-            )
+            for k, cp in self._policies.items():
+                old, version = before.get(k, (None, 0))
+                moved += cp.policy.version - (version if old is cp else cp.restored_version)
+        return moved
 
     def _read_chunk(
         self, batch: list[Feedback], models: Set[str]

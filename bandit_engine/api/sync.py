@@ -112,18 +112,17 @@ class GapSafeLedger:
     def _permanent(self, after_gap: int) -> bool:
         """Whether the gap just below ``after_gap`` (a visible seq) is permanent."""
         now = time.monotonic()
+        if after_gap > self._horizon_at(now) and (
+            not self._pending or now - self._pending[-1][0] >= self.gap_grace / 4
+        ):  # note the log's top now (at most 4 times per grace): it is the horizon a grace later
+            self._pending.append((now, max(after_gap, int(self._inner.last_feedback_seq() or 0))))
+        return after_gap <= self._horizon_at(now)
+
+    def _horizon_at(self, now: float) -> int:
+        """The horizon once every noted top at least ``gap_grace`` old has joined it."""
         while self._pending and now - self._pending[0][0] >= self.gap_grace:
             self._horizon = max(self._horizon, self._pending.pop(0)[1])
-        if after_gap <= self._horizon:
-            return True
-        if not self._pending or now - self._pending[-1][0] >= self.gap_grace / 4:
-            top = max(after_gap, int(self._inner.last_feedback_seq() or 0))
-            self._pending.append((now, top))
-            if self.gap_grace <= 0:
-                self._horizon = max(self._horizon, top)
-                self._pending.clear()
-                return True
-        return False
+        return self._horizon
 
 
 class Syncer:
