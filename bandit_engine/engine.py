@@ -191,12 +191,17 @@ class Engine:
 
     # catalog ---------------------------------------------------------------------------------
     def _refresh_catalog(self, force: bool = False) -> _Catalog:
+        """The catalog as of the ledger's catalog version, re-read only when that version moved
+        (every catalog write bumps it). The version is checked at most every
+        ``catalog_refresh_seconds``, or at once with ``force`` (calls that show or change the
+        catalog read their own and other processes' writes). Re-reading an unchanged catalog
+        cost a worker's background sync ~70 ms of CPU a second with 1 000 offers."""
         cat = self._catalog
         now = time.monotonic()
         if not force and now - cat.checked_at < self.config.catalog_refresh_seconds:
             return cat
-        version = self.ledger.catalog_version()
-        if force or version != cat.version:
+        version = self.ledger.catalog_version()  # first: a write racing the reads below is
+        if version != cat.version:  # labelled with the older version, so it is re-read next time
             offers = {o.offer_id: o for o in self.ledger.offers()}
             by_channel: dict[str, list[Offer]] = {}
             for o in offers.values():

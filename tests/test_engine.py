@@ -639,14 +639,41 @@ def test_a_chunked_sync_lets_decisions_through_between_chunks_and_learns_the_sam
             reader.sync(chunk=0)
 
 
-def test_the_model_identity_cache_stays_bounded_over_catalog_reloads(engine: Engine) -> None:
-    """Each catalog reload (every sync of a serving worker) brings new channel config objects;
-    the cache of model identities keyed by them must not grow with uptime."""
+def test_the_model_identity_cache_stays_bounded_over_catalog_reloads(clock) -> None:
+    """Each catalog reload (after every catalog write) brings new channel config objects; the
+    cache of model identities keyed by them must not grow with uptime."""
+    engine = Engine.open("memory://", clock=clock)
+    engine.set_channel(ChannelConfig("email"))
     key = engine._spec_key(engine.channel("email"))
-    for _ in range(1500):
-        engine.channels()  # reloads the channel configs
+    for i in range(1500):
+        engine.ledger.put_setting("note", i)  # a catalog write: the next look re-reads it all
+        before = engine._catalog
+        engine.channels()
+        assert engine._catalog is not before
         assert engine._spec_key(engine.channel("email")) == key
     assert len(engine._spec_keys) <= 1024
+
+
+def test_the_catalog_is_re_read_only_when_its_version_moved(ledger_url: str, clock) -> None:
+    """A serving worker's sync (every second) and every call that shows the catalog check the
+    ledger's catalog version, and re-read offers, channels and settings only when it moved
+    (re-reading 1 000 unchanged offers cost each worker ~70 ms of CPU a second). Another
+    engine's write on the same database is still seen at once."""
+    with _writer_and_worker(ledger_url, clock, 1) as (writer, reader):
+        for o in catalog(3):
+            writer.add_offer(o)
+        reader.sync()
+        cat = reader._catalog
+        assert {o.offer_id for o in reader.offers()} == {o.offer_id for o in catalog(3)}
+        reader.sync()
+        reader.channels()
+        assert reader.get_offer(catalog(3)[0].offer_id) == catalog(3)[0]
+        assert reader._catalog is cat  # the same version: nothing re-read
+        writer.add_offer(Offer("late", ["email"], cost=1.0))
+        assert "late" in {o.offer_id for o in reader.offers()}  # read-your-writes across engines
+        assert reader._catalog is not cat
+        writer.set_member_cap(MemberCap(2, 1))
+        assert reader.member_cap == MemberCap(2, 1)
 
 
 def test_decision_with_copies_every_field_like_dataclasses_replace() -> None:
