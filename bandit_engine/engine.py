@@ -782,15 +782,21 @@ class Engine:
     # export ----------------------------------------------------------------------------------
     def export_dsjson(self, out: IO[str], *, channel: str | None = None, limit: int | None = None) -> int:
         """Write treatment decisions as VW dsjson lines (``a``, ``p``, ``_label_cost``, ...): the
-        first ``limit`` of the log (all by default). Returns how many."""
-        offers = self._refresh_catalog(force=True).offers
+        first ``limit`` of the log (all by default) among those whose reward window has closed
+        (a redemption settles its decision at once, a miss only at the window's close: the
+        labelled decisions of open windows are mostly redemptions, and would bias whatever
+        learns or evaluates from the file). Returns how many. An unknown channel is an error."""
+        cat = self._refresh_catalog(force=True)
+        if channel is not None and channel not in cat.channels:
+            raise UnknownChannel(f"unknown channel {channel!r}; known: {sorted(cat.channels)}")
+        now = self.clock.now_ms()
         n = 0
         for d in self.ledger.decisions(channel=channel):
             if n == limit:
                 break
-            if d.offer_id is None or not d.learnable:
+            if d.offer_id is None or not d.learnable or d.deadline > now:
                 continue
-            out.write(json.dumps(to_dsjson(d, offers)) + "\n")
+            out.write(json.dumps(to_dsjson(d, cat.offers)) + "\n")
             n += 1
         return n
 

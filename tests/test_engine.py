@@ -420,7 +420,7 @@ def test_history_features_say_how_recently_an_offer_and_its_category_were_shown(
     assert recent[2] == {}
 
 
-def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
+def test_dsjson_export_is_readable_by_vw(engine: Engine, clock) -> None:
     from vowpal_wabbit_next import DSJsonFormatParser, Workspace
 
     for o in catalog(4):
@@ -428,6 +428,7 @@ def test_dsjson_export_is_readable_by_vw(engine: Engine) -> None:
     ids = [engine.choose(f"m-{i}", "email", {"tier": "gold"}).event_id for i in range(6)]
     for e in ids[:3]:
         engine.reward(e, 1.0)
+    clock.advance(days=8)  # the export holds decisions whose reward window has closed
     buf = io.StringIO()
     assert engine.export_dsjson(buf) == 6
     lines = buf.getvalue().splitlines()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from bandit_engine import ChannelConfig, Engine, ManualClock, Offer, PolicySpec
 from bandit_engine.cli import main, run
 from bandit_engine.engine import to_dsjson
-from bandit_engine.errors import InvalidArgument
+from bandit_engine.errors import InvalidArgument, UnknownChannel
 from bandit_engine.evaluation import (
     LoggedData,
     LoggedRow,
@@ -236,6 +236,32 @@ def test_reading_commands_refuse_a_sqlite_ledger_that_does_not_exist(
     assert not typo.exists() and not list(tmp_path.iterdir())
 
 
+def test_only_decisions_whose_window_closed_are_evaluated_or_exported() -> None:
+    """A redemption settles its decision at once (``aggregation="first"``), a miss only when
+    its window closes: the settled decisions of windows still open are mostly redemptions, so
+    evaluating or exporting them would overstate every policy."""
+    clock = ManualClock()
+    engine = Engine.open("memory://", clock=clock, seed=1)
+    for oid in ("o1", "o2"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    for k in range(40):
+        d = engine.choose(f"m{k}", "email", {})
+        if k % 4 == 0:
+            assert engine.reward(d.event_id, 1.0).status == "recorded"
+    assert len(from_engine(engine)) == 0  # every window still open (10 redemptions settled)
+    assert engine.export_dsjson(io.StringIO()) == 0
+    clock.advance(days=7, seconds=1)
+    assert engine.expire() == 30  # the misses settle with the default reward
+    data = from_engine(engine, "email")
+    assert len(data) == 40 and data.reward.mean() == 0.25
+    buf = io.StringIO()
+    assert engine.export_dsjson(buf, channel="email") == 40
+    assert from_dsjson(io.StringIO(buf.getvalue())).reward.mean() == 0.25
+    with pytest.raises(UnknownChannel, match="unknown channel 'fax'; known: \\['email', "):
+        engine.export_dsjson(io.StringIO(), channel="fax")
+
+
 # the CLI ---------------------------------------------------------------------------------------
 def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -249,6 +275,7 @@ def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> No
         d = engine.choose(f"m{k % 30}", "email", {"tier": "gold" if k % 2 else "silver"}, event_id=f"e{k}")
         engine.reward(d.event_id, float(rng.random() < (0.6 if d.offer_id == "o1" else 0.1)))
         clock.advance(seconds=60)
+    clock.advance(days=8)  # past every reward window: the export holds settled cohorts only
     with open(tmp_path / "log.dsjson", "w") as fh:
         engine.export_dsjson(fh)
     engine.close()

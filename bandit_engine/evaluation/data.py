@@ -62,11 +62,19 @@ class LoggedData:
         return LoggedData(self.rows[:k], self.offers), LoggedData(self.rows[k:], self.offers)
 
 
-def from_decisions(decisions: Iterable[Decision], offers: Iterable[Offer] = ()) -> LoggedData:
-    """Settled, learnable treatment decisions (those with a reward), in log order."""
+def from_decisions(
+    decisions: Iterable[Decision], offers: Iterable[Offer] = (), *, closed_by: int | None = None
+) -> LoggedData:
+    """Settled, learnable treatment decisions (those with a reward), in log order. With
+    ``closed_by`` (epoch ms), only those whose reward window had closed by then: a redemption
+    settles its decision at once (``aggregation="first"``) but a miss only when the window
+    closes, so the settled decisions of windows still open are mostly redemptions, and an
+    estimate from them would read too high."""
     rows = []
     for d in decisions:
         if d.offer_id is None or not d.learnable or d.reward is None or d.status not in ("closed", "expired"):
+            continue
+        if closed_by is not None and d.deadline > closed_by:
             continue
         i = d.eligible.index(d.offer_id)
         rows.append(LoggedRow(
@@ -91,7 +99,8 @@ def open_existing(url: str) -> Engine:
 
 
 def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[str | Path] = ()) -> LoggedData:
-    """The ledger's decisions (of ``channel``), after those of retention ``archives`` (files
+    """The ledger's settled decisions (of ``channel``) whose reward window has closed by the
+    engine's clock (see :func:`from_decisions`), after those of retention ``archives`` (files
     ``Engine.prune`` wrote; a decision in both counts once). A channel neither the ledger nor
     an archive knows is an error, not an empty log."""
     archived: dict[str, Decision] = {}
@@ -105,7 +114,7 @@ def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[s
         if channel not in known:
             raise InvalidArgument(f"unknown channel {channel!r}; the ledger has {sorted(known)}")
     live = (d for d in engine.ledger.decisions(channel=channel) if d.event_id not in archived)
-    return from_decisions(itertools.chain(archived.values(), live), engine.offers())
+    return from_decisions(itertools.chain(archived.values(), live), engine.offers(), closed_by=engine.clock.now_ms())
 
 
 def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
