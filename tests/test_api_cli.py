@@ -184,6 +184,55 @@ def test_chunked_bodies_are_read_and_held_to_the_64_kib_limit(tmp_path) -> None:
         stop_server(proc)
 
 
+def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library would send these) and read the answer."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", 400, "bad_request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431,
+         "request_header_fields_too_large"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+         431, "request_header_fields_too_large"),
+        (b"POST /v1/choose HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400, "bad_request"),
+        (b"POST /v1/choose HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+         400, "bad_request"),
+    ],
+    ids=["request-line", "http-version", "header-name", "header-over-8k", "121-headers", "length", "smuggling"],
+)
+def test_what_gunicorn_refuses_is_answered_in_json(tmp_path, request_bytes: bytes, status: int, code: str) -> None:
+    """Requests gunicorn refuses never reach Flask; the served worker answers them in the API's
+    error shape too (gunicorn's own page is HTML), and the server keeps serving."""
+    import json
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    proc, _ = _demo(url, port := free_port())
+    try:
+        got, headers, body = _raw(port, request_bytes)
+        assert (got, headers["Content-Type"]) == (status, "application/json"), body
+        err = json.loads(body)["error"]
+        assert err["code"] == code and err["message"] and b"<" not in body
+        assert int(headers["Content-Length"]) == len(body)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    finally:
+        stop_server(proc)
+
+
 def test_expire_closes_windows_and_learns_nothing(tmp_path) -> None:
     """`bandit-engine expire` beside running servers only closes windows: a model it learned
     and checkpointed on exit could step past a reward a server is still committing, which

@@ -47,8 +47,9 @@ def _gov(url: str) -> Any:
 
 
 def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **options: Any) -> None:
-    """Serve ``create_app(config)`` with gunicorn sync workers; each worker builds its own app
-    (no preload), so no database connection is shared across a fork.
+    """Serve ``create_app(config)`` with gunicorn sync workers (:class:`.worker.JsonErrorWorker`:
+    what gunicorn refuses before Flask sees it gets a JSON error too); each worker builds its
+    own app (no preload), so no database connection is shared across a fork.
 
     Run it inside :func:`multiprocess_metrics` so ``/metrics`` aggregates every worker."""
     from gunicorn.app.base import BaseApplication
@@ -62,9 +63,11 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             multiprocess.mark_process_dead(worker.pid)
 
+    from .worker import JsonErrorWorker  # sync, with JSON pages for what gunicorn refuses
+
     class _App(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            opts = {"bind": f"{host}:{port}", "workers": workers, "worker_class": "sync",
+            opts = {"bind": f"{host}:{port}", "workers": workers, "worker_class": JsonErrorWorker,
                     "preload_app": False, "accesslog": None, "timeout": 60,
                     "keepalive": 5, "child_exit": child_exit, **options}  # fmt: skip
             for k, v in opts.items():
