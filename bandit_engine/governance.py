@@ -262,7 +262,9 @@ class Governance:
         apply: Callable[[Change], None] | None = None, reason: str | None = None,
     ) -> Change:  # fmt: skip
         """Approve (running ``apply``) or reject a pending change. The proposer can never decide
-        its own change. The change is claimed with a guarded update first, so two approvers
+        its own change, and a change cannot be approved once a newer change to the same
+        settings of the same target was (it would silently undo that newer decision; reject it,
+        or propose again). The change is claimed with a guarded update first, so two approvers
         racing cannot both apply it; if ``apply`` fails the change goes back to pending and the
         error propagates (nothing changed)."""
         ch = self.get_change(change_id)
@@ -270,6 +272,15 @@ class Governance:
             raise ChangeNotApproved(f"change {change_id} is {ch.status}, not pending")
         if ch.proposed_by == decider.key_id:
             raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
+        if approve:
+            for newer in self.changes("approved", kind=ch.kind, target=ch.target):
+                same = sorted(newer.settings.keys() & ch.settings.keys())
+                if newer.change_id > change_id and same:
+                    raise ChangeNotApproved(
+                        f"change {change_id} is stale: the newer change {newer.change_id} already "
+                        f"set {', '.join(same)} of {ch.kind} {ch.target!r}; reject this one, or "
+                        "propose the value again"
+                    )
         with self._tx(write=True) as c:
             n = c.execute(
                 update(ChangeRow).where(ChangeRow.id == change_id, ChangeRow.status == "pending")

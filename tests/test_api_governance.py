@@ -71,6 +71,24 @@ def test_pending_budget_change_has_no_effect_until_approved(tmp_path) -> None:
         api.engine.ledger.close()
 
 
+def test_an_older_change_cannot_undo_a_newer_approved_one(api: Api) -> None:
+    """Two pending budget changes: once the newer one is approved, approving the older one
+    would silently undo it, so it is refused (409, nothing changes) and can only be rejected.
+    A change to other settings of the same offer is not held back."""
+    older = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 80.0}).json["change_id"]
+    caps = api.call("PATCH", "/v1/offers/capped", "admin", json={"max_impressions": 7}).json["change_id"]
+    newer = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 60.0}).json["change_id"]
+    assert api.call("POST", f"/v1/changes/{newer}/approve", "approver").status_code == 200
+    r = api.call("POST", f"/v1/changes/{older}/approve", "approver")
+    assert r.status_code == 409 and r.json["error"]["code"] == "change_not_approved"
+    assert f"the newer change {newer} already set budget of offer 'capped'" in r.json["error"]["message"]
+    assert api.engine.get_offer("capped").budget == 60.0
+    assert api.gov.get_change(older).status == "pending"
+    assert api.call("POST", f"/v1/changes/{caps}/approve", "approver").status_code == 200
+    assert api.engine.get_offer("capped").max_impressions == 7
+    assert api.call("POST", f"/v1/changes/{older}/reject", "approver").status_code == 200
+
+
 def test_rejected_change_and_pending_offer_cannot_be_activated(api: Api) -> None:
     r = api.call("POST", "/v1/offers", "admin", json={
         "offer_id": "gated", "channels": ["email"], "cost": 1, "max_impressions": 3})
