@@ -51,7 +51,14 @@ world: the features come from whatever the offers and the context carry.
 
 Model: ``r = theta . phi + N(0, noise_variance)``, ``theta ~ N(0, prior_variance * I)``. Each
 feature gets its own column the first time a *learned* decision carries it (no hashing, so no
-collisions; at most ``max_features`` columns, later new features are not learned). The
+collisions; at most ``max_features`` columns, later new features are not learned). Each
+reward updates the full ``n x n`` covariance, so ``n`` sets the cost: 8 n^2 bytes of memory and
+an O(n^2) pass per reward. The simulator's scenarios use 60-110 columns; a context key with a
+new value per request (a store id, a zip code) adds a column per value (and one per offer
+feature it is crossed with) until the limit. With such a key, 1 000 columns (the default
+``max_features=1024``) cost 1.3 ms per choose + reward and 110 MB of process memory, against
+0.7 ms without it; 4 096 cost 15 ms and 720 MB (the former default). Keep such keys out of
+the context, or out of the crosses with ``cross_context``. The
 posterior is kept as its mean ``mu`` and full covariance ``cov`` over the learned columns,
 updated by one rank-one (Kalman / Sherman-Morrison) step per reward, never inverted. The
 defaults (``prior_variance=0.02``, ``noise_variance=0.05``, ``interactions=["ca"]``) were tuned
@@ -224,7 +231,7 @@ class SharedTS(Policy):
         prior_variance: float = 0.02,
         noise_variance: float = 0.05,
         propensity_draws: int = 128,
-        max_features: int = 4096,
+        max_features: int = 1024,
         exploration_scale: float = 1.0,
         match: bool = False,
         cross_context: Sequence[str] | None = None,
