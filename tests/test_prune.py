@@ -242,6 +242,7 @@ def test_cli_prunes_into_an_archive_that_evaluate_reads_back(tmp_path, clock) ->
         e.expire(clock.now_ms())
         for eid in ids["recent"]:
             e.reward(eid, 1.0)
+        clock.advance(days=8)  # past the recent windows: evaluation reads closed windows only
         e.snapshot()
         before = len(from_engine(e))
     finally:
