@@ -325,7 +325,7 @@ def test_requests_after_the_server_dropped_every_connection_are_served(postgres_
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_servers_starting_together_on_an_empty_database_all_come_up(backend, request, tmp_path) -> None:
-    """Four processes opening an empty database at once (servers started together): the
+    """Six processes opening an empty database at once (servers started together): the
     migrations run once, one at a time (an advisory lock on PostgreSQL, BEGIN IMMEDIATE on
     SQLite), the default channels are seeded without a duplicate key, and every one serves."""
     import subprocess
@@ -339,7 +339,7 @@ def test_servers_starting_together_on_an_empty_database_all_come_up(backend, req
     )
     at = str(time.time() + 1.5)  # all four start their open at the same moment
     procs = [subprocess.Popen([sys.executable, "-c", script, url, at], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]  # fmt: skip
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
