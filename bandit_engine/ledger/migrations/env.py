@@ -14,7 +14,7 @@ engine = config.attributes["engine"]
 # commits, and finds nothing to do. On PostgreSQL an advisory lock serializes them. On SQLite
 # Alembic would run each migration in a transaction of its own (it counts SQLite's DDL as
 # non-transactional), so a second server could read the revision between two of the first's
-# migrations and run the next one again ("duplicate column name", 1 start in 8 with 6
+# migrations and run the next one again ("duplicate column name", 2 starts in 28 with 6
 # processes); one BEGIN IMMEDIATE opened here holds the write lock from the revision read to the
 # last migration (Alembic runs inside a transaction it finds open).
 with engine.connect() as connection:
