@@ -41,8 +41,13 @@ ROLES: tuple[str, ...] = ("admin", "analyst", "approver", "decide")
 OFFER_GOVERNED: tuple[str, ...] = ("budget", "max_impressions", "member_cap")
 # the salt decides which members are in the hold-out: changing it reshuffles the groups
 CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction", "salt")
+# "applying": claimed by an approver whose apply step has not finished (see Governance.decide)
+CHANGE_STATUSES: tuple[str, ...] = ("pending", "applying", "approved", "rejected")
 KEY_PREFIX = "bek_"
 AUTH_CACHE_SECONDS = 1.0  # a revoked key stops working within this delay on every worker
+# a change claimed for applying longer ago than this was abandoned (its decider died mid-apply);
+# applying a change takes a few writes, so a minute is far beyond any live one
+APPLY_TIMEOUT_MS = 60_000
 
 
 class UnknownChange(NotFound):
@@ -264,36 +269,57 @@ class Governance:
         """Approve (running ``apply``) or reject a pending change. The proposer can never decide
         its own change, and a change cannot be approved once a newer change to the same
         settings of the same target was (it would silently undo that newer decision; reject it,
-        or propose again). The change is claimed with a guarded update first, so two approvers
-        racing cannot both apply it; if ``apply`` fails the change goes back to pending and the
-        error propagates (nothing changed)."""
-        ch = self.get_change(change_id)
-        if ch.status != "pending":
-            raise ChangeNotApproved(f"change {change_id} is {ch.status}, not pending")
-        if ch.proposed_by == decider.key_id:
-            raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
-        if approve:
-            for newer in self.changes("approved", kind=ch.kind, target=ch.target):
-                same = sorted(newer.settings.keys() & ch.settings.keys())
-                if newer.change_id > change_id and same:
-                    raise ChangeNotApproved(
-                        f"change {change_id} is stale: the newer change {newer.change_id} already "
-                        f"set {', '.join(same)} of {ch.kind} {ch.target!r}; reject this one, or "
-                        "propose the value again"
-                    )
+        or propose again).
+
+        The change is claimed first (status ``applying``), in one transaction that locks every
+        change of the same target, so two approvers racing cannot both apply it, and while one
+        change is being applied no other change to the same settings of the same target can be
+        approved (409, try again): otherwise an older change checked before a newer one was
+        approved could be applied after it and undo it. If ``apply`` fails the change goes back
+        to pending and the error propagates (nothing changed). A claim left behind by a process
+        that died while applying lapses after ``APPLY_TIMEOUT_MS``; the change can then be
+        decided again (applying it twice sets the same values)."""
+        ch = self.get_change(change_id)  # unknown change -> 404 before anything else
+        now = self.clock.now_ms()
         with self._tx(write=True) as c:
-            n = c.execute(
-                update(ChangeRow).where(ChangeRow.id == change_id, ChangeRow.status == "pending")
-                .values(status="applying")
-            ).rowcount  # fmt: skip
-        if n == 0:
-            raise ChangeNotApproved(f"change {change_id} is being decided by someone else")
+            # on PostgreSQL the row locks serialize deciders of one target (in id order, so no
+            # deadlock); SQLite's write transaction is exclusive already
+            rows = [_change(r) for r in c.execute(
+                select(ChangeRow).where(ChangeRow.kind == ch.kind, ChangeRow.target == ch.target)
+                .order_by(ChangeRow.id).with_for_update()
+            )]  # fmt: skip
+            ch = next(r for r in rows if r.change_id == change_id)
+            if not (ch.status == "pending" or _lapsed(ch, now)):
+                what = "being decided by someone else" if ch.status == "applying" else ch.status
+                raise ChangeNotApproved(f"change {change_id} is {what}, not pending")
+            if ch.proposed_by == decider.key_id:
+                raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
+            for other in rows if approve else ():
+                same = ", ".join(sorted(other.settings.keys() & ch.settings.keys()))
+                if other.change_id == change_id or not same:
+                    continue
+                if other.status == "applying" and not _lapsed(other, now):
+                    raise ChangeNotApproved(
+                        f"change {other.change_id}, which also sets {same} of {ch.kind} "
+                        f"{ch.target!r}, is being applied; try again in a moment"
+                    )
+                if other.status == "approved" and other.change_id > change_id:
+                    raise ChangeNotApproved(
+                        f"change {change_id} is stale: the newer change {other.change_id} already "
+                        f"set {same} of {ch.kind} {ch.target!r}; reject this one, or propose the "
+                        "value again"
+                    )
+            c.execute(  # decided_at holds the claim's time until the decision is recorded
+                update(ChangeRow).where(ChangeRow.id == change_id)
+                .values(status="applying", decided_at=now)
+            )  # fmt: skip
         try:
             if approve and apply is not None:
                 apply(ch)
         except BaseException:
             with self._tx(write=True) as c:
-                c.execute(update(ChangeRow).where(ChangeRow.id == change_id).values(status="pending"))
+                c.execute(update(ChangeRow).where(ChangeRow.id == change_id)
+                          .values(status="pending", decided_at=None))  # fmt: skip
             raise
         status = "approved" if approve else "rejected"
         with self._tx(write=True) as c:
@@ -313,6 +339,11 @@ class Governance:
             return [AuditEntry(r.id, r.at, r.actor, r.action, r.target, r.detail) for r in c.execute(q)]
 
 
+def _lapsed(ch: Change, now_ms: int) -> bool:
+    """A claim (``applying``) older than ``APPLY_TIMEOUT_MS``: its decider died while applying."""
+    return ch.status == "applying" and (ch.decided_at or 0) < now_ms - APPLY_TIMEOUT_MS
+
+
 def _change(r: Any) -> Change:
     return Change(int(r.id), r.kind, r.target, dict(r.settings), bool(r.activate), r.status,
                   int(r.proposed_by), None if r.decided_by is None else int(r.decided_by),
@@ -320,6 +351,6 @@ def _change(r: Any) -> Change:
 
 
 __all__ = [
-    "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES", "AuditEntry", "Change", "Governance",
-    "KeyRecord", "Principal", "UnknownChange", "UnknownKey", "check_role", "hash_key",
+    "APPLY_TIMEOUT_MS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES",
+    "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange", "UnknownKey", "check_role", "hash_key",
 ]  # fmt: skip

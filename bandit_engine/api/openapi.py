@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from ..governance import CHANGE_STATUSES
 
 ID = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$"}
 NUM = {"type": "number"}
@@ -160,7 +161,7 @@ def openapi_document() -> dict[str, Any]:
                 _body({**SETTINGS, "required": ["member_cap"]}))},  # fmt: skip
         "/v1/changes": {"get": _op("List change requests", READERS, {"200": _ok("changes")}, params=[
             {"name": "status", "in": "query", "required": False,
-             "schema": {"enum": ["pending", "approved", "rejected"]}}])},  # fmt: skip
+             "schema": {"enum": list(CHANGE_STATUSES)}}])},  # fmt: skip
         "/v1/changes/{change_id}/approve": {
             "parameters": [_path("change_id", CHANGE_ID)],
             "post": _op("Approve a change (never by its proposer)", ["approver"], {

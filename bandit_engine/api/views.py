@@ -12,7 +12,7 @@ from ..catalog import ChannelConfig, MemberCap, Offer, check_id
 from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument, UnknownChannel
-from ..governance import CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
+from ..governance import CHANGE_STATUSES, CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
 from . import validate as v
 from .auth import READERS, principal, requires
 
@@ -324,8 +324,8 @@ def put_settings() -> Any:
 @requires(*READERS)
 def list_changes() -> Any:
     status = request.args.get("status")
-    if status is not None and status not in ("pending", "approved", "rejected"):
-        raise InvalidArgument(f"status must be pending, approved or rejected, got {status!r}"[:200])
+    if status is not None and status not in CHANGE_STATUSES:
+        raise InvalidArgument(f"status must be one of {list(CHANGE_STATUSES)}, got {status!r}"[:200])
     return {"changes": [c.to_dict() for c in gov().changes(status)]}
 
 
