@@ -352,5 +352,6 @@ def _change(r: Any) -> Change:
 
 __all__ = [
     "APPLY_TIMEOUT_MS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES",
-    "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange", "UnknownKey", "check_role", "hash_key",
+    "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange", "UnknownKey",
+    "check_role", "hash_key",
 ]  # fmt: skip

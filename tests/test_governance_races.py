@@ -23,7 +23,10 @@ from bandit_engine.ledger.sql import make_engine
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def gov(request: pytest.FixtureRequest, tmp_path, clock: ManualClock) -> Iterator[Governance]:
-    url = f"sqlite:///{tmp_path / 'gov.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'gov.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
     engine = make_engine(url)
     upgrade_schema(engine)
     try:
@@ -68,7 +71,9 @@ def test_an_older_change_cannot_be_approved_while_a_newer_one_is_being_applied(g
         target.apply(ch)
 
     gov.decide(newer, a, approve=True, apply=apply_newer)
-    assert refused == [f"change {newer}, which also sets budget of offer 'o', is being applied; try again in a moment"]
+    assert refused == [
+        f"change {newer}, which also sets budget of offer 'o', is being applied; try again in a moment"
+    ]
     assert gov.get_change(older).status == "pending" and target.applied == [newer]
     with pytest.raises(ChangeNotApproved, match=f"the newer change {newer} already set budget"):
         gov.decide(older, b, approve=True, apply=target.apply)  # and once it is approved: stale
@@ -140,7 +145,9 @@ def test_a_claim_abandoned_mid_apply_lapses(gov: Governance, clock: ManualClock)
     assert gov.decide(dead, a, approve=False).status == "rejected"
 
 
-def race(gov: Governance, admin: Principal, a: Principal, b: Principal, target_id: str) -> tuple[Target, int, int]:
+def race(
+    gov: Governance, admin: Principal, a: Principal, b: Principal, target_id: str
+) -> tuple[Target, int, int]:
     """Two approvers at once: ``a`` approves the older change, ``b`` the newer (retried while
     the older is being applied). Returns what was applied, and the two changes' ids."""
     target = Target()
