@@ -337,7 +337,7 @@ def test_servers_starting_together_on_an_empty_database_all_come_up(backend, req
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "
         "e = Engine.open(sys.argv[1], seed=1); print(','.join(sorted(e.channels()))); e.ledger.close()"
     )
-    at = str(time.time() + 1.5)  # all four start their open at the same moment
+    at = str(time.time() + 1.5)  # all six start their open at the same moment
     procs = [subprocess.Popen([sys.executable, "-c", script, url, at], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(6)]  # fmt: skip
     outs = [p.communicate(timeout=120) for p in procs]
