@@ -1,7 +1,7 @@
 """Two approvers at once: a change being applied holds back every other change to the same
 settings of the same target, so an older change can never land after a newer one and undo it.
-On SQLite and on the real PostgreSQL (row locks), with interleavings forced through the apply
-step and with real threads."""
+On every backend's governance store (in-memory SQLite, SQLite, the real PostgreSQL with its row
+locks), with interleavings forced through the apply step and with real threads."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from bandit_engine.ledger.migrate import upgrade_schema
 from bandit_engine.ledger.sql import make_engine
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def gov(request: pytest.FixtureRequest, tmp_path, clock: ManualClock) -> Iterator[Governance]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'gov.db'}"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    engine = make_engine(url)
+@pytest.fixture
+def gov(ledger_url: str, clock: ManualClock) -> Iterator[Governance]:
+    """Governance where the API keeps it for each ledger backend: the ledger's own database,
+    or a private in-memory SQLite one beside the in-memory ledger."""
+    if ledger_url == "memory://":
+        yield Governance.in_memory(clock=clock)
+        return
+    engine = make_engine(ledger_url)
     upgrade_schema(engine)
     try:
         yield Governance(engine, clock=clock)
