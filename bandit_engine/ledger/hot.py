@@ -146,12 +146,15 @@ _DECISION_FOR_REWARD = (  # the decision, and whether this reward id was already
 )
 # PostgreSQL settles a reward in one statement, guarded by the decision's reward count and
 # status as read (compare-and-swap): if another writer settled it in between, nothing is
-# written and the reward is re-read and re-decided.
+# written and the reward is re-read and re-decided. The status guard is written so that no index
+# can serve it: the row is found by its primary key only. A plain ``status = 'open'`` let a
+# plan made on a near-empty table scan the (status, deadline) index, i.e. every open decision,
+# for each reward, until the table is next analyzed (tests/test_pg_plans.py).
 _SETTLE_REWARD_CAS = (
     "WITH dc AS (UPDATE decisions SET status = :status, reward = :reward, "
     "reward_count = :reward_count, spent_cents = :spent, reserved_cents = :reserved, "
-    "active = :active WHERE seq = :seq AND reward_count = :old_count AND status = 'open' "
-    "RETURNING seq), "
+    "active = :active WHERE seq = :seq AND reward_count = :old_count "
+    "AND (status = 'open') IS TRUE RETURNING seq), "
     "rw AS (INSERT INTO rewards (event_id, reward_id, value, cost_cents, at) "
     "SELECT CAST(:eid AS VARCHAR), CAST(:rid AS VARCHAR), CAST(:value AS DOUBLE PRECISION), "
     "CAST(:cost AS BIGINT), CAST(:at AS BIGINT) FROM dc), "
@@ -193,6 +196,15 @@ _FEEDBACK_FIELDS = (
     ("i", "INTEGER"), ("event_id", "VARCHAR"), ("channel", "VARCHAR"), ("reward", "DOUBLE PRECISION"),
     ("learn", "BOOLEAN"), ("kind", "VARCHAR"),
 )  # fmt: skip
+
+
+# The statements that look decisions up by a batch of keys (a sync chunk's event ids, an expiry
+# batch's rows): PostgreSQL plans them for each execution instead of keeping a prepared plan. A
+# plan kept from a connection's first seconds was made on near-empty tables, where reading the
+# whole table is the cheapest way to find a few rows, and it stays until the table is next
+# analyzed (tests/test_pg_plans.py); planning costs tens of microseconds, once per batch. Every
+# other statement stays prepared: its plan is the same index at any table size.
+_PLANNED_EACH_TIME = frozenset({"decisions_in", "settle_many"})
 
 
 def _batch_sql(pg: bool) -> dict[str, str]:
@@ -320,6 +332,7 @@ class HotPath:
                 "insert_feedback": _INSERT_FEEDBACK, **_batch_sql(self._pg),
             }.items()
         }  # fmt: skip
+        self._unprepared = _PLANNED_EACH_TIME if self._pg else frozenset()
         database = engine.url.database
         self._lock_path = (
             f"{database}-writers.lock"
@@ -472,6 +485,8 @@ class HotPath:
         raise AssertionError("unreachable")
 
     def _q(self, conn: Any, name: str, params: Mapping[str, Any]) -> Any:
+        if name in self._unprepared:
+            return conn.execute(self._sql[name], params, prepare=False)
         return conn.execute(self._sql[name], params)
 
     def _begin(self, conn: Any, write: bool) -> None:

@@ -1,0 +1,174 @@
+"""The request path's PostgreSQL plans stay index lookups when the ledger grows under them.
+
+psycopg prepares a statement on its sixth execution, and PostgreSQL then settles on a generic
+plan, which it keeps until something invalidates it: DDL, or statistics from (auto)vacuum or
+ANALYZE. A serving connection makes its plans in its first seconds, while the tables are nearly
+empty, where a scan of the wrong index or of the whole table costs the same as the right
+lookup. Until the table is analyzed (never, where autovacuum is off, as on this project's CI
+database), such a plan stays: a reward that scanned every open decision cost 4-6 ms of database
+CPU per reward after 6 000 open decisions, and the sync read the whole decisions table for every
+64 events.
+
+This test makes every statement's plan on near-empty tables (the tables' autovacuum switched off,
+so nothing re-plans them), grows the tables a hundredfold without ANALYZE, and reads the plans
+the same connection then runs (auto_explain, sent to the client as notices): every read of a
+table that grows with traffic must go through the intended index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import psycopg
+
+from bandit_engine import ChannelConfig, Engine, MemberCap, Offer
+from bandit_engine.engine import EngineConfig
+from bandit_engine.ledger.sql import SqlLedger
+from tests.conftest import _psycopg_url
+
+GROWING = ("decisions", "feedback", "rewards", "members")
+# statement -> {growing table: the index it must be read through}; statements that only insert
+# into growing tables (or only touch offers, which hold the catalog) read none of them
+EXPECTED: dict[str, dict[str, str]] = {
+    "decision": {"decisions": "decisions_event_id_key"},
+    "decision_lock": {"decisions": "decisions_event_id_key"},
+    "decisions_in": {"decisions": "decisions_event_id_key"},
+    "decision_for_reward": {"decisions": "decisions_event_id_key", "rewards": "ux_rewards_event_reward"},
+    "settle_reward_cas": {"decisions": "decisions_pkey"},
+    "settle_decision": {"decisions": "decisions_pkey"},
+    "settle_many": {"decisions": "decisions_pkey"},
+    "read_state": {"decisions": "ix_decisions_member_issued"},
+    "history": {"decisions": "ix_decisions_member_issued"},
+    "count_exposures": {"decisions": "ix_decisions_member_issued"},
+    "count_offer_exposures": {"decisions": "ix_decisions_member_issued"},
+    "touch_member": {"members": "members_pkey"},
+    "due": {"decisions": "ix_decisions_status_deadline"},
+    "feedback_after": {"feedback": "feedback_pkey"},
+}
+ROUNDS = 15  # > 11: psycopg prepares on the 6th execution, PostgreSQL goes generic after 5 more
+
+
+def _normalized(sql: str) -> str:
+    return re.sub(r"%\(\w+\)s|\$\d+", "?", " ".join(sql.split()))
+
+
+def _reads(node: dict[str, Any], out: dict[str, set[str]]) -> dict[str, set[str]]:
+    """{table: the indexes (or "Seq Scan") a plan reads it through}."""
+    rel = node.get("Relation Name")
+    if rel is not None and node["Node Type"] != "ModifyTable":
+        if node["Node Type"] == "Bitmap Heap Scan":
+            out.setdefault(rel, set()).update(_bitmap_indexes(node))
+        else:
+            out.setdefault(rel, set()).add(node.get("Index Name") or node["Node Type"])
+    for child in node.get("Plans", []):
+        if node["Node Type"] != "Bitmap Heap Scan":
+            _reads(child, out)
+    return out
+
+
+def _bitmap_indexes(node: dict[str, Any]) -> set[str]:
+    found = {node["Index Name"]} if "Index Name" in node else set()
+    for child in node.get("Plans", []):
+        found |= _bitmap_indexes(child)
+    return found
+
+
+def _traffic(eng: Engine, round_: int) -> None:
+    """One round of everything the request path and a worker's background thread send."""
+    n = f"{round_}"
+    d = eng.choose(f"m{n}", "email", {"x": round_})  # read_state, member caps, reserve_and_insert
+    eng.reward(d.event_id, 1.0)  # decision_for_reward, settle_reward_cas
+    p = eng.choose(f"p{n}", "push", {"x": round_}, event_id=f"prov-{n}", active=False)  # reserve_insert_provisional
+    eng.activate(p.event_id)  # decision_lock (and settle_decision once it changes the row)
+    eng.choose(f"q{n}", "sms", {"x": round_})  # no offers: insert_decision
+    eng.ledger.member_history(f"m{n}", 0)  # history
+    assert eng.get_decision(d.event_id).status == "closed"  # decision
+    eng.clock.advance(days=8)  # past every reward window: due, settle_many, insert_feedbacks
+    eng.expire()
+    eng.sync()  # feedback_after, decisions_in
+
+
+def _grow(url: str, n: int) -> None:
+    """``n`` open decisions (as wide as served ones), feedback events, rewards and members,
+    without ANALYZE."""
+    payload = json.dumps({
+        "eligible": [f"e{i}" for i in range(8)], "pmf": [0.125] * 8,
+        "context": {f"feature_{j}": 0.123456 for j in range(30)}, "offer_context": {}, "reason": None,
+    })  # fmt: skip
+    with psycopg.connect(_psycopg_url(url.split("?")[0]), autocommit=True) as conn:
+        conn.execute(f'SET search_path = "{_schema(url)}"')
+        conn.execute(
+            "INSERT INTO decisions (event_id, member_id, channel, grp, offer_id, probability, "
+            "policy_name, policy_version, issued_at, deadline, payload, reserved_cents, spent_cents, "
+            "active, learnable, status, reward, reward_count) "
+            "SELECT 'bulk-' || i, 'bulk-member-' || i, 'email', 'treatment', NULL, 1.0, 'thompson', 0, "
+            "0, 9000000000000000, %s, 0, 0, true, false, 'open', NULL, 0 FROM generate_series(1, %s) i",
+            (payload, n),
+        )
+        conn.execute(
+            "INSERT INTO feedback (event_id, channel, reward, learn, kind) "
+            "SELECT 'bulk-' || i, 'email', 0.0, false, 'reward' FROM generate_series(1, %s) i", (n,)
+        )
+        conn.execute(
+            "INSERT INTO rewards (event_id, reward_id, value, cost_cents, at) "
+            "SELECT 'bulk-' || i, 'bulk-' || i, 0.0, 0, 0 FROM generate_series(1, %s) i", (n,)
+        )
+        conn.execute(
+            "INSERT INTO members (member_id, touches) "
+            "SELECT 'bulk-member-' || i, 1 FROM generate_series(1, %s) i", (n,)
+        )
+
+
+def _schema(url: str) -> str:
+    return re.search(r"search_path%3D(\w+)", url).group(1)  # type: ignore[union-attr]
+
+
+def test_plans_made_on_small_tables_stay_index_lookups_as_the_tables_grow(postgres_url, clock) -> None:
+    url = postgres_url + "%20".join(
+        ["", "-csession_preload_libraries%3Dauto_explain", "-cauto_explain.log_min_duration%3D0",
+         "-cauto_explain.log_level%3Dnotice", "-cauto_explain.log_format%3Djson"]
+    )  # fmt: skip
+    eng = Engine(SqlLedger(url), clock=clock, config=EngineConfig(learn_in_process=False))
+    try:
+        eng.set_channels([
+            ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0), ChannelConfig("sms"),
+        ])  # fmt: skip
+        eng.set_member_cap(MemberCap(max=1000, window_days=30))  # count_exposures
+        for i in range(3):
+            eng.add_offer(Offer(f"e{i}", ["email"], cost=1.0, budget=10_000,
+                                member_cap={"max": 1000, "window_days": 30}))  # fmt: skip
+            eng.add_offer(Offer(f"p{i}", ["push"], cost=1.0, budget=10_000))
+        with psycopg.connect(_psycopg_url(postgres_url.split("?")[0]), autocommit=True) as conn:
+            for table in GROWING:  # nothing re-plans them behind the test's back
+                conn.execute(f'ALTER TABLE "{_schema(postgres_url)}".{table} SET (autovacuum_enabled = false)')
+
+        for r in range(ROUNDS):  # the plans are made here, on tables of a few dozen rows
+            _traffic(eng, r)
+        _grow(postgres_url, 20_000)
+
+        hot = eng.ledger._hot  # type: ignore[attr-defined]
+        names = {_normalized(sql): name for name, sql in hot._sql.items()}
+        plans: dict[str, dict[str, set[str]]] = {}
+
+        def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+            msg = diag.message_primary or ""
+            if "plan:" in msg:
+                explained = json.loads(msg[msg.index("plan:") + len("plan:") :])
+                name = names.get(_normalized(explained["Query Text"]))
+                if name is not None:
+                    reads = _reads(explained["Plan"], {})
+                    plans[name] = {t: i for t, i in reads.items() if t in GROWING}
+
+        hot._owned().connection.add_notice_handler(on_notice)
+        _traffic(eng, ROUNDS)
+    finally:
+        eng.ledger.close()
+
+    assert set(EXPECTED) <= set(plans), f"statements not exercised: {set(EXPECTED) - set(plans)}"
+    wrong = {
+        name: reads for name, reads in plans.items()
+        if reads != {t: {i} for t, i in EXPECTED.get(name, {}).items()}
+    }  # fmt: skip
+    assert not wrong, f"plans that read a growing table other than through the intended index: {wrong}"
