@@ -202,8 +202,8 @@ _FEEDBACK_FIELDS = (
 # batch's rows): PostgreSQL plans them for each execution instead of keeping a prepared plan. A
 # plan kept from a connection's first seconds was made on near-empty tables, where reading the
 # whole table is the cheapest way to find a few rows, and it stays until the table is next
-# analyzed (tests/test_pg_plans.py); planning costs tens of microseconds, once per batch. Every
-# other statement stays prepared: its plan is the same index at any table size.
+# analyzed (tests/test_pg_plans.py). Planning is paid once per batch. Every other statement
+# stays prepared: its plan is the same index at any table size.
 _PLANNED_EACH_TIME = frozenset({"decisions_in", "settle_many"})
 
 
