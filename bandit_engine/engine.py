@@ -787,8 +787,8 @@ class Engine:
         labelled decisions of open windows are mostly redemptions, and would bias whatever
         learns or evaluates from the file). Returns how many. An unknown channel is an error."""
         cat = self._refresh_catalog(force=True)
-        if channel is not None and channel not in cat.channels:
-            raise UnknownChannel(f"unknown channel {channel!r}; known: {sorted(cat.channels)}")
+        if channel is not None:
+            self.channel(channel)  # UnknownChannel
         now = self.clock.now_ms()
         n = 0
         for d in self.ledger.decisions(channel=channel):
