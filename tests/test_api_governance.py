@@ -207,6 +207,20 @@ def test_choose_reward_flow_and_idempotency(api: Api) -> None:
     assert api.call("GET", f"/v1/offers/{d['offer_id']}", "analyst").json["spent"] == unit
 
 
+def test_a_resent_event_id_is_counted_once_in_the_metrics(api: Api) -> None:
+    def counted() -> float:
+        text = api.call("GET", "/metrics").get_data(as_text=True)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("bandit_engine_decisions_total"))  # fmt: skip
+
+    before = counted()
+    first = choose(api, "m-resend", event_id="evt-resend")
+    assert counted() == before + 1
+    for _ in range(2):
+        assert choose(api, "m-resend", event_id="evt-resend") == first
+    assert counted() == before + 1
+
+
 def test_policy_version_moves_after_reward(api: Api) -> None:
     v0 = choose(api, "m-v0")["policy"]["version"]
     for i in range(3):

@@ -53,7 +53,9 @@ def test_same_event_id_returns_the_original_decision(engine: Engine) -> None:
         engine.add_offer(o)
     d1 = engine.choose("m-1", "email", {"tier": "gold"}, event_id="ev-1")
     d2 = engine.choose("m-1", "email", {"tier": "silver"}, event_id="ev-1")
-    assert d1.to_dict() == d2.to_dict()
+    assert d1.to_dict() == d2.to_dict() and d1 == d2
+    assert (d1.resent, d2.resent) == (False, True)  # what tells the metrics not to count it again
+    assert "resent" not in d2.record() and engine.get_decision("ev-1").resent is False
     assert engine.ledger.count_decisions() == 1
     with pytest.raises(Conflict):
         engine.choose("m-2", "email", {}, event_id="ev-1")

@@ -53,7 +53,8 @@ def choose() -> Any:
     eng.channel(channel)  # 404 before anything else
     current_app.extensions["bandit_engine.syncer"].maybe_sync()
     d = eng.choose(member_id, channel, context, event_id=event_id, active=active, consent=consent)
-    metrics().observe_decision(d)
+    if not d.resent:  # a re-sent event id is the same decision: counted once
+        metrics().observe_decision(d)
     out: dict[str, Any] = {
         "event_id": d.event_id, "offer_id": d.offer_id, "probability": d.probability,
         "group": d.group, "policy": {"name": d.policy_name, "version": d.policy_version},

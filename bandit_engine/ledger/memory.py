@@ -107,7 +107,7 @@ class MemoryLedger:
         with self._lock:
             existing = self._decisions.get(decision.event_id)
             if existing is not None:
-                return existing, None
+                return existing.with_(resent=True), None
             if offer is not None:
                 self._check_member_caps(decision, member_caps)
                 st = self._state[offer.offer_id]

@@ -63,10 +63,13 @@ class Decision:
     # provisional_reward``), None if it was not learned provisionally; its settlement is then
     # logged as a correction of this value
     provisional: float | None = None
+    # True when a choose re-sent a logged event id and got this stored decision back (not
+    # stored: a property of the answer, so a re-send is not counted as a second decision)
+    resent: bool = field(default=False, compare=False)
 
     def with_(self, **changes: Any) -> Decision:
         """A copy with ``changes`` (like :func:`dataclasses.replace`, which costs ~18 µs on this
-        23-field record, twice per choose + reward; this costs ~4 µs).
+        24-field record, twice per choose + reward; this costs ~4 µs).
 
         >>> from dataclasses import replace
         >>> d = Decision("e", "m", "email", "treatment", None, None, "uniform", 0, 0, 1)
@@ -106,7 +109,7 @@ class Decision:
         >>> Decision.from_record(d.record()) == d
         True
         """
-        out = {name: getattr(self, name) for name in _DECISION_FIELDS}
+        out = {name: getattr(self, name) for name in _RECORD_FIELDS}
         out.update(
             eligible=list(self.eligible), pmf=list(self.pmf), context=dict(self.context),
             offer_context={k: dict(v) for k, v in self.offer_context.items()},
@@ -120,6 +123,7 @@ class Decision:
 
 _DECISION_FIELDS = tuple(f.name for f in fields(Decision))
 _DECISION_FIELD_SET = frozenset(_DECISION_FIELDS)
+_RECORD_FIELDS = tuple(n for n in _DECISION_FIELDS if n != "resent")
 
 
 def _make_copier() -> Any:

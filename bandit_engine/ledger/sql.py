@@ -323,7 +323,8 @@ class SqlLedger:
             existing = self.get_decision(decision.event_id)
             if existing is None:
                 raise StorageError(f"decision {decision.event_id!r} violates a constraint") from None
-            return existing, None  # a concurrent request logged this event id first
+            # a re-send, or a concurrent request that logged this event id first
+            return existing.with_(resent=True), None
         return decision.with_(seq=seq), fb
 
     def record_reward(
