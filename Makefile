@@ -40,7 +40,7 @@ mlflow-ui: $(STAMP)
 	  --host $(HOST) --port 5000
 
 lint: $(STAMP)
-	$(BIN)/ruff check bandit_engine tests benchmarks simulations
+	$(BIN)/ruff check bandit_engine tests benchmarks simulations notebooks
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
