@@ -12,13 +12,16 @@ the expiry's batch lookups read the whole decisions table.
 This test makes every statement's plan on near-empty tables (the tables' autovacuum switched off,
 so nothing re-plans them), grows them to 20 000 rows without ANALYZE, and reads the plans
 the same connection then runs (auto_explain, sent to the client as notices): every read of a
-table that grows with traffic must go through the intended index.
+table that grows with traffic must go through the intended index. The catalog grows only by
+catalog writes: a second test grows it from 6 offers to 2 006 under the plans of a 6-offer
+catalog, and checks that a choose then reads the offers it needs by their key, not by a scan.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -125,6 +128,31 @@ def _grow(url: str, n: int) -> None:
         )
 
 
+def _explained(postgres_url: str) -> str:
+    """``postgres_url`` for connections that send the plan of every statement they run to the
+    client as a notice (auto_explain, loaded per session: the test user is a superuser)."""
+    return postgres_url + "%20".join(
+        ["", "-csession_preload_libraries%3Dauto_explain", "-cauto_explain.log_min_duration%3D0",
+         "-cauto_explain.log_level%3Dnotice", "-cauto_explain.log_format%3Djson"]
+    )  # fmt: skip
+
+
+def _watch_plans(hot: Any, on_plan: Callable[[str, dict[str, set[str]]], None]) -> None:
+    """Call ``on_plan(statement name, {table: indexes or "Seq Scan"})`` for every plan of the
+    hot path's statements that this thread's connection runs from now on."""
+    names = {_normalized(sql): name for name, sql in hot._sql.items()}
+
+    def on_notice(diag: psycopg.errors.Diagnostic) -> None:
+        msg = diag.message_primary or ""
+        if "plan:" in msg:
+            explained = json.loads(msg[msg.index("plan:") + len("plan:") :])
+            name = names.get(_normalized(explained["Query Text"]))
+            if name is not None:
+                on_plan(name, _reads(explained["Plan"], {}))
+
+    hot._owned().connection.add_notice_handler(on_notice)
+
+
 def _connect(url: str) -> psycopg.Connection[Any]:
     """A connection of the test's own to the schema of ``url`` (a ``postgres_url``)."""
     conn = psycopg.connect(_psycopg_url(url.split("?")[0]), autocommit=True)
@@ -136,11 +164,8 @@ def _connect(url: str) -> psycopg.Connection[Any]:
 def test_plans_made_on_small_tables_stay_index_lookups_as_the_tables_grow(
     postgres_url, clock
 ) -> None:
-    url = postgres_url + "%20".join(
-        ["", "-csession_preload_libraries%3Dauto_explain", "-cauto_explain.log_min_duration%3D0",
-         "-cauto_explain.log_level%3Dnotice", "-cauto_explain.log_format%3Djson"]
-    )  # fmt: skip
-    eng = Engine(SqlLedger(url), clock=clock, config=EngineConfig(learn_in_process=False))
+    eng = Engine(SqlLedger(_explained(postgres_url)), clock=clock,
+                 config=EngineConfig(learn_in_process=False))  # fmt: skip
     try:
         eng.set_channels([
             ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0),
@@ -159,20 +184,12 @@ def test_plans_made_on_small_tables_stay_index_lookups_as_the_tables_grow(
             _traffic(eng, r)
         _grow(postgres_url, 20_000)
 
-        hot = eng.ledger._hot  # type: ignore[attr-defined]
-        names = {_normalized(sql): name for name, sql in hot._sql.items()}
         plans: dict[str, dict[str, set[str]]] = {}
 
-        def on_notice(diag: psycopg.errors.Diagnostic) -> None:
-            msg = diag.message_primary or ""
-            if "plan:" in msg:
-                explained = json.loads(msg[msg.index("plan:") + len("plan:") :])
-                name = names.get(_normalized(explained["Query Text"]))
-                if name is not None:
-                    reads = _reads(explained["Plan"], {})
-                    plans[name] = {t: i for t, i in reads.items() if t in GROWING}
+        def on_plan(name: str, reads: dict[str, set[str]]) -> None:
+            plans[name] = {t: i for t, i in reads.items() if t in GROWING}
 
-        hot._owned().connection.add_notice_handler(on_notice)
+        _watch_plans(eng.ledger._hot, on_plan)  # type: ignore[attr-defined]
         _traffic(eng, ROUNDS)
     finally:
         eng.ledger.close()
@@ -183,3 +200,41 @@ def test_plans_made_on_small_tables_stay_index_lookups_as_the_tables_grow(
         if reads != {t: {i} for t, i in EXPECTED.get(name, {}).items()}
     }  # fmt: skip
     assert not wrong, f"plans reading a growing table other than through its index: {wrong}"
+
+
+def test_plans_on_the_offers_table_are_re_made_when_the_catalog_grows(postgres_url, clock) -> None:
+    """The catalog is tiny when a worker's connections make their plans, so reading offers by a
+    scan is right then; it grows only through catalog writes, which move the catalog version,
+    and a connection re-makes its plans after the version moved (``DEALLOCATE ALL``)."""
+    eng = Engine(SqlLedger(_explained(postgres_url)), clock=clock,
+                 config=EngineConfig(learn_in_process=False))  # fmt: skip
+    admin = SqlLedger(postgres_url)  # another process's catalog writes
+    try:
+        eng.set_channels([ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0),
+                          ChannelConfig("sms")])  # fmt: skip
+        for i in range(3):
+            eng.add_offer(Offer(f"e{i}", ["email"], cost=1.0, budget=10_000))
+            eng.add_offer(Offer(f"p{i}", ["push"], cost=1.0, budget=10_000))
+        with _connect(postgres_url) as conn:
+            conn.execute("ALTER TABLE offers SET (autovacuum_enabled = false)")
+        for r in range(ROUNDS):
+            _traffic(eng, r)
+        for i in range(2_000):
+            admin.put_offer(Offer(f"bulk-{i}", ["site"], cost=1.0, budget=10_000))
+
+        plans: dict[str, set[str]] = {}
+
+        def on_plan(name: str, reads: dict[str, set[str]]) -> None:
+            plans.setdefault(name, set()).update(reads.get("offers", ()))
+
+        eng.offers()  # the engine reads the catalog version: it moved
+        for r in range(ROUNDS, 2 * ROUNDS):  # the statements are prepared again
+            _traffic(eng, r)
+        _watch_plans(eng.ledger._hot, on_plan)  # type: ignore[attr-defined]
+        _traffic(eng, 2 * ROUNDS)
+    finally:
+        admin.close()
+        eng.ledger.close()
+    assert plans.get("read_state") == {"offers_pkey"}, plans
+    scans = {name: reads for name, reads in plans.items() if "Seq Scan" in reads}
+    assert not scans, f"statements scanning the grown catalog: {scans}"

@@ -333,6 +333,8 @@ class HotPath:
             }.items()
         }  # fmt: skip
         self._unprepared = _PLANNED_EACH_TIME if self._pg else frozenset()
+        # bumped by :meth:`replan`: a connection whose plans are older drops them (PostgreSQL)
+        self._plans_epoch = 0
         database = engine.url.database
         self._lock_path = (
             f"{database}-writers.lock"
@@ -378,6 +380,7 @@ class HotPath:
         conn = fairy.driver_connection
         cur = conn.cursor()  # type: ignore[union-attr]
         local.cur, local.fairy, local.pid = cur, fairy, os.getpid()
+        local.epoch = self._plans_epoch
         if self._shared:
             return cur  # the one in-memory connection stays checked out; the pool keeps it
         fairy.detach()
@@ -403,11 +406,26 @@ class HotPath:
         with suppress(Exception):  # a connection that is already gone
             fairy.close()
 
+    def replan(self) -> None:
+        """Make every connection drop its prepared statements before its next operation, so
+        PostgreSQL plans them again for the tables as they are now.
+
+        The statements that read ``offers`` (a choose's read of the counters above all) are
+        planned while the catalog is small, where a scan is the right plan; a plan is kept
+        until the table is analyzed, so where autovacuum is off a catalog grown to thousands of
+        offers would be scanned on every choose. The catalog grows only by catalog writes,
+        which move the catalog version: the ledger calls this when it sees the version move."""
+        if self._pg:
+            self._plans_epoch += 1
+
     @contextmanager
     def _connection(self) -> Iterator[Any]:
         """This thread's cursor (autocommit: transactions are explicit BEGINs)."""
         cur = self._owned()
         try:
+            if self._local.epoch != self._plans_epoch:
+                self._local.epoch = self._plans_epoch
+                cur.execute("DEALLOCATE ALL")  # psycopg forgets its prepared statements too
             yield cur
         except BaseException as exc:
             conn = cur.connection

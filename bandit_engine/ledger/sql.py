@@ -206,6 +206,7 @@ class SqlLedger:
         self._engine = make_engine(url, autocheckpoint=not background_checkpoints)
         self._dialect = self._engine.dialect.name
         self._hot = HotPath(self._engine)
+        self._catalog_seen: int | None = None  # the catalog version this ledger last read
         if upgrade:
             from .migrate import upgrade_schema
 
@@ -288,7 +289,12 @@ class SqlLedger:
     def catalog_version(self) -> int:
         with self._tx() as c:
             v = c.execute(select(CatalogVersionRow.version).where(CatalogVersionRow.id == 1)).scalar()
-        return int(v or 0)
+        version = int(v or 0)
+        if version != self._catalog_seen:  # the catalog may have grown: plan offers reads again
+            if self._catalog_seen is not None:
+                self._hot.replan()
+            self._catalog_seen = version
+        return version
 
     # state and the request path (raw DBAPI SQL, see .hot) ------------------------------------
     def offer_states(self, offer_ids: Iterable[str] | None = None) -> dict[str, OfferState]:
