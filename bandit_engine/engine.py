@@ -587,8 +587,9 @@ class Engine:
     ) -> Decision:
         """Pick an offer for a member on a channel and log the decision with its exact probability.
 
-        Re-sending an ``event_id`` returns the original decision (with ``resent=True``). When nothing is eligible the
-        decision has ``offer_id=None`` and a ``reason`` (never an error, never a breach).
+        Re-sending an ``event_id`` returns the original decision (with ``resent=True``). When
+        nothing is eligible the decision has ``offer_id=None`` and a ``reason`` (never an error,
+        never a breach).
         ``active=False`` creates a deferred decision (e.g. an email not opened yet): it is not
         learned from unless activated (or rewarded) before its window closes."""
         check_id("member_id", member_id)
