@@ -161,25 +161,33 @@ def _connect(url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+def _serving_engine(postgres_url: str, clock: Any, frozen: tuple[str, ...]) -> Engine:
+    """A worker's engine whose connection reports its plans (:func:`_explained`), on a 6-offer
+    catalog over three channels (one learning provisionally, one without offers) with member
+    caps; autovacuum is off on the ``frozen`` tables, so nothing re-plans them behind the
+    test's back."""
+    eng = Engine(SqlLedger(_explained(postgres_url)), clock=clock,
+                 config=EngineConfig(learn_in_process=False))  # fmt: skip
+    eng.set_channels([
+        ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0),
+        ChannelConfig("sms"),
+    ])  # fmt: skip
+    eng.set_member_cap(MemberCap(max=1000, window_days=30))  # count_exposures
+    for i in range(3):
+        eng.add_offer(Offer(f"e{i}", ["email"], cost=1.0, budget=10_000,
+                            member_cap={"max": 1000, "window_days": 30}))  # fmt: skip
+        eng.add_offer(Offer(f"p{i}", ["push"], cost=1.0, budget=10_000))
+    with _connect(postgres_url) as conn:
+        for table in frozen:
+            conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    return eng
+
+
 def test_plans_made_on_small_tables_stay_index_lookups_as_the_tables_grow(
     postgres_url, clock
 ) -> None:
-    eng = Engine(SqlLedger(_explained(postgres_url)), clock=clock,
-                 config=EngineConfig(learn_in_process=False))  # fmt: skip
+    eng = _serving_engine(postgres_url, clock, GROWING)
     try:
-        eng.set_channels([
-            ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0),
-            ChannelConfig("sms"),
-        ])  # fmt: skip
-        eng.set_member_cap(MemberCap(max=1000, window_days=30))  # count_exposures
-        for i in range(3):
-            eng.add_offer(Offer(f"e{i}", ["email"], cost=1.0, budget=10_000,
-                                member_cap={"max": 1000, "window_days": 30}))  # fmt: skip
-            eng.add_offer(Offer(f"p{i}", ["push"], cost=1.0, budget=10_000))
-        with _connect(postgres_url) as conn:
-            for table in GROWING:  # nothing re-plans them behind the test's back
-                conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
-
         for r in range(ROUNDS):  # the plans are made here, on tables of a few dozen rows
             _traffic(eng, r)
         _grow(postgres_url, 20_000)
@@ -206,17 +214,9 @@ def test_plans_on_the_offers_table_are_re_made_when_the_catalog_grows(postgres_u
     """The catalog is tiny when a worker's connections make their plans, so reading offers by a
     scan is right then; it grows only through catalog writes, which move the catalog version,
     and a connection re-makes its plans after the version moved (``DEALLOCATE ALL``)."""
-    eng = Engine(SqlLedger(_explained(postgres_url)), clock=clock,
-                 config=EngineConfig(learn_in_process=False))  # fmt: skip
+    eng = _serving_engine(postgres_url, clock, ("offers",))
     admin = SqlLedger(postgres_url)  # another process's catalog writes
     try:
-        eng.set_channels([ChannelConfig("email"), ChannelConfig("push", provisional_reward=0.0),
-                          ChannelConfig("sms")])  # fmt: skip
-        for i in range(3):
-            eng.add_offer(Offer(f"e{i}", ["email"], cost=1.0, budget=10_000))
-            eng.add_offer(Offer(f"p{i}", ["push"], cost=1.0, budget=10_000))
-        with _connect(postgres_url) as conn:
-            conn.execute("ALTER TABLE offers SET (autovacuum_enabled = false)")
         for r in range(ROUNDS):
             _traffic(eng, r)
         for i in range(2_000):
