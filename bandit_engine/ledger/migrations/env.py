@@ -2,29 +2,57 @@
 
 from __future__ import annotations
 
+import time
+
 from alembic import context
+from sqlalchemy import Connection
 
 from bandit_engine.ledger.models import Base
 
 config = context.config
 engine = config.attributes["engine"]
 
-# Servers starting together on one database upgrade it one at a time, each reading the revision
-# inside the transaction that runs the migrations: the next one reads it after the first
-# commits, and finds nothing to do. On PostgreSQL an advisory lock serializes them. On SQLite
-# Alembic would run each migration in a transaction of its own (it counts SQLite's DDL as
-# non-transactional), so a second server could read the revision between two of the first's
+# Servers starting together on one database upgrade it one at a time: each reads the revision
+# only once it holds the migration lock, so the next one finds nothing left to do.
+#
+# PostgreSQL: a session-level advisory lock, held from before the revision read to after the
+# last migration. It must outlive a commit: a migration that builds an index CONCURRENTLY (so
+# that writers are not blocked while it builds, 0005) commits the migrations before it. The
+# lock is polled with pg_try_advisory_lock, never waited for in a statement: a server blocked
+# inside pg_advisory_lock() holds a snapshot for as long as it waits, and CREATE INDEX
+# CONCURRENTLY waits for every older snapshot to go, i.e. for the server that waits for it.
+#
+# SQLite: Alembic would run each migration in a transaction of its own (it counts SQLite's DDL
+# as non-transactional), so a second server could read the revision between two of the first's
 # migrations and run the next one again ("duplicate column name", 2 starts in 28 with 6
 # processes); one BEGIN IMMEDIATE opened here holds the write lock from the revision read to the
 # last migration (Alembic runs inside a transaction it finds open).
+MIGRATION_LOCK = 7283104455
+LOCK_POLL_S = 0.05
+
+
+def _lock(connection: Connection) -> None:
+    while not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK})").scalar():
+        connection.rollback()  # no snapshot held while waiting
+        time.sleep(LOCK_POLL_S)
+    connection.commit()
+
+
 with engine.connect() as connection:
-    if engine.dialect.name == "sqlite":
+    pg = engine.dialect.name == "postgresql"
+    if pg:
+        _lock(connection)
+    elif engine.dialect.name == "sqlite":
         connection = connection.execution_options(ledger_write=True)
         connection.begin()
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
-    with context.begin_transaction():
-        if engine.dialect.name == "postgresql":
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(7283104455)")
-        context.run_migrations()
-    if connection.in_transaction():
-        connection.commit()
+    try:
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        if connection.in_transaction():
+            connection.commit()
+    finally:
+        if pg:
+            connection.rollback()  # a failed migration's transaction, if any, so the unlock runs
+            connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+            connection.commit()

@@ -1,6 +1,12 @@
 """An index on the feedback log's event id: pruning deletes a decision's feedback events with it
 (``Engine.prune``), and keeps a decision whose events some model has not checkpointed yet.
 
+On PostgreSQL the index is built CONCURRENTLY, outside the migration's transaction: ``feedback``
+is the log every choose (provisional learning) and every reward appends to, and a plain
+``CREATE INDEX`` would block those writes for as long as it builds on a large table. A build
+that failed leaves an invalid index behind, so the upgrade drops any index of that name first
+and can simply be run again.
+
 Revision ID: 0005
 Revises: 0004
 """
@@ -16,7 +22,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_feedback_event", "feedback", ["event_id"])
+    if op.get_context().dialect.name != "postgresql":
+        op.create_index("ix_feedback_event", "feedback", ["event_id"])
+        return
+    with op.get_context().autocommit_block():
+        op.drop_index("ix_feedback_event", table_name="feedback", if_exists=True,
+                      postgresql_concurrently=True)  # fmt: skip
+        op.create_index("ix_feedback_event", "feedback", ["event_id"], postgresql_concurrently=True)
 
 
 def downgrade() -> None:
