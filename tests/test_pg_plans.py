@@ -238,3 +238,39 @@ def test_plans_on_the_offers_table_are_re_made_when_the_catalog_grows(postgres_u
     assert plans.get("read_state") == {"offers_pkey"}, plans
     scans = {name: reads for name, reads in plans.items() if "Seq Scan" in reads}
     assert not scans, f"statements scanning the grown catalog: {scans}"
+
+
+def test_a_rolled_back_choose_keeps_the_connections_prepared_statements(postgres_url, clock) -> None:
+    """A choose under member caps runs in a transaction, which a re-sent event id or a cap
+    broken since the read (a lost race) rolls back. psycopg's own ROLLBACK would have dropped
+    every prepared statement of the connection (``DEALLOCATE ALL``), so after each such choose
+    the request path's statements were parsed and planned anew for five executions each."""
+    # history_limit=1: the engine sees one of the member's exposures, the ledger's cap check
+    # counts both, so the third choose loses its race with the cap deterministically
+    eng = Engine(SqlLedger(postgres_url), clock=clock,
+                 config=EngineConfig(learn_in_process=False, history_limit=1))  # fmt: skip
+    eng.set_channel(ChannelConfig("email"))
+    eng.set_member_cap(MemberCap(max=2, window_days=30))
+    eng.add_offer(Offer("e0", ["email"], cost=1.0, budget=10_000))
+    hot = eng.ledger._hot  # type: ignore[attr-defined]
+
+    def prepared() -> set[tuple[str, str]]:
+        with hot._connection() as cur:
+            return set(cur.execute("SELECT name, statement FROM pg_prepared_statements").fetchall())
+
+    try:
+        for r in range(ROUNDS):  # prepares the member-capped choose's statements
+            eng.choose(f"m{r}", "email", event_id=f"ev-{r}")
+        before = prepared()
+        texts = {_normalized(sql) for _, sql in before}
+        assert {name for name, sql in hot._sql.items() if _normalized(sql) in texts} >= {
+            "read_state", "member_row", "touch_member", "count_exposures", "reserve_and_insert",
+        }, before
+        assert eng.choose("m0", "email", event_id="ev-0").resent  # the insert fails: rolled back
+        assert prepared() == before
+        eng.choose("m1", "email")  # m1's second exposure
+        lost = eng.choose("m1", "email")  # sees one exposure, the cap check counts two
+        assert (lost.offer_id, lost.reason) == (None, "member_cap")
+        assert prepared() == before
+    finally:
+        eng.ledger.close()

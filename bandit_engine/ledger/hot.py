@@ -443,12 +443,19 @@ class HotPath:
         return bool(self._engine.dialect.is_disconnect(exc, conn, None))  # type: ignore[arg-type]
 
     def _rollback(self, conn: Any) -> None:
+        """End a failed transaction (a lost race on a cap, a re-sent event id).
+
+        On PostgreSQL the ROLLBACK goes through libpq directly: psycopg forgets every prepared
+        statement when it sees a ROLLBACK command pass (and deallocates them), so the connection
+        would parse and plan each request-path statement again for its next five executions.
+        PostgreSQL keeps prepared statements across a rollback (they belong to the session, not
+        to the transaction), and the request path runs no DDL that could invalidate them."""
         try:
             if self._pg:
                 from psycopg.pq import TransactionStatus
 
                 if conn.info.transaction_status != TransactionStatus.IDLE:
-                    conn.execute("ROLLBACK")
+                    conn.pgconn.exec_(b"ROLLBACK")
             elif conn.in_transaction:
                 conn.execute("ROLLBACK")
         except self._db_error:
