@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Index, Integer, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .ledger.models import Base
@@ -36,7 +36,7 @@ class ChangeRow(Base):
     kind: Mapped[str] = mapped_column(String(16))  # offer | channel
     target: Mapped[str] = mapped_column(String(128))
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
-    activate: Mapped[bool] = mapped_column(default=False)
+    activate: Mapped[bool] = mapped_column(default=False, server_default=false())
     status: Mapped[str] = mapped_column(String(16))  # pending | approved | rejected
     proposed_by: Mapped[int] = mapped_column(BigInteger)
     decided_by: Mapped[int | None] = mapped_column(BigInteger)

@@ -23,10 +23,10 @@ class OfferRow(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     budget_cents: Mapped[int | None] = mapped_column(BigInteger)
     max_impressions: Mapped[int | None] = mapped_column(BigInteger)
-    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0)
-    committed_cents: Mapped[int] = mapped_column(BigInteger, default=0)
-    impressions: Mapped[int] = mapped_column(BigInteger, default=0)
-    settled_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    committed_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    impressions: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    settled_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class ChannelRow(Base):
@@ -40,7 +40,7 @@ class CatalogVersionRow(Base):
     __tablename__ = "catalog_version"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class SettingRow(Base):
@@ -59,7 +59,7 @@ class MemberRow(Base):
     __tablename__ = "members"
 
     member_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    touches: Mapped[int] = mapped_column(BigInteger, default=0)
+    touches: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class DecisionRow(Base):
@@ -77,13 +77,13 @@ class DecisionRow(Base):
     issued_at: Mapped[int] = mapped_column(BigInteger)
     deadline: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    reserved_cents: Mapped[int] = mapped_column(BigInteger, default=0)
-    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     learnable: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(16))
     reward: Mapped[float | None] = mapped_column(Float)
-    reward_count: Mapped[int] = mapped_column(Integer, default=0)
+    reward_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_decisions_member_issued", "member_id", "issued_at"),

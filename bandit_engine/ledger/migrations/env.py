@@ -7,6 +7,7 @@ import time
 from alembic import context
 from sqlalchemy import Connection
 
+import bandit_engine.governance_models  # noqa: F401 - the governance tables share Base's metadata
 from bandit_engine.ledger.models import Base
 
 config = context.config
