@@ -52,6 +52,31 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
     click.echo(f"schema at revision {current_revision(engine)}")
 
 
+@db.command("downgrade")
+@click.option("--revision", required=True,
+              help="The revision to go back to (e.g. 0004, or -1 for one step; base drops every table).")
+@click.pass_context
+def db_downgrade(ctx: click.Context, revision: str) -> None:
+    """Undo migrations down to REVISION (stop the servers first: they expect the newer schema)."""
+    from .ledger.migrate import current_revision, downgrade_schema
+    from .ledger.sql import make_engine
+
+    engine = make_engine(database_url(ctx))
+    downgrade_schema(engine, revision)
+    click.echo(f"schema at revision {current_revision(engine) or 'base (empty)'}")
+
+
+@db.command("current")
+@click.pass_context
+def db_current(ctx: click.Context) -> None:
+    """Print the schema's revision, and the newest this version of bandit_engine knows."""
+    from .ledger.migrate import current_revision, head_revision
+    from .ledger.sql import make_engine
+
+    engine = make_engine(database_url(ctx))
+    click.echo(f"schema at revision {current_revision(engine) or 'base (empty)'}; head is {head_revision()}")
+
+
 @main.command()
 @click.pass_context
 def expire(ctx: click.Context) -> None:

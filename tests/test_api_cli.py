@@ -262,6 +262,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["--database-url", "mysql://u@h/db", "expire"], "unsupported database URL"),
     (["--database-url", "postgresql+psycopg://postgres@127.0.0.1:1/x", "db", "upgrade"], "database error"),
     (["db", "upgrade", "--revision", "9999"], "schema migration"),
+    (["db", "downgrade", "--revision", "9999"], "schema migration"),
     (["prune", "--older-than", "200", "--archive", "/nonexistent/dir/a.jsonl"], "No such file or directory"),
     (["prune", "--older-than", "1e308", "--no-archive"], "at most 36 500"),
 ])  # fmt: skip

@@ -10,15 +10,18 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from click.testing import CliRunner
 from sqlalchemy import Engine, inspect
 
 import bandit_engine.governance_models  # noqa: F401 - registers the governance tables on Base
+from bandit_engine.cli import main
 from bandit_engine.ledger.migrate import (
-    alembic_config,
+    MIGRATIONS,
     current_revision,
+    downgrade_schema,
     head_revision,
     upgrade_schema,
 )
@@ -61,13 +64,29 @@ def test_the_migrations_build_the_schema_the_models_describe(empty_db) -> None:
 def test_every_migration_can_be_undone_and_redone(empty_db) -> None:
     """Down one revision at a time to an empty database, then up again to the same schema."""
     upgrade_schema(empty_db)
-    cfg = alembic_config(empty_db)
     while current_revision(empty_db) is not None:
-        command.downgrade(cfg, "-1")
+        downgrade_schema(empty_db, "-1")
     assert set(inspect(empty_db).get_table_names()) <= {"alembic_version"}
     upgrade_schema(empty_db)
     assert current_revision(empty_db) == head_revision()
     assert _drift(empty_db) == []
+
+
+def test_the_cli_reports_upgrades_and_downgrades_the_schema(tmp_path) -> None:
+    def cli(*args: str) -> str:
+        r = CliRunner().invoke(main, ["--database-url", f"sqlite:///{tmp_path / 'c.db'}", "db", *args])
+        assert r.exit_code == 0, r.output
+        return r.output.strip()
+
+    head = head_revision()
+    before = ScriptDirectory(str(MIGRATIONS)).get_revision(head).down_revision
+    assert cli("current") == f"schema at revision base (empty); head is {head}"
+    assert cli("upgrade") == f"schema at revision {head}"
+    assert cli("downgrade", "--revision", "-1") == f"schema at revision {before}"
+    assert cli("current") == f"schema at revision {before}; head is {head}"
+    assert cli("downgrade", "--revision", "base") == "schema at revision base (empty)"
+    missing = CliRunner().invoke(main, ["db", "downgrade"])  # no default: an operator names it
+    assert missing.exit_code == 2 and "--revision" in missing.output
 
 
 def _index(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:

@@ -31,6 +31,11 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
 
+def downgrade_schema(engine: Engine, revision: str) -> None:
+    """Undo migrations down to ``revision`` (``"-1"``: one step; ``"base"``: an empty database)."""
+    command.downgrade(alembic_config(engine), revision)
+
+
 def current_revision(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
