@@ -32,4 +32,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index("ix_feedback_event", table_name="feedback")
+    if op.get_context().dialect.name != "postgresql":
+        op.drop_index("ix_feedback_event", table_name="feedback")
+        return
+    with op.get_context().autocommit_block():  # a plain DROP INDEX waits for, then blocks, writers
+        op.drop_index("ix_feedback_event", table_name="feedback", if_exists=True,
+                      postgresql_concurrently=True)  # fmt: skip
