@@ -54,7 +54,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 
 @db.command("downgrade")
 @click.option("--revision", required=True,
-              help="The revision to go back to (e.g. 0004, or -1 for one step; base drops every table).")
+              help="The revision to go back to: e.g. 0004, -1 for one step, base for none.")
 @click.pass_context
 def db_downgrade(ctx: click.Context, revision: str) -> None:
     """Undo migrations down to REVISION (stop the servers first: they expect the newer schema)."""
@@ -74,7 +74,8 @@ def db_current(ctx: click.Context) -> None:
     from .ledger.sql import make_engine
 
     engine = make_engine(database_url(ctx))
-    click.echo(f"schema at revision {current_revision(engine) or 'base (empty)'}; head is {head_revision()}")
+    now = current_revision(engine) or "base (empty)"
+    click.echo(f"schema at revision {now}; head is {head_revision()}")
 
 
 @main.command()

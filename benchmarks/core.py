@@ -159,8 +159,9 @@ def resend_loop(url: str, n: int, every: int = 10) -> tuple[float, float]:
     """Chooses per second under a member cap (each in a transaction, on PostgreSQL), and the
     same with every ``every``-th request re-sending an event id already logged, as a service
     retrying a timed-out request does (the two take turns, in blocks): the re-send's insert
-    fails and its transaction is rolled back. A rollback must not cost the connection its prepared statements (psycopg's own
-    ROLLBACK dropped them all: ~9 ms of re-planning each, measured in the seventeenth session)."""
+    fails and its transaction is rolled back. A rollback must not cost the connection its
+    prepared statements (psycopg's own ROLLBACK dropped them all: ~9 ms of re-planning each,
+    measured in the seventeenth session)."""
     eng = Engine.open(url, clock=ManualClock(), seed=1, learn_in_process=False)
     eng.set_member_cap(MemberCap(max=10_000, window_days=30))
     for o in offers():

@@ -29,7 +29,9 @@ from bandit_engine.ledger.models import Base
 from bandit_engine.ledger.sql import make_engine
 from tests.conftest import _psycopg_url
 
-_FEEDBACK_ROW = "INSERT INTO feedback (event_id, channel, reward, learn) VALUES (%s, 'email', 0, true)"
+_FEEDBACK_ROW = (
+    "INSERT INTO feedback (event_id, channel, reward, learn) VALUES (%s, 'email', 0, true)"
+)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -49,7 +51,8 @@ def _drift(engine: Engine) -> list[object]:
     """What autogenerate would change to make the database match the models: tables, columns,
     types, nullability, server defaults, indexes and unique constraints."""
     with engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        opts = {"compare_type": True, "compare_server_default": True}
+        ctx = MigrationContext.configure(conn, opts=opts)
         return list(compare_metadata(ctx, Base.metadata))
 
 
@@ -74,7 +77,8 @@ def test_every_migration_can_be_undone_and_redone(empty_db) -> None:
 
 def test_the_cli_reports_upgrades_and_downgrades_the_schema(tmp_path) -> None:
     def cli(*args: str) -> str:
-        r = CliRunner().invoke(main, ["--database-url", f"sqlite:///{tmp_path / 'c.db'}", "db", *args])
+        url = f"sqlite:///{tmp_path / 'c.db'}"
+        r = CliRunner().invoke(main, ["--database-url", url, "db", *args])
         assert r.exit_code == 0, r.output
         return r.output.strip()
 
@@ -92,7 +96,8 @@ def test_the_cli_reports_upgrades_and_downgrades_the_schema(tmp_path) -> None:
 def _index(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:
     """(valid, unique) of the index ``name`` in this connection's schema, or None."""
     row = conn.execute(
-        "SELECT i.indisvalid, i.indisunique FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "SELECT i.indisvalid, i.indisunique FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid "
         "WHERE c.relname = %s AND c.relnamespace = current_schema()::regnamespace",
         (name,),
     ).fetchone()
@@ -148,7 +153,8 @@ def test_upgrading_to_0005_does_not_block_writes_to_the_feedback_log(postgres_ur
         t, errors = _upgrade_in_background(postgres_url, app)
         _wait_until_blocked(postgres_url, app)
         writer.execute("SET lock_timeout = '3s'")
-        writer.execute(_FEEDBACK_ROW, ("during-upgrade",))  # lock timeout: psycopg.errors.LockNotAvailable
+        # on the old migration: psycopg.errors.LockNotAvailable (lock timeout)
+        writer.execute(_FEEDBACK_ROW, ("during-upgrade",))
         open_writer.commit()
         t.join(timeout=60)
         assert not t.is_alive() and not errors, errors
@@ -171,7 +177,9 @@ def test_an_upgrade_that_failed_midway_through_0005_can_be_run_again(postgres_ur
             for _ in range(2):
                 conn.execute(_FEEDBACK_ROW, ("twice",))
             with pytest.raises(psycopg.errors.UniqueViolation):  # a build that fails midway
-                conn.execute("CREATE UNIQUE INDEX CONCURRENTLY ix_feedback_event ON feedback (event_id)")
+                conn.execute(
+                    "CREATE UNIQUE INDEX CONCURRENTLY ix_feedback_event ON feedback (event_id)"
+                )
             assert _index(conn, "ix_feedback_event") == (False, True)
             upgrade_schema(engine)
             assert current_revision(engine) == head_revision()

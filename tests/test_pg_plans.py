@@ -240,7 +240,9 @@ def test_plans_on_the_offers_table_are_re_made_when_the_catalog_grows(postgres_u
     assert not scans, f"statements scanning the grown catalog: {scans}"
 
 
-def test_a_rolled_back_choose_keeps_the_connections_prepared_statements(postgres_url, clock) -> None:
+def test_a_rolled_back_choose_keeps_the_connections_prepared_statements(
+    postgres_url, clock
+) -> None:
     """A choose under member caps runs in a transaction, which a re-sent event id or a cap
     broken since the read (a lost race) rolls back. psycopg's own ROLLBACK would have dropped
     every prepared statement of the connection (``DEALLOCATE ALL``), so after each such choose

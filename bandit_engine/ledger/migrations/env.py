@@ -47,7 +47,9 @@ with engine.connect() as connection:
         connection = connection.execution_options(ledger_write=True)
         connection.begin()
     try:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+        context.configure(
+            connection=connection, target_metadata=Base.metadata, render_as_batch=True
+        )
         with context.begin_transaction():
             context.run_migrations()
         if connection.in_transaction():
