@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -39,17 +41,27 @@ def db() -> None:
     """Database schema."""
 
 
+def _schema_at(
+    ctx: click.Context, move: Callable[[Any, str], None] | None = None, revision: str = ""
+) -> str:
+    """The schema's revision, after ``move(engine, revision)`` (an upgrade or a downgrade)."""
+    from .ledger.migrate import current_revision
+    from .ledger.sql import make_engine
+
+    engine = make_engine(database_url(ctx))
+    if move is not None:
+        move(engine, revision)
+    return current_revision(engine) or "base (empty)"
+
+
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Create or upgrade the ledger schema (Alembic)."""
-    from .ledger.migrate import current_revision, upgrade_schema
-    from .ledger.sql import make_engine
+    from .ledger.migrate import upgrade_schema
 
-    engine = make_engine(database_url(ctx))
-    upgrade_schema(engine, revision)
-    click.echo(f"schema at revision {current_revision(engine)}")
+    click.echo(f"schema at revision {_schema_at(ctx, upgrade_schema, revision)}")
 
 
 @db.command("downgrade")
@@ -58,24 +70,18 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_downgrade(ctx: click.Context, revision: str) -> None:
     """Undo migrations down to REVISION (stop the servers first: they expect the newer schema)."""
-    from .ledger.migrate import current_revision, downgrade_schema
-    from .ledger.sql import make_engine
+    from .ledger.migrate import downgrade_schema
 
-    engine = make_engine(database_url(ctx))
-    downgrade_schema(engine, revision)
-    click.echo(f"schema at revision {current_revision(engine) or 'base (empty)'}")
+    click.echo(f"schema at revision {_schema_at(ctx, downgrade_schema, revision)}")
 
 
 @db.command("current")
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
     """Print the schema's revision, and the newest this version of bandit_engine knows."""
-    from .ledger.migrate import current_revision, head_revision
-    from .ledger.sql import make_engine
+    from .ledger.migrate import head_revision
 
-    engine = make_engine(database_url(ctx))
-    now = current_revision(engine) or "base (empty)"
-    click.echo(f"schema at revision {now}; head is {head_revision()}")
+    click.echo(f"schema at revision {_schema_at(ctx)}; head is {head_revision()}")
 
 
 @main.command()
