@@ -167,6 +167,26 @@ def test_upgrading_to_0005_does_not_block_writes_to_the_feedback_log(postgres_ur
         check.dispose()
 
 
+def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog) -> None:
+    """The migration lock is another session's for a while (a long upgrade elsewhere): this
+    upgrade waits, logs that it does every ten seconds, and runs once the lock is free."""
+    with psycopg.connect(_psycopg_url(postgres_url), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(7283104455)")
+        with caplog.at_level("WARNING", logger="bandit_engine.migrate"):
+            t, errors = _upgrade_in_background(postgres_url, f"be-mig-{uuid.uuid4().hex[:8]}")
+            t.join(timeout=10.5)
+            assert t.is_alive(), "the upgrade did not wait for the lock"
+            other.execute("SELECT pg_advisory_unlock(7283104455)")
+            t.join(timeout=60)
+    assert not t.is_alive() and not errors, errors
+    assert "waiting 10 s for another process's schema upgrade" in caplog.text
+    check = make_engine(postgres_url)
+    try:
+        assert current_revision(check) == head_revision()
+    finally:
+        check.dispose()
+
+
 def test_an_upgrade_that_failed_midway_through_0005_can_be_run_again(postgres_url) -> None:
     """A concurrent index build that fails leaves an invalid index behind (and the revision at
     0004). Running the upgrade again replaces it with a valid one."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from alembic import context
@@ -30,11 +31,17 @@ engine = config.attributes["engine"]
 # last migration (Alembic runs inside a transaction it finds open).
 MIGRATION_LOCK = 7283104455
 LOCK_POLL_S = 0.05
+LOCK_LOG_S = 10.0  # how often a process waiting for another's upgrade says so
+log = logging.getLogger("bandit_engine.migrate")
 
 
 def _lock(connection: Connection) -> None:
+    started = said = time.monotonic()
     while not connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({MIGRATION_LOCK})").scalar():
         connection.rollback()  # no snapshot held while waiting
+        if time.monotonic() - said >= LOCK_LOG_S:  # a long upgrade (an index on a large table)
+            said = time.monotonic()
+            log.warning("waiting %.0f s for another process's schema upgrade", said - started)
         time.sleep(LOCK_POLL_S)
     connection.commit()
 
