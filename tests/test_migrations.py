@@ -19,6 +19,7 @@ from sqlalchemy import Engine, inspect
 import bandit_engine.governance_models  # noqa: F401 - registers the governance tables on Base
 from bandit_engine.cli import main
 from bandit_engine.ledger.migrate import (
+    MIGRATION_LOCK,
     MIGRATIONS,
     current_revision,
     downgrade_schema,
@@ -171,12 +172,12 @@ def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog)
     """The migration lock is another session's for a while (a long upgrade elsewhere): this
     upgrade waits, logs that it does every ten seconds, and runs once the lock is free."""
     with psycopg.connect(_psycopg_url(postgres_url), autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(7283104455)")
+        other.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         with caplog.at_level("WARNING", logger="bandit_engine.migrate"):
             t, errors = _upgrade_in_background(postgres_url, f"be-mig-{uuid.uuid4().hex[:8]}")
             t.join(timeout=10.5)
             assert t.is_alive(), "the upgrade did not wait for the lock"
-            other.execute("SELECT pg_advisory_unlock(7283104455)")
+            other.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
             t.join(timeout=60)
     assert not t.is_alive() and not errors, errors
     assert "waiting 10 s for another process's schema upgrade" in caplog.text

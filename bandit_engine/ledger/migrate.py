@@ -9,6 +9,9 @@ from alembic.config import Config
 from sqlalchemy import Engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# the PostgreSQL advisory lock that serializes processes upgrading one database
+# (migrations/env.py)
+MIGRATION_LOCK = 7283104455
 
 
 def alembic_config(engine: Engine) -> Config:

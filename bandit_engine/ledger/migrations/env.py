@@ -9,6 +9,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 import bandit_engine.governance_models  # noqa: F401 - the governance tables share Base's metadata
+from bandit_engine.ledger.migrate import MIGRATION_LOCK
 from bandit_engine.ledger.models import Base
 
 config = context.config
@@ -29,7 +30,6 @@ engine = config.attributes["engine"]
 # migrations and run the next one again ("duplicate column name", 2 starts in 28 with 6
 # processes); one BEGIN IMMEDIATE opened here holds the write lock from the revision read to the
 # last migration (Alembic runs inside a transaction it finds open).
-MIGRATION_LOCK = 7283104455
 LOCK_POLL_S = 0.05
 LOCK_LOG_S = 10.0  # how often a process waiting for another's upgrade says so
 log = logging.getLogger("bandit_engine.migrate")
