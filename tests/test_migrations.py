@@ -27,7 +27,7 @@ from bandit_engine.ledger.migrate import (
     upgrade_schema,
 )
 from bandit_engine.ledger.models import Base
-from bandit_engine.ledger.sql import make_engine
+from bandit_engine.ledger.sql import SqlLedger, make_engine
 from tests.conftest import _psycopg_url
 
 _FEEDBACK_ROW = (
@@ -186,6 +186,23 @@ def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog)
         assert current_revision(check) == head_revision()
     finally:
         check.dispose()
+
+
+def test_a_server_starting_on_a_current_schema_does_not_wait_for_the_migration_lock(
+    postgres_url,
+) -> None:
+    """Another process holds the migration lock (a long upgrade of some other database of the
+    same server, or a stuck one): a ledger opened on a schema already at head starts at once."""
+    SqlLedger(postgres_url).close()  # upgraded to head
+    with psycopg.connect(_psycopg_url(postgres_url), autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        opened = threading.Thread(target=lambda: SqlLedger(postgres_url).close(), daemon=True)
+        opened.start()
+        opened.join(timeout=5.0)
+        started = not opened.is_alive()
+        other.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))  # let a waiter finish
+        opened.join(timeout=30)
+    assert started, "the ledger waited for the migration lock on a schema already at head"
 
 
 def test_an_upgrade_that_failed_midway_through_0005_can_be_run_again(postgres_url) -> None:

@@ -31,6 +31,12 @@ def head_revision() -> str:
 
 
 def upgrade_schema(engine: Engine, revision: str = "head") -> None:
+    """Upgrade to ``revision``. A schema already at head is left alone without taking the
+    migration lock, as on every start of a server once the schema is current: starting servers
+    then never queue behind a long upgrade elsewhere, nor hold session state on a pooled
+    connection."""
+    if revision == "head" and current_revision(engine) == head_revision():
+        return
     command.upgrade(alembic_config(engine), revision)
 
 
