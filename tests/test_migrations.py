@@ -191,8 +191,9 @@ def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog)
 def test_a_server_starting_on_a_current_schema_does_not_wait_for_the_migration_lock(
     postgres_url,
 ) -> None:
-    """Another process holds the migration lock (a long upgrade of some other database of the
-    same server, or a stuck one): a ledger opened on a schema already at head starts at once."""
+    """Another process holds the migration lock (a long upgrade of another schema in the same
+    database: the lock is the database's; or a stuck one): a ledger opened on a schema already
+    at head starts at once."""
     SqlLedger(postgres_url).close()  # upgraded to head
     with psycopg.connect(_psycopg_url(postgres_url), autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
