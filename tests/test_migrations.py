@@ -3,6 +3,8 @@ and on PostgreSQL serving workers keep writing while one runs."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ from sqlalchemy import Engine, inspect
 
 import bandit_engine.governance_models  # noqa: F401 - registers the governance tables on Base
 from bandit_engine.cli import main
+from bandit_engine.errors import StorageError
 from bandit_engine.ledger.migrate import (
     MIGRATION_LOCK,
     MIGRATIONS,
@@ -92,6 +95,28 @@ def test_the_cli_reports_upgrades_and_downgrades_the_schema(tmp_path) -> None:
     assert cli("downgrade", "--revision", "base") == "schema at revision base (empty)"
     missing = CliRunner().invoke(main, ["db", "downgrade"])  # no default: an operator names it
     assert missing.exit_code == 2 and "--revision" in missing.output
+
+
+def test_a_schema_newer_than_this_version_is_refused_with_a_clear_error(tmp_path) -> None:
+    """A newer version upgraded the database (a rolling deploy, an old worker restarting):
+    opening it says so, where Alembic said "Can't locate revision identified by '0099'"."""
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    SqlLedger(url).close()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+        with pytest.raises(StorageError, match="at revision '0099', which this version of "
+                           "bandit_engine does not know") as err:  # fmt: skip
+            SqlLedger(url)
+        assert f"db downgrade --revision {head_revision()}" in str(err.value)
+        r = subprocess.run([sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "db",
+                            "upgrade"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-1500:]
+        assert "does not know" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert current_revision(engine) == "0099"  # nothing changed
+    finally:
+        engine.dispose()
 
 
 def _index(conn: psycopg.Connection, name: str) -> tuple[bool, bool] | None:

@@ -8,6 +8,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
+from ..errors import StorageError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 # the PostgreSQL advisory lock that serializes processes upgrading one database
 # (migrations/env.py)
@@ -35,9 +37,28 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     migration lock, as on every start of a server once the schema is current: starting servers
     then never queue behind a long upgrade elsewhere, nor hold session state on a pooled
     connection."""
-    if revision == "head" and current_revision(engine) == head_revision():
+    current, head = current_revision(engine), head_revision()
+    if revision == "head" and current == head:
         return
+    if current is not None and not _known(current):
+        # Alembic's own message ("Can't locate revision") does not say what happened
+        raise StorageError(
+            f"the database's schema is at revision {current!r}, which this version of "
+            f"bandit_engine does not know (its newest is {head!r}): a newer version upgraded it "
+            "(run that version, or undo its migrations with its `bandit-engine db downgrade "
+            f"--revision {head}`), or the database belongs to another application"
+        )
     command.upgrade(alembic_config(engine), revision)
+
+
+def _known(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory(str(MIGRATIONS)).get_revision(revision) is not None
+    except CommandError:  # "Can't locate revision"
+        return False
 
 
 def downgrade_schema(engine: Engine, revision: str) -> None:
