@@ -3,8 +3,6 @@ and on PostgreSQL serving workers keep writing while one runs."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,6 +30,7 @@ from bandit_engine.ledger.migrate import (
 from bandit_engine.ledger.models import Base
 from bandit_engine.ledger.sql import SqlLedger, make_engine
 from tests.conftest import _psycopg_url
+from tests.test_api_cli import _cli
 
 _FEEDBACK_ROW = (
     "INSERT INTO feedback (event_id, channel, reward, learn) VALUES (%s, 'email', 0, true)"
@@ -110,11 +109,19 @@ def test_a_schema_newer_than_this_version_is_refused_with_a_clear_error(tmp_path
                            "bandit_engine does not know") as err:  # fmt: skip
             SqlLedger(url)
         assert f"db downgrade --revision {head_revision()}" in str(err.value)
-        r = subprocess.run([sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "db",
-                            "upgrade"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = _cli("--database-url", url, "db", "upgrade")
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-1500:]
         assert "does not know" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         assert current_revision(engine) == "0099"  # nothing changed
+    finally:
+        engine.dispose()
+
+
+def _revision(url: str) -> str | None:
+    """The schema's revision, read on an engine of the test's own."""
+    engine = make_engine(url)
+    try:
+        return current_revision(engine)
     finally:
         engine.dispose()
 
@@ -186,11 +193,7 @@ def test_upgrading_to_0005_does_not_block_writes_to_the_feedback_log(postgres_ur
         assert not t.is_alive() and not errors, errors
         assert _index(writer, "ix_feedback_event") == (True, False)
         assert writer.execute("SELECT count(*) FROM feedback").fetchone()[0] == 2
-    check = make_engine(postgres_url)
-    try:
-        assert current_revision(check) == head_revision()
-    finally:
-        check.dispose()
+    assert _revision(postgres_url) == head_revision()
 
 
 def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog) -> None:
@@ -206,11 +209,7 @@ def test_an_upgrade_waits_for_another_processs_and_says_so(postgres_url, caplog)
             t.join(timeout=60)
     assert not t.is_alive() and not errors, errors
     assert "waiting 10 s for another process's schema upgrade" in caplog.text
-    check = make_engine(postgres_url)
-    try:
-        assert current_revision(check) == head_revision()
-    finally:
-        check.dispose()
+    assert _revision(postgres_url) == head_revision()
 
 
 def test_a_server_starting_on_a_current_schema_does_not_wait_for_the_migration_lock(

@@ -26,8 +26,7 @@ def upgrade() -> None:
         op.create_index("ix_feedback_event", "feedback", ["event_id"])
         return
     with op.get_context().autocommit_block():
-        op.drop_index("ix_feedback_event", table_name="feedback", if_exists=True,
-                      postgresql_concurrently=True)  # fmt: skip
+        _drop_concurrently()
         op.create_index("ix_feedback_event", "feedback", ["event_id"], postgresql_concurrently=True)
 
 
@@ -36,5 +35,10 @@ def downgrade() -> None:
         op.drop_index("ix_feedback_event", table_name="feedback")
         return
     with op.get_context().autocommit_block():  # a plain DROP INDEX waits for, then blocks, writers
-        op.drop_index("ix_feedback_event", table_name="feedback", if_exists=True,
-                      postgresql_concurrently=True)  # fmt: skip
+        _drop_concurrently()
+
+
+def _drop_concurrently() -> None:
+    """PostgreSQL, outside a transaction: the index if there is one (valid or not)."""
+    op.drop_index("ix_feedback_event", table_name="feedback", if_exists=True,
+                  postgresql_concurrently=True)  # fmt: skip
