@@ -276,3 +276,36 @@ def test_a_rolled_back_choose_keeps_the_connections_prepared_statements(
         assert prepared() == before
     finally:
         eng.ledger.close()
+
+
+def test_choose_keeps_working_across_catalog_writes_at_any_point_of_a_connections_life(
+    postgres_url, clock
+) -> None:
+    """Each catalog write makes a connection drop its prepared statements (``DEALLOCATE ALL``)
+    before its next operation, and psycopg must forget them with it. It did not when the
+    connection had sent a ``DEALLOCATE ALL`` before it had prepared anything (a catalog write in
+    a worker's first requests): psycopg then counted that text as an ordinary statement and
+    skipped its check the next time, so the server dropped the statements while psycopg kept
+    running them by name, and every choose on the connection failed until a restart."""
+    eng = Engine(SqlLedger(postgres_url), clock=clock)
+    hot = eng.ledger._hot  # type: ignore[attr-defined]
+
+    def prepared() -> int:
+        with hot._connection() as cur:
+            return int(cur.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0])
+
+    try:
+        eng.add_offer(Offer("a", ["email"], cost=1.0))
+        eng.choose("m0", "email")  # the thread's connection opens
+        eng.add_offer(Offer("w0", ["email"], cost=1.0))
+        assert prepared() == 0  # this drop comes before anything is prepared
+        served = 0
+        for write in range(1, 4):
+            for r in range(ROUNDS):  # prepares the choose's statements (6th execution on)
+                served += eng.choose(f"m{write}-{r}", "email").offer_id is not None
+            assert prepared() > 0
+            eng.add_offer(Offer(f"w{write}", ["email"], cost=1.0))
+        served += sum(eng.choose(f"last-{r}", "email").offer_id is not None for r in range(ROUNDS))
+    finally:
+        eng.ledger.close()
+    assert served == 4 * ROUNDS

@@ -425,7 +425,11 @@ class HotPath:
         try:
             if self._local.epoch != self._plans_epoch:
                 self._local.epoch = self._plans_epoch
-                cur.execute("DEALLOCATE ALL")  # psycopg forgets its prepared statements too
+                # a new text each time: psycopg forgets its own prepared statements when it sees
+                # a DEALLOCATE ALL pass, but only when the text is new to its cache (a text it
+                # has counted before skips that check, so the server would drop the statements
+                # and psycopg would go on running them by name: every choose failing)
+                cur.execute(f"DEALLOCATE ALL /* plans {self._plans_epoch} */")
             yield cur
         except BaseException as exc:
             conn = cur.connection
