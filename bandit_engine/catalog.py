@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
@@ -18,7 +19,7 @@ from .clock import MS_PER_DAY, to_ms
 from .errors import InvalidArgument
 
 CHANNELS: tuple[str, ...] = ("email", "in_app", "push", "site", "sms")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}")  # the whole id (fullmatch)
 FeatureValue = float | int | str | bool
 MAX_INT_FEATURE = 2**53  # integers a float (every model's number) holds exactly
 MAX_COUNT = 10**12  # impressions, cap counts: plausible, and far inside a 64-bit column
@@ -34,8 +35,41 @@ def shown(value: object, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+def is_finite_number(v: object) -> bool:
+    """A finite float, or an int a float can hold (``float(v)`` is finite); not a bool.
+    ``math.isfinite`` alone raises ``OverflowError`` on an int too large for a float (a JSON
+    body can carry a 400-digit integer)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -_FLOAT_MAX <= v <= _FLOAT_MAX  # exact: Python compares int and float exactly
+    return isinstance(v, float) and math.isfinite(v)
+
+
+_FLOAT_MAX = sys.float_info.max
+
+
+def is_text(s: str) -> bool:
+    """Whether ``s`` is valid Unicode text, i.e. encodes to UTF-8: a lone surrogate
+    (``"\\ud800"``, valid in JSON and in a Python str) does not, and would fail every hash and
+    database write that meets it."""
+    if s.isascii():
+        return True
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def same_features(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two feature mappings are the same, value types included: ``1 == True == 1.0``
+    in Python, but a model sees a number, a bool and a float differently."""
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and a[k] == b[k] for k in a)
+
+
 def check_id(kind: str, value: object) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
         raise InvalidArgument(
             f"{kind} must be 1-128 characters of letters, digits or _.:@/- "
             f"(starting with a letter or digit), got {shown(value)}"
@@ -48,15 +82,15 @@ def to_cents(name: str, amount: object, *, allow_none: bool = False) -> int | No
     if amount is None and allow_none:
         return None
     if isinstance(amount, bool) or not isinstance(amount, int | float | Decimal | str):
-        raise InvalidArgument(f"{name} must be a number of currency units, got {amount!r}")
+        raise InvalidArgument(f"{name} must be a number of currency units, got {shown(amount)}")
     try:
         d = Decimal(str(amount))
     except InvalidOperation:
-        raise InvalidArgument(f"{name} must be a number, got {amount!r}") from None
+        raise InvalidArgument(f"{name} must be a number, got {shown(amount)}") from None
     if not d.is_finite() or d < 0:
-        raise InvalidArgument(f"{name} must be a finite amount >= 0, got {amount!r}")
+        raise InvalidArgument(f"{name} must be a finite amount >= 0, got {shown(amount)}")
     if d > Decimal("1e12"):
-        raise InvalidArgument(f"{name} is implausibly large: {amount!r}")
+        raise InvalidArgument(f"{name} is implausibly large: {shown(amount)}")
     return int((d * 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
@@ -67,8 +101,11 @@ def check_features(name: str, features: Mapping[str, Any] | None) -> Mapping[str
         raise InvalidArgument(f"{name} must be a mapping of name -> number|string|bool")
     isfinite = math.isfinite
     for k, v in features.items():
-        if type(k) is not str or not k or len(k) > 64:
-            raise InvalidArgument(f"{name} keys must be non-empty strings of <= 64 chars, got {shown(k)}")
+        if type(k) is not str or not k or len(k) > 64 or not is_text(k):
+            raise InvalidArgument(
+                f"{name} keys must be non-empty strings of <= 64 characters of valid Unicode "
+                f"(no lone surrogates), got {shown(k)}"
+            )
         t = type(v)
         if t is float:
             if not isfinite(v):
@@ -76,6 +113,8 @@ def check_features(name: str, features: Mapping[str, Any] | None) -> Mapping[str
         elif t is str:
             if len(v) > 256:
                 raise InvalidArgument(f"{name}[{k!r}] is longer than 256 characters")
+            if not is_text(v):
+                raise InvalidArgument(f"{name}[{k!r}] is not valid Unicode (a lone surrogate)")
         elif t is bool:
             pass
         elif isinstance(v, int):  # int and its subclasses (bool is taken above), one check
@@ -120,10 +159,15 @@ class Rule:
             if isinstance(self.value, str) or not isinstance(self.value, Iterable):
                 raise InvalidArgument(f"Rule {self.op!r} needs a list of values, got {self.value!r}")
             object.__setattr__(self, "value", tuple(self.value))
-        elif self.op in ("gt", "gte", "lt", "lte") and (
-            isinstance(self.value, bool) or not isinstance(self.value, int | float)
-        ):
-            raise InvalidArgument(f"Rule {self.op!r} needs a number, got {self.value!r}")
+        elif self.op in ("gt", "gte", "lt", "lte") and not is_finite_number(self.value):
+            raise InvalidArgument(f"Rule {self.op!r} needs a finite number, got {shown(self.value)}")
+        values = self.value if self.op in ("in", "not_in") else (self.value,)
+        for v in values:  # stored and served as JSON: no Infinity, no lone surrogate
+            if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, str) and not is_text(v)):
+                raise InvalidArgument(
+                    f"Rule {self.field!r} {self.op}: a value must be a finite number or valid "
+                    f"Unicode text, got {shown(v)}"
+                )
 
     def matches(self, context: Mapping[str, Any]) -> bool:
         if self.field not in context:
@@ -393,8 +437,10 @@ class ChannelConfig:
         if self.provisional_reward is not None:
             _num("provisional_reward", self.provisional_reward, lo=-1e9, hi=1e9)
             object.__setattr__(self, "provisional_reward", float(self.provisional_reward))
-        if not isinstance(self.salt, str):
-            raise InvalidArgument(f"salt must be a string, got {self.salt!r}")
+        if not isinstance(self.salt, str) or not is_text(self.salt) or len(self.salt) > 256:
+            raise InvalidArgument(
+                f"salt must be a string of <= 256 characters of valid Unicode, got {shown(self.salt)}"
+            )
         if not self.salt:
             object.__setattr__(self, "salt", self.name)
 
@@ -434,10 +480,10 @@ class ChannelConfig:
 
 
 def _num(name: str, v: object, *, lo: float, hi: float, lo_open: bool = False) -> None:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise InvalidArgument(f"{name} must be a finite number, got {v!r}")
-    if v < lo or v > hi or (lo_open and v == lo):
-        raise InvalidArgument(f"{name} must be in [{lo}, {hi}], got {v!r}")
+    if not is_finite_number(v):
+        raise InvalidArgument(f"{name} must be a finite number, got {shown(v)}")
+    if v < lo or v > hi or (lo_open and v == lo):  # type: ignore[operator]
+        raise InvalidArgument(f"{name} must be in [{lo}, {hi}], got {shown(v)}")
 
 
 def default_channels() -> dict[str, ChannelConfig]:

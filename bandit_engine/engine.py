@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-import numpy as np
-
 from . import constraints, pacing
 from .catalog import (
     CHANNELS,
@@ -31,6 +29,9 @@ from .catalog import (
     check_features,
     check_id,
     default_channels,
+    is_finite_number,
+    same_features,
+    shown,
     to_cents,
 )
 from .clock import MS_PER_DAY, Clock, SystemClock, iso
@@ -267,7 +268,7 @@ class Engine:
                 raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
         old = cat.offers.get(offer.offer_id)
         if old is not None:
-            if dict(old.features) != dict(offer.features):
+            if not same_features(old.features, offer.features):
                 raise Conflict(
                     f"offer {offer.offer_id!r} exists with other features; features are immutable "
                     "(the learned model depends on them): create a new offer id"
@@ -704,14 +705,18 @@ class Engine:
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
         """The hold-out's (or a member without consent's) decision: the channel's default offer
-        if it is live and within its caps, else nothing. A hold-out member's decision stays
+        if it is live, the member passes its rules and it is within its caps, else nothing. A hold-out member's decision stays
         open for its window either way: the service reports the member's outcome (a purchase
         made without our offer) as its reward, and the window closes with the default reward,
         so the lift report compares like with like."""
         cat = self._catalog  # one catalog version for the offer and its caps
         offer = cat.offers.get(cfg.default_offer or "")
         nothing = base.with_(status="open" if base.group == "holdout" else "none")
-        if offer is None or not offer.is_live(base.channel, base.issued_at):
+        if (
+            offer is None
+            or not offer.is_live(base.channel, base.issued_at)
+            or not offer.accepts(base.context)
+        ):
             return self.ledger.log_decision(nothing.with_(reason=reason), None, {})
         d = base.with_(
             offer_id=offer.offer_id, probability=1.0, eligible=(offer.offer_id,), pmf=(1.0,),
@@ -745,8 +750,8 @@ class Engine:
         books the offer's unit cost. Under ``aggregation="sum"`` several rewards with distinct
         ``reward_id`` add up and are learned at window close."""
         check_id("event_id", event_id)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-            raise InvalidArgument(f"reward must be a finite number, got {value!r}")
+        if not is_finite_number(value):
+            raise InvalidArgument(f"reward must be a finite number, got {shown(value)}")
         if abs(value) > 1e9:
             raise InvalidArgument(f"reward is implausibly large: {value!r}")
         cost_cents = None if cost is None else to_cents("cost", cost)
@@ -832,11 +837,8 @@ class Engine:
         deletes it: an archive that fails deletes nothing of its batch, and a crash after the
         write but before the commit leaves that batch in both places (an archive reader keeps
         the first line of an event id)."""
-        if (
-            isinstance(older_than_days, bool) or not isinstance(older_than_days, int | float)
-            or not np.isfinite(older_than_days) or older_than_days > 36_500
-        ):  # fmt: skip
-            raise InvalidArgument(f"older_than_days must be a number of days (at most 36 500), got {older_than_days!r}")
+        if not is_finite_number(older_than_days) or older_than_days > 36_500:  # type: ignore[operator]
+            raise InvalidArgument(f"older_than_days must be a number of days (at most 36 500), got {shown(older_than_days)}")
         floor = self.retention_floor_days()
         if older_than_days < floor:
             raise InvalidArgument(

@@ -10,6 +10,7 @@ import pytest
 from tests.api_fixtures import Api, seeded_api
 
 LONG = "x" * 129
+HUGE_INT = 10**400  # a valid JSON number no float holds
 OK_CHOOSE = {"member_id": "m-2", "channel": "email"}
 OK_OFFER = {"offer_id": "new-offer", "channels": ["email"], "cost": 1.0, "features": {"k": 1}}
 
@@ -249,8 +250,52 @@ CASES: list[tuple[str, str, str, str, Any, int, str]] = [
     ("audit-limit-zero", "GET", "/v1/audit?limit=0", "analyst", None, 422, "invalid_argument"),
     ("audit-limit-text", "GET", "/v1/audit?limit=ten", "analyst", None, 422, "invalid_argument"),
     ("lift-unknown-channel", "GET", "/v1/reports/lift?channel=fax", "analyst", None, 404, "unknown_channel"),
+    # --- integers no float holds (math.isfinite raised OverflowError: a 500)
+    ("reward-huge-integer", "POST", "/v1/reward", "decide",
+     (RAW, '{"event_id":"ev-1","reward":100000000000000000000000000000000000000000000000000000000000}'), 422, "invalid_argument"),
+    ("reward-cost-huge-integer", "POST", "/v1/reward", "decide",
+     (RAW, '{"event_id":"ev-1","reward":1,"cost":-100000000000000000000000000000000000000000000000000000000000}'), 422, "invalid_argument"),
+    ("offer-cost-huge-integer", "POST", "/v1/offers", "admin", offer(cost=HUGE_INT), 422, "invalid_argument"),
+    ("offer-budget-huge-integer", "POST", "/v1/offers", "admin", offer(budget=HUGE_INT), 422, "invalid_argument"),
+    ("patch-budget-huge-integer", "PATCH", "/v1/offers/capped", "admin", {"budget": HUGE_INT}, 422,
+     "invalid_argument"),
+    ("channel-holdout-huge-integer", "PUT", "/v1/channels/email", "admin", {"holdout_fraction": HUGE_INT}, 422,
+     "invalid_argument"),
+    ("channel-window-huge-integer", "PUT", "/v1/channels/email", "admin", {"reward_window_days": HUGE_INT}, 422,
+     "invalid_argument"),
+    ("channel-lin-ts-param-huge-integer", "PUT", "/v1/channels/email", "admin",
+     {"policy": {"family": "lin_ts", "params": {"prior_variance": HUGE_INT}}}, 422, "invalid_argument"),
+    ("channel-vw-param-huge-integer", "PUT", "/v1/channels/email", "admin",
+     {"policy": {"family": "vw", "params": {"gamma_scale": HUGE_INT}}}, 422, "invalid_argument"),
+    # --- strings that are not text: a lone surrogate fails every hash and write; NUL, PostgreSQL
+    ("choose-context-lone-surrogate", "POST", "/v1/choose", "decide",
+     (RAW, '{"member_id":"m","channel":"email","context":{"k":"\\ud800"}}'), 422, "invalid_argument"),
+    ("choose-context-key-lone-surrogate", "POST", "/v1/choose", "decide",
+     (RAW, '{"member_id":"m","channel":"email","context":{"a\\udc00":1}}'), 422, "invalid_argument"),
+    ("choose-context-nul", "POST", "/v1/choose", "decide",
+     (RAW, '{"member_id":"m","channel":"email","context":{"k":"a\\u0000b"}}'), 422, "invalid_argument"),
+    ("channel-salt-lone-surrogate", "PUT", "/v1/channels/email", "admin", (RAW, '{"salt":"\\uDBFF"}'), 422,
+     "invalid_argument"),
+    ("approve-reason-nul", "POST", "/v1/changes/1/approve", "approver", (RAW, '{"reason":"ok\\u0000"}'), 422,
+     "invalid_argument"),
+    ("offer-rule-infinite", "POST", "/v1/offers", "admin",
+     (RAW, json.dumps(offer(rules=[{"field": "x", "op": "lt", "value": 1}])).replace('"value": 1', '"value": 1e400')),
+     422, "invalid_argument"),
+    ("offer-rule-in-infinite", "POST", "/v1/offers", "admin",
+     (RAW, json.dumps(offer(rules=[{"field": "x", "op": "in", "value": [1]}])).replace('[1]', '[1, -1e999]')),
+     422, "invalid_argument"),
+    # --- ids with a trailing newline (a regex's $ matches before one)
+    ("offer-id-newline", "POST", "/v1/offers", "admin", offer(offer_id="promo\n"), 422, "invalid_argument"),
+    ("choose-event-newline", "POST", "/v1/choose", "decide", choose(event_id="e-9\n"), 422, "invalid_argument"),
+    ("choose-member-newline", "POST", "/v1/choose", "decide", choose(member_id="m-2\n"), 422, "invalid_argument"),
+    ("channel-model-group-newline", "PUT", "/v1/channels/email", "admin", {"model_group": "g\n"}, 422,
+     "invalid_argument"),
     # --- routes
     ("choose-get", "GET", "/v1/choose", "decide", None, 405, "method_not_allowed"),
+    ("double-slash", "GET", "/v1//offers", "analyst", None, 404, "not_found"),
+    ("double-slash-approve", "POST", "/v1/changes//1/approve", "approver", None, 404, "not_found"),
+    ("options", "OPTIONS", "/v1/offers", "analyst", None, 405, "method_not_allowed"),
+    ("options-no-key", "OPTIONS", "/v1/choose", None, None, 405, "method_not_allowed"),
     ("unknown-route", "GET", "/v1/nothing-here", "decide", None, 404, "not_found"),
     ("unknown-root", "POST", "/admin", None, {}, 404, "not_found"),
 ]

@@ -193,6 +193,68 @@ def test_holdout_and_no_consent_get_the_default_offer(engine: Engine) -> None:
     assert engine.policy("email").version == 0
 
 
+def test_the_default_offer_is_served_only_to_members_its_rules_accept(engine: Engine) -> None:
+    """A hold-out member (or one without consent) gets the channel's default offer only if they
+    pass its eligibility rules, as a treated member would; otherwise nothing."""
+    engine.add_offer(Offer("gold-only", ["email"], cost=1.0, rules=[Rule("tier", "in", ["gold"])]))
+    engine.set_channel(ChannelConfig("email", holdout_fraction=0.5, default_offer="gold-only"))
+    held = next(f"m-{m}" for m in range(200) if engine.in_holdout(f"m-{m}", "email"))
+    treated = next(f"m-{m}" for m in range(200) if not engine.in_holdout(f"m-{m}", "email"))
+    for member, consent, reason in ((held, True, "holdout"), (treated, False, "no_consent")):
+        silver = engine.choose(member, "email", {"tier": "silver"}, consent=consent)
+        assert (silver.offer_id, silver.reserved_cents, silver.reason) == (None, 0, reason)
+        gold = engine.choose(member, "email", {"tier": "gold"}, consent=consent)
+        assert (gold.offer_id, gold.reason) == ("gold-only", reason)
+    assert engine.offer_state("gold-only").impressions == 2
+
+
+def test_an_offers_features_are_immutable_down_to_their_types(engine: Engine) -> None:
+    """``1 == True == 1.0`` in Python, but a model reads a count, a flag and a float apart."""
+    engine.add_offer(Offer("pts", ["email"], cost=1.0, features={"points": 1, "rate": 0}))
+    for changed in ({"points": True, "rate": False}, {"points": 1.0, "rate": 0}):
+        with pytest.raises(Conflict, match="features are immutable"):
+            engine.add_offer(Offer("pts", ["email"], cost=2.0, features=changed))
+    assert dict(engine.get_offer("pts").features) == {"points": 1, "rate": 0}
+    assert engine.get_offer("pts").cost_cents == 100
+
+
+@pytest.mark.parametrize("bad", [10**400, -(10**400)], ids=["huge", "-huge"])
+def test_integers_too_large_for_a_float_are_refused_not_crashed_on(engine: Engine, bad: int) -> None:
+    """``math.isfinite`` raises ``OverflowError`` on such an int: each check says what is wrong."""
+    engine.add_offer(Offer("o", ["email"], cost=1.0))
+    d = engine.choose("m-1", "email")
+    for call in (
+        lambda: engine.reward(d.event_id, bad),
+        lambda: ChannelConfig("email", holdout_fraction=bad),
+        lambda: engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts", {"prior_variance": bad}))),
+        lambda: engine.set_channel(ChannelConfig("email", policy=PolicySpec("vw", {"gamma_scale": bad}))),
+        lambda: Offer("p", ["email"], cost=bad),
+        lambda: engine.prune(bad, None),
+    ):
+        with pytest.raises(InvalidArgument):
+            call()
+    assert engine.get_decision(d.event_id).status == "open"
+
+
+@pytest.mark.parametrize("bad", ["\ud800", "a\udfffb"], ids=["high", "low"])
+def test_lone_surrogates_are_refused_where_they_would_break_a_hash_or_a_write(engine: Engine, bad: str) -> None:
+    """A lone surrogate is a valid Python str (and JSON escape) but not Unicode text: it fails
+    every UTF-8 encode (feature hashing, the hold-out hash, VW, the database)."""
+    engine.add_offer(Offer("o", ["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts")))
+    for call in (
+        lambda: engine.choose("m-1", "email", {"k": bad}),
+        lambda: engine.choose("m-1", "email", {bad: 1}),
+        lambda: ChannelConfig("email", salt=bad),
+        lambda: Rule("tier", "in", ["gold", bad]),
+        lambda: Offer("p", ["email"], cost=1.0, features={"k": bad}),
+    ):
+        with pytest.raises(InvalidArgument):
+            call()
+    assert engine.ledger.count_decisions() == 0
+    assert engine.choose("m-1", "email", {"k": "\U0001f600"}).offer_id == "o"  # a valid pair
+
+
 def test_a_holdout_member_without_a_default_offer_has_an_outcome_to_report(engine: Engine, clock) -> None:
     """The hold-out measures incremental lift only if hold-out members' outcomes are recorded
     too: their decision serves nothing and reserves nothing, but stays open for the window, takes
@@ -857,3 +919,21 @@ def test_a_model_group_changing_members_converges_like_a_fresh_replay(ledger_url
                     assert engine.policy(ch).serialize() == fresh.policy(ch).serialize(), ch
         finally:
             fresh.ledger.close()
+
+
+def test_timestamps_convert_to_the_exact_millisecond_and_back() -> None:
+    """``int(datetime.timestamp() * 1000)`` truncates a float product: about a quarter of the
+    millisecond instants after 2038 came out 1 ms early, so an offer's ``ends_at`` closed it
+    1 ms early and its ``starts_at`` opened it 1 ms early."""
+    from datetime import UTC, datetime
+
+    from bandit_engine.clock import iso, to_ms
+
+    assert to_ms("2039-01-15T15:02:07.141Z") == 2_178_716_527_141
+    assert to_ms(datetime(2039, 1, 15, 15, 2, 7, 141_000, tzinfo=UTC)) == 2_178_716_527_141
+    assert to_ms(datetime(1969, 12, 31, 23, 59, 59, 999_000)) == -1  # naive is UTC
+    step = 9_999_991  # ms: 25 000 instants spread over 2026-2033 and beyond
+    for ms in range(1_767_225_600_000, 1_767_225_600_000 + 25_000 * step, step):
+        assert to_ms(iso(ms)) == ms
+    for ms in range(2_200_000_000_000, 2_200_000_000_000 + 25_000 * step, step):  # 2039 on
+        assert to_ms(iso(ms)) == ms

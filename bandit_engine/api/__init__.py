@@ -64,6 +64,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the app. ``config`` keys: DATABASE_URL, SEED, SYNC_INTERVAL, EXPIRE_INTERVAL,
     SNAPSHOT_INTERVAL, GAP_GRACE, CLOCK, or ENGINE (a ready Engine, for tests)."""
     app = Flask(__name__)
+    # before any route is added: "//" is a 404 like any unknown path (not werkzeug's redirect,
+    # an HTML page), and OPTIONS a 405 like any other method a route does not take (not an
+    # empty 200 without a key)
+    app.url_map.merge_slashes = False
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.config.update(DEFAULTS)
     app.config.update(config or {})
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

@@ -7,12 +7,13 @@ or values is 422 (``invalid_argument``, ``unknown_field``, ``missing_field``).
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from flask import request
 
+from ..catalog import is_finite_number, is_text, shown
 from ..errors import InvalidArgument
 from .errors import ApiError
 
@@ -61,7 +62,30 @@ def optional_json_body() -> dict[str, Any] | None:
         raise ApiError(400, "invalid_json", f"malformed JSON body: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", f"the request body must be a JSON object, got {type(body).__name__}")
+    if _SUSPECT_ESCAPE.search(raw):  # rare: only then is every string checked
+        _check_strings(body)
     return body
+
+
+# A JSON escape that decodes to NUL or to a surrogate: both are valid JSON, but a lone surrogate
+# is not Unicode text (it fails every UTF-8 encode: hashing, VW, the database) and PostgreSQL's
+# text and jsonb cannot hold NUL. A valid surrogate pair matches too and passes the check.
+_SUSPECT_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        if "\x00" in value or not is_text(value):
+            raise InvalidArgument(
+                f"strings must be valid Unicode text without NUL characters, got {shown(value, 40)}"
+            )
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k)
+            _check_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v)
 
 
 def fields(body: Mapping[str, Any], *, required: tuple[str, ...] = (), optional: tuple[str, ...] = ()) -> None:
@@ -88,8 +112,8 @@ def number(body: Mapping[str, Any], name: str, *, default: Any = None, nullable:
     v = body[name]
     if v is None and nullable:
         return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise InvalidArgument(f"{name} must be a finite number, got {v!r}"[:200])
+    if not is_finite_number(v):
+        raise InvalidArgument(f"{name} must be a finite number, got {shown(v)}")
     return v
 
 

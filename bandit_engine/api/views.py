@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from .. import pacing
-from ..catalog import ChannelConfig, MemberCap, Offer, check_id
+from ..catalog import ChannelConfig, MemberCap, Offer, check_id, same_features
 from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument, UnknownChannel
@@ -201,7 +201,7 @@ def patch_offer(offer_id: str) -> Any:
     eng = engine()
     old = eng.get_offer(offer_id)
     new = _offer_from_body({**old.to_dict(), **body})  # validate the result before any write
-    if dict(new.features) != dict(old.features):
+    if not same_features(new.features, old.features):
         raise Conflict(f"features of {offer_id!r} are immutable; create a new offer id")
     old_gov, new_gov = _governed_offer_settings(old), _governed_offer_settings(new)
     governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}

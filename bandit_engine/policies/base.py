@@ -11,7 +11,6 @@ A family implements either ``_draws`` (posterior samples of expected reward, ``(
 from __future__ import annotations
 
 import json
-import math
 from abc import ABC
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..catalog import FeatureValue, Offer
+from ..catalog import FeatureValue, Offer, is_finite_number, shown
 from ..errors import InvalidArgument
 from ..exploration import apply_floor, apply_pacing, check_pmf, pmf_from_draws
 
@@ -29,13 +28,8 @@ _MAGIC = b"BEPOLICY1"
 
 def positive_param(family: str, name: str, value: object) -> float:
     """A policy parameter that must be a finite number > 0 (a clear error otherwise)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {value!r}")
+    if not is_finite_number(value) or value <= 0:  # type: ignore[operator]
+        raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {shown(value)}")
     return float(value)
 
 

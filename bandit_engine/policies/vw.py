@@ -40,19 +40,17 @@ from typing import Any
 import numpy as np
 from vowpal_wabbit_next import TextFormatParser, Workspace, _core
 
-from ..catalog import FeatureValue, Offer
+from ..catalog import FeatureValue, Offer, is_finite_number, shown
 from ..errors import InvalidArgument
 from .base import Policy, Scoring
 
 
 def _number(lo: float, hi: float, *, integer: bool = False) -> Callable[[str, object], str]:
     def check(name: str, value: object) -> str:
-        ok = not isinstance(value, bool) and (
-            isinstance(value, int) if integer else isinstance(value, int | float)
-        )
-        if not ok or not math.isfinite(value) or not (lo <= value <= hi):  # type: ignore[arg-type]
+        ok = is_finite_number(value) and (isinstance(value, int) or not integer)
+        if not ok or not (lo <= value <= hi):  # type: ignore[operator]
             kind = "an integer" if integer else "a number"
-            raise InvalidArgument(f"vw: {name} must be {kind} in [{lo:g}, {hi:g}], got {value!r}")
+            raise InvalidArgument(f"vw: {name} must be {kind} in [{lo:g}, {hi:g}], got {shown(value)}")
         return str(value) if integer else format(float(value), ".9g")  # type: ignore[arg-type]
 
     return check

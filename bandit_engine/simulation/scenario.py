@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..catalog import ChannelConfig, MemberCap, Offer, PolicySpec, Rule
+from ..catalog import ChannelConfig, MemberCap, Offer, PolicySpec, Rule, is_finite_number
 from ..clock import MS_PER_DAY
 from ..errors import InvalidArgument
 
@@ -40,7 +39,7 @@ def _check(cond: bool, msg: str) -> None:
 
 def _is_num(v: object) -> bool:
     """A finite int or float (TOML ``"2.0"`` is a string and ``true`` a bool: neither is)."""
-    return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v)
+    return is_finite_number(v)
 
 
 def _is_int(v: object) -> bool:
