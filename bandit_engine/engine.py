@@ -47,6 +47,7 @@ from .errors import (
 from .exploration import event_rng, sample
 from .features import HISTORY_DAYS, HISTORY_LIMIT, summarize_history
 from .ledger.base import Ledger
+from .ledger.gapsafe import DEFAULT_GAP_GRACE, GapSafeLedger
 from .ledger.records import Decision, Feedback, OfferState, Pruned, RewardOutcome, Snapshot
 from .policies.base import Policy, Scoring
 from .policies.registry import make_policy
@@ -66,6 +67,9 @@ class EngineConfig:
     ``history_limit``: the most of a member's latest exposures a choose reads (and builds the
     member's history features from); it bounds a heavy member's cost per choose. Caps do not
     depend on it: they are counted in the write's transaction.
+    ``gap_grace``: on a ledger whose feedback log can commit out of sequence order (PostgreSQL),
+    how many seconds a gap in it is waited for before it is taken as a hole (a rolled-back
+    write); until then learning stops short of it (:class:`GapSafeLedger`).
     """
 
     seed: int = 0
@@ -75,6 +79,7 @@ class EngineConfig:
     catalog_refresh_seconds: float = 1.0
     learn_in_process: bool = True
     history_limit: int = HISTORY_LIMIT
+    gap_grace: float = DEFAULT_GAP_GRACE
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -86,6 +91,8 @@ class EngineConfig:
             raise InvalidArgument(f"pacing_gain must be > 0, got {self.pacing_gain!r}")
         if isinstance(self.history_limit, bool) or not isinstance(self.history_limit, int) or self.history_limit < 1:
             raise InvalidArgument(f"history_limit must be an integer >= 1, got {self.history_limit!r}")
+        if not is_finite_number(self.gap_grace) or not 0 <= self.gap_grace <= 3600:  # type: ignore[operator]
+            raise InvalidArgument(f"gap_grace must be a number of seconds in [0, 3600], got {shown(self.gap_grace)}")
 
 
 @dataclass
@@ -151,9 +158,13 @@ class Engine:
     def __init__(
         self, ledger: Ledger, *, clock: Clock | None = None, config: EngineConfig | None = None
     ) -> None:
-        self.ledger = ledger
         self.clock: Clock = clock or SystemClock()
         self.config = config or EngineConfig()
+        if getattr(ledger, "commits_out_of_seq_order", False) and not isinstance(ledger, GapSafeLedger):
+            # PostgreSQL: a seq can become visible before a lower one commits; reading past it
+            # would skip the lower one for good (learning and replay alike)
+            ledger = GapSafeLedger(ledger, gap_grace=self.config.gap_grace)  # type: ignore[assignment]
+        self.ledger = ledger
         self._lock = threading.RLock()  # policies are not thread-safe (VW); one learner
         self._catalog = _Catalog()
         self._policies: dict[str, _ChannelPolicy] = {}

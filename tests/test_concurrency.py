@@ -235,3 +235,48 @@ def test_threads_sharing_one_engine_and_a_syncing_thread_lose_nothing(
         assert eng.policy("email").version == len(eng.ledger.feedback_after(0)) == len(served)
     finally:
         eng.ledger.close()
+
+
+def test_an_event_committed_out_of_sequence_order_is_learned_not_skipped(postgres_url, clock) -> None:
+    """PostgreSQL numbers feedback before commit: one engine's expiry holds seq N uncommitted
+    while another engine's reward commits N+1. The rewarding engine learns in process; reading
+    past the gap skipped N for good (its live model, and every snapshot it wrote, one event
+    short of a replay of the log). Now it stops at the gap and learns N once N commits."""
+    from bandit_engine.clock import MS_PER_DAY
+
+    e1 = Engine.open(postgres_url, clock=clock, seed=1)
+    e2 = Engine.open(postgres_url, clock=clock, seed=1, catalog_refresh_seconds=0.0)
+    engines = [e1, e2]
+    try:
+        e1.set_channel(ChannelConfig("email", reward_window_days=3))
+        e1.add_offer(Offer("a", ["email"], cost=1.0))
+        e1.add_offer(Offer("b", ["email"], cost=1.0))
+        e2.choose("m2", "email", event_id="ev-2")  # its window closes first
+        clock.advance(ms=4 * MS_PER_DAY)
+        e1.choose("m1", "email", event_id="ev-1")
+        clock.advance(ms=int(0.5 * MS_PER_DAY))
+        hot = e2.ledger._hot  # type: ignore[attr-defined]
+        insert = hot._insert_feedbacks
+        seqs: list[int] = []
+
+        def insert_then_reward_elsewhere(conn, learned):  # type: ignore[no-untyped-def]
+            out = insert(conn, learned)  # seq N, not committed yet
+            seqs.extend([*(f.seq for f in out), e1.reward("ev-1", 1.0).feedback.seq])
+            return out
+
+        hot._insert_feedbacks = insert_then_reward_elsewhere
+        assert e2.expire() == 1
+        hot._insert_feedbacks = insert
+        assert seqs == [seqs[0], seqs[0] + 1]  # the reward's event committed first
+        e1.sync()
+        replayed = Engine.open(postgres_url, clock=clock, seed=1)
+        engines.append(replayed)
+        live, truth = e1.policy("email"), replayed.policy("email")
+        assert (live.version, live.serialize()) == (truth.version, truth.serialize())
+        e1.snapshot()
+        restarted = Engine.open(postgres_url, clock=clock, seed=1)
+        engines.append(restarted)
+        assert restarted.policy("email").serialize() == truth.serialize()
+    finally:
+        for e in engines:
+            e.ledger.close()

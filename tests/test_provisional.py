@@ -17,6 +17,7 @@ from bandit_engine import ChannelConfig, Engine, InvalidArgument, ManualClock, P
 from bandit_engine.clock import MS_PER_DAY
 from bandit_engine.engine import EngineConfig
 from bandit_engine.ledger.records import Feedback
+from bandit_engine.ledger.sql import SqlLedger
 from bandit_engine.policies.base import Policy, Scoring
 from bandit_engine.policies.registry import make_policy
 
@@ -186,7 +187,7 @@ def test_a_syncing_worker_holds_the_same_model(ledger_url, clock, family) -> Non
     if ledger_url == "memory://":
         pytest.skip("two engines share a database, not a process's memory")
     writer = open_engine(ledger_url, clock, channel(family))
-    reader = Engine(type(writer.ledger)(ledger_url), clock=clock,
+    reader = Engine(SqlLedger(ledger_url), clock=clock,
                     config=EngineConfig(seed=3, learn_in_process=False))  # fmt: skip
     try:
         reader.sync()

@@ -21,7 +21,6 @@ from .sync import (
     DEFAULT_GAP_GRACE,
     DEFAULT_SNAPSHOT_INTERVAL,
     DEFAULT_SYNC_INTERVAL,
-    GapSafeLedger,
     Syncer,
 )
 from .validate import MAX_BODY_BYTES
@@ -39,17 +38,18 @@ DEFAULTS: dict[str, Any] = {
 
 def open_engine(url: str, *, seed: int = 0, clock: Any = None, gap_grace: float = DEFAULT_GAP_GRACE) -> Engine:
     """An Engine for a serving worker: learning happens by replaying the ordered feedback log
-    (``sync``), never from this process's own writes, so every worker and the learner agree."""
+    (``sync``), never from this process's own writes, so every worker and the learner agree.
+    On PostgreSQL the engine reads that log through a :class:`GapSafeLedger`."""
     if url == "memory://":
         from ..ledger.memory import MemoryLedger
 
-        inner: Any = MemoryLedger()
+        ledger: Any = MemoryLedger()
     else:
         from ..ledger.sql import SqlLedger
 
-        inner = SqlLedger(url, background_checkpoints=True)  # no WAL checkpoint in a request
-    ledger = GapSafeLedger(inner, gap_grace=gap_grace)
-    return Engine(ledger, clock=clock, config=EngineConfig(seed=seed, learn_in_process=False))  # type: ignore[arg-type]
+        ledger = SqlLedger(url, background_checkpoints=True)  # no WAL checkpoint in a request
+    config = EngineConfig(seed=seed, learn_in_process=False, gap_grace=gap_grace)
+    return Engine(ledger, clock=clock, config=config)
 
 
 def open_governance(engine: Engine) -> Governance:

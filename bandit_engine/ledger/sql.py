@@ -205,6 +205,9 @@ class SqlLedger:
         self.url = url
         self._engine = make_engine(url, autocheckpoint=not background_checkpoints)
         self._dialect = self._engine.dialect.name
+        # PostgreSQL numbers feedback before commit, so a higher seq can commit first; SQLite's
+        # writers take turns (the Engine reads a log that can through GapSafeLedger)
+        self.commits_out_of_seq_order = self._dialect == "postgresql"
         self._hot = HotPath(self._engine)
         self._catalog_seen: int | None = None  # the catalog version this ledger last read
         if upgrade:
