@@ -220,7 +220,7 @@ class MemberCap:
             or not (0 < self.window_days <= 3660)
         ):
             raise InvalidArgument(
-                f"MemberCap.window_days must be in (0, 3660], got {self.window_days!r}"
+                f"MemberCap.window_days must be in (0, 3660], got {shown(self.window_days)}"
             )
 
     @property

@@ -14,9 +14,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field, replace
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from . import constraints, pacing
 from .catalog import (
@@ -37,6 +37,7 @@ from .catalog import (
 from .clock import MS_PER_DAY, Clock, SystemClock, iso
 from .errors import (
     CapExceeded,
+    CatalogChanged,
     Conflict,
     InvalidArgument,
     UnknownChannel,
@@ -54,6 +55,9 @@ from .policies.registry import make_policy
 
 MAX_CONTEXT_KEYS = 64
 MAX_RESERVE_ATTEMPTS = 4
+# a catalog write re-read and retried this often when other writers keep coming first
+CATALOG_WRITE_ATTEMPTS = 8
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -267,18 +271,53 @@ class Engine:
             raise UnknownChannel(f"unknown channel {name!r}; known: {sorted(self._catalog.channels)}")
         return cfg
 
-    def add_offer(self, offer: Offer) -> None:
+    def _catalog_write(self, write: Callable[[_Catalog], T]) -> T:
+        """Run ``write(catalog)``, a read-modify-write of the catalog whose ledger write is
+        conditioned on the version of the catalog it read (``expect_version``). When another
+        writer came first (:class:`CatalogChanged`) the catalog is read again and ``write``
+        runs again on it, so a change is always made to the latest catalog: an approved budget
+        is never undone by an edit that read the offer before the approval, and a channel's
+        group and default offer are checked against the catalog they are written into."""
+        for _ in range(CATALOG_WRITE_ATTEMPTS):
+            cat = self._refresh_catalog(force=True)
+            try:
+                out = write(cat)
+            except CatalogChanged:
+                continue
+            self._refresh_catalog(force=True)
+            return out
+        raise Conflict("the catalog kept changing under this write (other writers); try again")
+
+    def add_offer(self, offer: Offer, *, exist_ok: bool = True) -> None:
         """Add an offer, or update one (its features are immutable: a new offer id is a new arm).
+        With ``exist_ok=False`` an existing offer id is a :class:`Conflict` (create only).
 
         A budgeted offer with an end and no start is paced from the moment it is added."""
         if not isinstance(offer, Offer):
             raise InvalidArgument(f"add_offer takes an Offer, got {type(offer).__name__}")
-        cat = self._refresh_catalog(force=True)
+        self._catalog_write(lambda cat: self._put_offer(cat, offer, exist_ok=exist_ok))
+
+    def update_offer(self, offer_id: str, **changes: Any) -> Offer:
+        """Change some of an offer's settings (``Offer`` field names, as in ``to_dict``),
+        keeping the others as they are in the ledger when the change is written."""
+
+        def write(cat: _Catalog) -> None:
+            old = cat.offers.get(offer_id)
+            if old is None:
+                raise UnknownOffer(f"unknown offer {offer_id!r}")
+            self._put_offer(cat, Offer.from_dict({**old.to_dict(), **changes}), exist_ok=True)
+
+        self._catalog_write(write)
+        return self.get_offer(offer_id)
+
+    def _put_offer(self, cat: _Catalog, offer: Offer, *, exist_ok: bool) -> None:
         for c in offer.channels:
             if c not in cat.channels:
                 raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
         old = cat.offers.get(offer.offer_id)
         if old is not None:
+            if not exist_ok:
+                raise Conflict(f"offer {offer.offer_id!r} already exists")
             if not same_features(old.features, offer.features):
                 raise Conflict(
                     f"offer {offer.offer_id!r} exists with other features; features are immutable "
@@ -287,26 +326,48 @@ class Engine:
             st = self.ledger.offer_states([offer.offer_id]).get(offer.offer_id)
             if st is not None and offer.budget_cents is not None and (
                 offer.budget_cents < st.spent_cents + st.committed_cents
-            ):
+            ):  # the ledger checks again in its write (a choose may reserve meanwhile)
                 raise Conflict(
                     f"budget {offer.budget_cents / 100:.2f} of {offer.offer_id!r} is below what is "
                     f"already spent and committed ({(st.spent_cents + st.committed_cents) / 100:.2f})"
                 )
+            if st is not None and offer.max_impressions is not None and offer.max_impressions < st.impressions:
+                raise Conflict(
+                    f"max_impressions {offer.max_impressions} of {offer.offer_id!r} is below the "
+                    f"{st.impressions} impressions already counted"
+                )
+            for name in sorted(set(old.channels) - set(offer.channels)):
+                cfg = cat.channels.get(name)
+                if cfg is not None and cfg.default_offer == offer.offer_id:
+                    raise Conflict(
+                        f"offer {offer.offer_id!r} is channel {name!r}'s default_offer; set another "
+                        "default_offer (or none) on the channel before taking the offer off it"
+                    )
         if pacing.is_paced(offer) and offer.starts_at is None:
             start = old.starts_at if old is not None and old.starts_at is not None else self.clock.now_ms()
             offer = Offer.from_dict({**offer.to_dict(), "starts_at": start})
-        self.ledger.put_offer(offer)
-        self._refresh_catalog(force=True)
-
-    def update_offer(self, offer_id: str, **changes: Any) -> Offer:
-        old = self.get_offer(offer_id)
-        new = Offer.from_dict({**old.to_dict(), **changes})
-        self.add_offer(new)
-        return self.get_offer(offer_id)
+        self.ledger.put_offer(offer, expect_version=cat.version)
 
     def set_channel(self, channel: ChannelConfig) -> None:
         """Configure a channel. A new policy spec takes over by replaying the channel's log."""
         self.set_channels([channel])
+
+    def update_channel(self, name: str, **changes: Any) -> ChannelConfig:
+        """Change some of a channel's settings (``ChannelConfig`` field names), keeping the
+        others as they are in the ledger when the change is written."""
+
+        def write(cat: _Catalog) -> ChannelConfig:
+            old = cat.channels.get(name)
+            if old is None:
+                raise UnknownChannel(f"unknown channel {name!r}; known: {sorted(cat.channels)}")
+            try:
+                new = ChannelConfig.from_dict({**old.to_dict(), **changes, "name": name})
+            except TypeError as exc:
+                raise InvalidArgument(f"invalid channel settings: {exc}"[:300]) from None
+            self._put_channels(cat, [new])
+            return new
+
+        return self._catalog_write(write)
 
     def set_channels(self, channels: Iterable[ChannelConfig]) -> None:
         """Configure several channels at once: each is checked as :meth:`set_channel` checks it,
@@ -318,6 +379,9 @@ class Engine:
                 raise InvalidArgument(f"a channel configuration must be a ChannelConfig, got {type(channel).__name__}")
         if len({c.name for c in new}) != len(new):
             raise InvalidArgument(f"channels configured twice: {sorted(c.name for c in new)}")
+        self._catalog_write(lambda cat: self._put_channels(cat, new))
+
+    def _put_channels(self, cat: _Catalog, new: list[ChannelConfig]) -> None:
         for channel in new:
             pol = make_policy(channel.policy, seed=self.config.seed)  # validate before storing
             if channel.provisional_reward is not None and not pol.supports_correction:
@@ -326,7 +390,15 @@ class Engine:
                     f"correct a learned reward exactly; {channel.policy.family!r} cannot (it would "
                     "keep the provisional reward forever): unset provisional_reward or change family"
                 )
-        after = {**self._refresh_catalog(force=True).channels, **{c.name: c for c in new}}
+            if channel.default_offer is not None:
+                default = cat.offers.get(channel.default_offer)
+                if default is None:
+                    raise UnknownOffer(f"channel {channel.name!r}: unknown default_offer {channel.default_offer!r}")
+                if channel.name not in default.channels:
+                    raise InvalidArgument(
+                        f"default_offer {default.offer_id!r} is not offered on channel {channel.name!r}"
+                    )
+        after = {**cat.channels, **{c.name: c for c in new}}
         for channel in new:
             if channel.model_group is None:
                 continue
@@ -342,8 +414,7 @@ class Engine:
                         "group share one model, so they need the same policy (change a group's "
                         "policy on all its channels at once: set_group_policy)"
                     )
-        self.ledger.put_channels(new)
-        self._refresh_catalog(force=True)
+        self.ledger.put_channels(new, expect_version=cat.version)
 
     def set_group_policy(self, group: str, policy: PolicySpec | Mapping[str, Any]) -> list[ChannelConfig]:
         """Switch the policy of every channel of ``model_group`` ``group`` at once (one model,
@@ -355,12 +426,17 @@ class Engine:
                 policy = PolicySpec(**policy)
             except TypeError as exc:
                 raise InvalidArgument(f"invalid policy: {exc}"[:300]) from None
-        members = [c for c in self.channels().values() if c.model_group == group]
-        if not members:
-            raise UnknownModelGroup(f"no channel learns model_group {group!r}")
-        new = [replace(c, policy=policy) for c in members]
-        self.set_channels(new)
-        return new
+        spec = policy
+
+        def write(cat: _Catalog) -> list[ChannelConfig]:
+            members = [c for c in cat.channels.values() if c.model_group == group]
+            if not members:
+                raise UnknownModelGroup(f"no channel learns model_group {group!r}")
+            new = [replace(c, policy=spec) for c in members]
+            self._put_channels(cat, new)
+            return new
+
+        return self._catalog_write(write)
 
     def _model_key(self, channel: str) -> str:
         """The model a channel learns (``ChannelConfig.model_key``)."""

@@ -77,6 +77,11 @@ class Conflict(BanditEngineError):
     status = 409
 
 
+class CatalogChanged(Conflict):
+    """A catalog write conditioned on the catalog version it read found a newer one (another
+    writer came first); the engine re-reads and retries it."""
+
+
 class CapExceeded(BanditEngineError):
     """A reservation would break a budget, impression or frequency cap (handled inside choose)."""
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, insert, select, update
 
+from .catalog import is_text
 from .clock import Clock, SystemClock
 from .errors import (
     ChangeNotApproved,
@@ -101,12 +102,13 @@ class Change:
     reason: str | None
     created_at: int
     decided_at: int | None
+    creates: bool = False  # the offer was created with this change's settings, and waits for it
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "change_id": self.change_id, "kind": self.kind, "target": self.target,
-            "settings": dict(self.settings), "activate": self.activate, "status": self.status,
-            "proposed_by": self.proposed_by, "decided_by": self.decided_by,
+            "settings": dict(self.settings), "activate": self.activate, "creates": self.creates,
+            "status": self.status, "proposed_by": self.proposed_by, "decided_by": self.decided_by,
             "reason": self.reason, "created_at": self.created_at, "decided_at": self.decided_at,
         }  # fmt: skip
 
@@ -225,8 +227,11 @@ class Governance:
     # changes ---------------------------------------------------------------------------------
     def propose(
         self, kind: str, target: str, settings: Mapping[str, Any], proposer: Principal,
-        *, activate: bool = False,
+        *, activate: bool = False, creates: bool = False,
     ) -> Change:  # fmt: skip
+        """Record a pending change. ``activate``: approving it also switches the offer on.
+        ``creates``: the offer was just created with these (governed) settings held back; it
+        cannot be switched on or off until this change is decided."""
         if kind not in ("offer", "channel", "settings"):
             raise InvalidArgument(f"change kind must be 'offer', 'channel' or 'settings', got {kind!r}")
         now = self.clock.now_ms()
@@ -234,11 +239,12 @@ class Governance:
             cid = c.execute(
                 insert(ChangeRow).values(
                     kind=kind, target=target, settings=dict(settings), activate=activate,
-                    status="pending", proposed_by=proposer.key_id, created_at=now,
+                    creates=creates, status="pending", proposed_by=proposer.key_id, created_at=now,
                 ).returning(ChangeRow.id)
             ).scalar_one()  # fmt: skip
             self._audit(c, proposer.actor, "change.propose", f"{kind}:{target}",
-                        {"change_id": int(cid), "settings": dict(settings), "activate": activate})  # fmt: skip
+                        {"change_id": int(cid), "settings": dict(settings), "activate": activate,
+                         "creates": creates})  # fmt: skip
         return self.get_change(int(cid))
 
     def get_change(self, change_id: int) -> Change:
@@ -251,16 +257,20 @@ class Governance:
         return _change(r)
 
     def changes(self, status: str | None = None, *, kind: str | None = None,
-                target: str | None = None) -> list[Change]:  # fmt: skip
-        q = select(ChangeRow).order_by(ChangeRow.id)
+                target: str | None = None, after: int = 0, limit: int | None = None) -> list[Change]:  # fmt: skip
+        """Change requests in id order: those with an id above ``after``, at most ``limit``
+        (None: all; a caller pages with ``after`` = the last id it got)."""
+        q = select(ChangeRow).where(ChangeRow.id > after).order_by(ChangeRow.id)
         if status is not None:
             q = q.where(ChangeRow.status == status)
         if kind is not None:
             q = q.where(ChangeRow.kind == kind)
         if target is not None:
             q = q.where(ChangeRow.target == target)
+        if limit is not None:
+            q = q.limit(limit)
         with self._tx() as c:
-            return [_change(r) for r in c.execute(q.limit(10_000))]
+            return [_change(r) for r in c.execute(q)]
 
     def decide(
         self, change_id: int, decider: Principal, *, approve: bool,
@@ -271,14 +281,21 @@ class Governance:
         settings of the same target was (it would silently undo that newer decision; reject it,
         or propose again).
 
-        The change is claimed first (status ``applying``), in one transaction that locks every
-        change of the same target, so two approvers racing cannot both apply it, and while one
-        change is being applied no other change to the same settings of the same target can be
-        approved (409, try again): otherwise an older change checked before a newer one was
-        approved could be applied after it and undo it. If ``apply`` fails the change goes back
-        to pending and the error propagates (nothing changed). A claim left behind by a process
-        that died while applying lapses after ``APPLY_TIMEOUT_MS``; the change can then be
-        decided again (applying it twice sets the same values)."""
+        A rejection is one transaction. An approval is claimed first (status ``applying``), in
+        one transaction that locks every change of the same target, so two approvers racing
+        cannot both apply it, and while one change is being applied no other change to the same
+        settings of the same target can be approved (409, try again): otherwise an older change
+        checked before a newer one was approved could be applied after it and undo it. If
+        ``apply`` fails, the change goes back to where it was and the error propagates (nothing
+        changed). Once applied, the approval and its audit entry are written. If that write
+        fails, or the approving process dies between the two, the claim stays; after
+        ``APPLY_TIMEOUT_MS`` it can be approved again (applying it twice sets the same values,
+        and the approval is then recorded), but not rejected (its settings may be in force) unless
+        newer approved changes have set every setting it sets since."""
+        if reason is not None and (
+            not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason or not is_text(reason)
+        ):
+            raise InvalidArgument("reason must be text of at most 1000 characters, without NUL characters")
         ch = self.get_change(change_id)  # unknown change -> 404 before anything else
         now = self.clock.now_ms()
         with self._tx(write=True) as c:
@@ -289,48 +306,68 @@ class Governance:
                 .order_by(ChangeRow.id).with_for_update()
             )]  # fmt: skip
             ch = next(r for r in rows if r.change_id == change_id)
-            if not (ch.status == "pending" or _lapsed(ch, now)):
+            lapsed = _lapsed(ch, now)
+            if not (ch.status == "pending" or lapsed):
                 what = "being decided by someone else" if ch.status == "applying" else ch.status
                 raise ChangeNotApproved(f"change {change_id} is {what}, not pending")
+            superseded = set(ch.settings) <= {  # newer approved changes set all it sets
+                k for r in rows if r.status == "approved" and r.change_id > change_id for k in r.settings
+            }
+            if lapsed and not approve and not superseded:
+                raise ChangeNotApproved(
+                    f"change {change_id} was being approved when its approver stopped, so its "
+                    "settings may be in force: approve it to finish the approval (then propose "
+                    "the old values to undo it)"
+                )
             if ch.proposed_by == decider.key_id:
                 raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
-            for other in rows if approve else ():
-                same = ", ".join(sorted(other.settings.keys() & ch.settings.keys()))
-                if other.change_id == change_id or not same:
-                    continue
-                if other.status == "applying" and not _lapsed(other, now):
-                    raise ChangeNotApproved(
-                        f"change {other.change_id}, which also sets {same} of {ch.kind} "
-                        f"{ch.target!r}, is being applied; try again in a moment"
+            if not approve:
+                c.execute(
+                    update(ChangeRow).where(ChangeRow.id == change_id).values(
+                        status="rejected", decided_by=decider.key_id, decided_at=now, reason=reason,
                     )
-                if other.status == "approved" and other.change_id > change_id:
-                    raise ChangeNotApproved(
-                        f"change {change_id} is stale: the newer change {other.change_id} already "
-                        f"set {same} of {ch.kind} {ch.target!r}; reject this one, or propose the "
-                        "value again"
-                    )
-            c.execute(  # decided_at holds the claim's time until the decision is recorded
-                update(ChangeRow).where(ChangeRow.id == change_id)
-                .values(status="applying", decided_at=now)
-            )  # fmt: skip
+                )  # fmt: skip
+                self._audit(c, decider.actor, "change.reject", f"{ch.kind}:{ch.target}",
+                            {"change_id": change_id, "reason": reason})  # fmt: skip
+            else:
+                for other in rows:
+                    same = ", ".join(sorted(other.settings.keys() & ch.settings.keys()))
+                    if other.change_id == change_id or not same:
+                        continue
+                    if other.status == "applying" and not _lapsed(other, now):
+                        raise ChangeNotApproved(
+                            f"change {other.change_id}, which also sets {same} of {ch.kind} "
+                            f"{ch.target!r}, is being applied; try again in a moment"
+                        )
+                    if other.status == "approved" and other.change_id > change_id:
+                        raise ChangeNotApproved(
+                            f"change {change_id} is stale: the newer change {other.change_id} already "
+                            f"set {same} of {ch.kind} {ch.target!r}; reject this one, or propose the "
+                            "value again"
+                        )
+                c.execute(  # decided_at holds the claim's time until the approval is recorded
+                    update(ChangeRow).where(ChangeRow.id == change_id)
+                    .values(status="applying", decided_at=now)
+                )  # fmt: skip
+        if not approve:
+            return self.get_change(change_id)
         try:
-            if approve and apply is not None:
+            if apply is not None:
                 apply(ch)
         except BaseException:
-            with self._tx(write=True) as c:
+            with self._tx(write=True) as c:  # as it was: pending, or a lapsed claim
                 c.execute(update(ChangeRow).where(ChangeRow.id == change_id)
-                          .values(status="pending", decided_at=None))  # fmt: skip
+                          .values(status=ch.status, decided_at=ch.decided_at))  # fmt: skip
             raise
-        status = "approved" if approve else "rejected"
         with self._tx(write=True) as c:
             c.execute(
                 update(ChangeRow).where(ChangeRow.id == change_id).values(
-                    status=status, decided_by=decider.key_id, decided_at=self.clock.now_ms(),
+                    status="approved", decided_by=decider.key_id, decided_at=self.clock.now_ms(),
                     reason=reason,
                 )
             )  # fmt: skip
-            self._audit(c, decider.actor, f"change.{'approve' if approve else 'reject'}",
-                        f"{ch.kind}:{ch.target}", {"change_id": change_id, "reason": reason})  # fmt: skip
+            self._audit(c, decider.actor, "change.approve", f"{ch.kind}:{ch.target}",
+                        {"change_id": change_id, "reason": reason})  # fmt: skip
         return self.get_change(change_id)
 
     def audit_log(self, *, after: int = 0, limit: int = 500) -> list[AuditEntry]:
@@ -347,7 +384,7 @@ def _lapsed(ch: Change, now_ms: int) -> bool:
 def _change(r: Any) -> Change:
     return Change(int(r.id), r.kind, r.target, dict(r.settings), bool(r.activate), r.status,
                   int(r.proposed_by), None if r.decided_by is None else int(r.decided_by),
-                  r.reason, int(r.created_at), r.decided_at)  # fmt: skip
+                  r.reason, int(r.created_at), r.decided_at, bool(r.creates))  # fmt: skip
 
 
 __all__ = [

@@ -37,6 +37,7 @@ class ChangeRow(Base):
     target: Mapped[str] = mapped_column(String(128))
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     activate: Mapped[bool] = mapped_column(default=False, server_default=false())
+    creates: Mapped[bool] = mapped_column(default=False, server_default=false())  # its offer
     status: Mapped[str] = mapped_column(String(16))  # pending | approved | rejected
     proposed_by: Mapped[int] = mapped_column(BigInteger)
     decided_by: Mapped[int | None] = mapped_column(BigInteger)

@@ -351,3 +351,46 @@ def test_a_401_names_its_scheme_and_metrics_say_their_charset_once(api: Api) -> 
     assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     ctype = api.call("GET", "/metrics").headers["Content-Type"]
     assert ctype.count("charset") == 1 and ctype.startswith("text/plain; version=0.0.4")
+
+
+def test_an_offer_created_inactive_with_caps_cannot_be_switched_on_before_they_are_approved(api: Api) -> None:
+    """Created with governed settings, an offer is stored without them until the change is
+    approved. With ``"active": false`` the change does not switch it on when approved, and it
+    used to let a PATCH switch the offer on at once: serving with none of its caps, which could
+    then never be approved (the budget was below what it had spent)."""
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "staged", "channels": ["push"], "cost": 1.0, "budget": 2.0, "max_impressions": 2,
+        "active": False,
+    })  # fmt: skip
+    assert r.status_code == 202
+    cid = r.json["change_id"]
+    change = api.call("GET", "/v1/changes?status=pending", "analyst").json["changes"][-1]
+    assert (change["change_id"], change["creates"], change["activate"]) == (cid, True, False)
+    for active in (True, False):
+        r = api.call("PATCH", "/v1/offers/staged", "admin", json={"active": active})
+        assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
+    assert choose(api, "m-0", "push")["offer_id"] != "staged"
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    got = api.call("GET", "/v1/offers/staged", "analyst").json
+    assert (got["active"], got["budget"], got["max_impressions"]) == (False, 2.0, 2)
+    assert api.call("PATCH", "/v1/offers/staged", "admin", json={"active": True}).status_code == 200
+    served = [choose(api, f"m-{i}", "push")["offer_id"] for i in range(6)]
+    assert served.count("staged") == 2
+
+
+def test_change_requests_are_listed_page_by_page(api: Api) -> None:
+    """``GET /v1/changes`` stopped silently at the 10 000 oldest; it pages with ``after`` and
+    ``limit`` as the audit log does."""
+    ids = [api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 60.0 + i}).json["change_id"]
+           for i in range(5)]  # fmt: skip
+    seen, after = [], 0
+    while True:
+        page = api.call("GET", f"/v1/changes?status=pending&after={after}&limit=2", "analyst").json["changes"]
+        if not page:
+            break
+        assert len(page) <= 2
+        seen += [c["change_id"] for c in page]
+        after = page[-1]["change_id"]
+    assert seen == ids
+    r = api.call("GET", "/v1/changes?limit=0", "analyst")
+    assert r.status_code == 422 and r.json["error"]["code"] == "invalid_argument"

@@ -937,3 +937,84 @@ def test_timestamps_convert_to_the_exact_millisecond_and_back() -> None:
         assert to_ms(iso(ms)) == ms
     for ms in range(2_200_000_000_000, 2_200_000_000_000 + 25_000 * step, step):  # 2039 on
         assert to_ms(iso(ms)) == ms
+
+
+@contextmanager
+def _racing(engine: Engine, method: str, meanwhile) -> Iterator[list[int]]:  # type: ignore[no-untyped-def]
+    """Another writer's catalog write lands between this engine's read of the catalog and its
+    own write (``meanwhile`` runs inside the first call of ``engine.ledger.<method>``)."""
+    ledger = engine.ledger
+    original = getattr(ledger, method)
+    calls: list[int] = []
+
+    def racing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            meanwhile()
+        return original(*args, **kwargs)
+
+    setattr(ledger, method, racing)
+    try:
+        yield calls
+    finally:
+        delattr(ledger, method)
+
+
+def test_an_offer_update_never_undoes_a_write_it_did_not_see(engine: Engine, clock) -> None:
+    """Each catalog change is a read-modify-write; it is written only if the catalog is still
+    the version it read, else read again and re-applied. An edit of the cost that read the
+    offer before an approved budget landed used to write the old budget back."""
+    engine.add_offer(Offer("o", ["email"], cost=1.0, budget=50.0))
+    other = Engine(engine.ledger, clock=clock)  # another worker (an approver's request)
+    with _racing(engine, "put_offer", lambda: other.update_offer("o", budget=10.0)) as calls:
+        engine.update_offer("o", cost=2.0)
+    o = engine.get_offer("o")
+    assert (o.cost_cents, o.budget_cents) == (200, 1000)
+    assert len(calls) == 3  # other's write, this one's refused first try, its retry
+    racing_create = lambda: other.add_offer(Offer("d", ["email"], cost=5.0))  # noqa: E731
+    with _racing(engine, "put_offer", racing_create), pytest.raises(Conflict, match="already exists"):
+        engine.add_offer(Offer("d", ["email"], cost=1.0), exist_ok=False)  # the racing create won
+    assert engine.get_offer("d").cost_cents == 500
+
+
+def test_a_channel_update_never_undoes_a_write_it_did_not_see(engine: Engine, clock) -> None:
+    other = Engine(engine.ledger, clock=clock)
+    with _racing(engine, "put_channels", lambda: other.update_channel("email", holdout_fraction=0.2)):
+        engine.update_channel("email", exploration_floor=0.05)
+    cfg = engine.channel("email")
+    assert (cfg.holdout_fraction, cfg.exploration_floor) == (0.2, 0.05)
+    with pytest.raises(UnknownChannel):
+        engine.update_channel("fax", exploration_floor=0.05)
+
+
+def test_caps_are_never_set_below_what_is_used_even_by_a_write_that_skips_the_check(engine: Engine) -> None:
+    """The engine checks a lowered budget or impression cap against the offer's counters, then
+    writes; a choose reserving in between would leave spent + committed above the budget (the
+    in-memory ledger accepted it, SQLite and PostgreSQL raised a raw IntegrityError: a 500).
+    The ledger's write checks again, in the same transaction."""
+    engine.add_offer(Offer("o", ["email"], cost=1.0, budget=10.0, max_impressions=10))
+    for m in range(5):
+        engine.choose(f"m-{m}", "email")
+    before = engine.offer_state("o")
+    for lowered in (dict(budget=4.0), dict(max_impressions=4)):
+        with pytest.raises(Conflict):
+            engine.update_offer("o", **lowered)
+        with pytest.raises(Conflict, match="below what is already spent"):  # the ledger's own check
+            engine.ledger.put_offer(Offer.from_dict({**engine.get_offer("o").to_dict(), **lowered}))
+    assert engine.offer_state("o") == before
+    assert (engine.get_offer("o").budget_cents, engine.get_offer("o").max_impressions) == (1000, 10)
+    engine.update_offer("o", budget=5.0, max_impressions=5)  # exactly what is used: allowed
+    assert engine.choose("m-9", "email").offer_id is None
+
+
+def test_a_channels_default_offer_stays_an_offer_of_that_channel(engine: Engine) -> None:
+    engine.add_offer(Offer("a", ["email", "push"], cost=1.0))
+    engine.add_offer(Offer("b", ["push"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", default_offer="a"))
+    with pytest.raises(Conflict, match="default_offer"):
+        engine.update_offer("a", channels=["push"])
+    assert engine.get_offer("a").channels == ("email", "push")
+    with pytest.raises(InvalidArgument, match="not offered on channel"):
+        engine.update_channel("email", default_offer="b")
+    engine.update_channel("email", default_offer=None)
+    engine.update_offer("a", channels=["push"])

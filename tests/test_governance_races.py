@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 
 from bandit_engine import ManualClock
-from bandit_engine.errors import ChangeNotApproved
+from bandit_engine.errors import ChangeNotApproved, InvalidArgument
 from bandit_engine.governance import APPLY_TIMEOUT_MS, Change, Governance, Principal
 from bandit_engine.governance_models import ChangeRow
 from bandit_engine.ledger.migrate import upgrade_schema
@@ -193,3 +193,25 @@ def test_racing_approvers_never_leave_an_older_value_in_place(gov: Governance) -
         assert gov.get_change(newer).status == "approved", r
         assert target.settings == {"budget": 60.0}, (r, target.applied)
         assert target.applied in ([newer], [older, newer]), r
+
+
+def test_a_lapsed_claim_is_finished_by_approving_it_not_rejected(gov: Governance, clock: ManualClock) -> None:
+    """An approver that died (or could not record the approval) after applying a change left it
+    ``applying``; once lapsed it could be rejected, leaving a rejected change in force with no
+    approval in the audit log. It can only be approved again now, which records the approval,
+    unless newer approved changes have since set everything it sets."""
+    admin, a, b = principals(gov)
+    applied = []
+    cid = gov.propose("offer", "o", {"budget": 80.0}, admin).change_id
+    with gov._engine.begin() as c:  # what the approving process left behind
+        c.execute(update(ChangeRow).where(ChangeRow.id == cid)
+                  .values(status="applying", decided_at=clock.now_ms()))  # fmt: skip
+    clock.advance(ms=APPLY_TIMEOUT_MS + 1)
+    with pytest.raises(ChangeNotApproved, match="may be in force"):
+        gov.decide(cid, b, approve=False)
+    assert gov.decide(cid, b, approve=True, apply=applied.append).status == "approved"
+    assert [c.change_id for c in applied] == [cid]
+    assert [e.action for e in gov.audit_log()][-1] == "change.approve"
+    with pytest.raises(InvalidArgument, match="NUL"):  # PostgreSQL text cannot hold it
+        gov.decide(gov.propose("offer", "o", {"budget": 70.0}, admin).change_id, b, approve=False,
+                   reason="ok\x00")  # fmt: skip

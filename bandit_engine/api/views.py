@@ -11,7 +11,7 @@ from .. import pacing
 from ..catalog import ChannelConfig, MemberCap, Offer, check_id, same_features
 from ..clock import MS_PER_DAY
 from ..engine import Engine
-from ..errors import Conflict, InvalidArgument, UnknownChannel
+from ..errors import Conflict, InvalidArgument
 from ..governance import CHANGE_STATUSES, CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
 from . import validate as v
 from .auth import READERS, principal, requires
@@ -147,23 +147,27 @@ def create_offer() -> Any:
     v.fields(body, required=("offer_id", "channels", "cost"), optional=OFFER_FIELDS)
     offer = _offer_from_body(body)  # validates everything, governed settings included
     eng = engine()
-    channels = eng.channels()
-    for c in offer.channels:
-        if c not in channels:
-            raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
-    if offer.offer_id in {o.offer_id for o in eng.offers()}:
-        raise Conflict(f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}")
     governed = {k: val for k, val in _governed_offer_settings(offer).items() if val is not None}
     if not governed:
-        eng.add_offer(offer)
+        _create(eng, offer)
         gov().audit(principal().actor, "offer.create", f"offer:{offer.offer_id}", offer.to_dict())
         return _offer_get(offer.offer_id), 201
+    # stored without its governed settings and switched off until the change is decided
     ungoverned = {**offer.to_dict(), **{k: None for k in OFFER_GOVERNED}, "active": False}
-    eng.add_offer(Offer.from_dict(ungoverned))
+    _create(eng, Offer.from_dict(ungoverned))
     gov().audit(principal().actor, "offer.create", f"offer:{offer.offer_id}",
                 {**ungoverned, "pending": governed})  # fmt: skip
-    ch = gov().propose("offer", offer.offer_id, governed, principal(), activate=offer.active)
+    ch = gov().propose("offer", offer.offer_id, governed, principal(), activate=offer.active, creates=True)
     return {"offer_id": offer.offer_id, "change_id": ch.change_id, "status": "pending"}, 202
+
+
+def _create(eng: Engine, offer: Offer) -> None:
+    try:
+        eng.add_offer(offer, exist_ok=False)  # two admins racing to create one id: one wins
+    except Conflict as exc:
+        if "already exists" not in exc.message:
+            raise
+        raise Conflict(f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}") from None
 
 
 def _offer_get(offer_id: str) -> dict[str, Any]:
@@ -205,15 +209,17 @@ def patch_offer(offer_id: str) -> Any:
         raise Conflict(f"features of {offer_id!r} are immutable; create a new offer id")
     old_gov, new_gov = _governed_offer_settings(old), _governed_offer_settings(new)
     governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}
-    pending_create = [c for c in _pending_offer_changes(offer_id) if c.activate]
-    if "active" in body and pending_create:  # approval activates it: neither on nor off is heard
-        raise Conflict(f"offer {offer_id!r} awaits approval of change {pending_create[0].change_id}; "
-                       "it goes live when that is approved (reject the change to withdraw it)")  # fmt: skip
-    ungoverned = {**new.to_dict(), **old_gov}
+    creating = [c for c in _pending_offer_changes(offer_id) if c.creates or c.activate]
+    if "active" in body and creating:  # its caps are not in force yet: neither on nor off is heard
+        raise Conflict(f"offer {offer_id!r} awaits the decision on change {creating[0].change_id}, "
+                       "which holds the budget and caps it was created with; it is switched on or off "
+                       "only after that change is approved (reject the change to withdraw it)")  # fmt: skip
+    od, nd = old.to_dict(), new.to_dict()
+    changes = {k: val for k, val in nd.items() if k not in OFFER_GOVERNED and val != od[k]}
     if governed:  # validate the proposal against the live state before applying anything
         _check_offer_budget(eng, new)
-    if ungoverned != old.to_dict():
-        eng.add_offer(Offer.from_dict(ungoverned))
+    if changes:  # only what this request changes: an approval meanwhile keeps its settings
+        eng.update_offer(offer_id, **changes)
         gov().audit(principal().actor, "offer.update", f"offer:{offer_id}",
                     {k: val for k, val in body.items() if k not in OFFER_GOVERNED})  # fmt: skip
     if not governed:
@@ -254,10 +260,8 @@ def put_channel(name: str) -> Any:
     v.obj(body, "policy")
     eng = engine()
     old = eng.channel(name)
-    if body.get("default_offer") is not None:
-        default = eng.get_offer(v.string(body, "default_offer"))
-        if name not in default.channels:
-            raise InvalidArgument(f"default_offer {default.offer_id!r} is not offered on channel {name!r}")
+    if body.get("default_offer") is not None:  # 404 for an unknown one (the engine checks it too)
+        eng.get_offer(v.string(body, "default_offer"))
     try:
         new = ChannelConfig.from_dict({**old.to_dict(), **body, "name": name})
     except (TypeError, ValueError) as exc:
@@ -266,9 +270,9 @@ def put_channel(name: str) -> Any:
         raise InvalidArgument(f"invalid channel settings: {exc}"[:300]) from None
     od, nd = old.to_dict(), new.to_dict()
     governed = {k: nd[k] for k in CHANNEL_GOVERNED if nd[k] != od[k]}
-    ungoverned = ChannelConfig.from_dict({**nd, **{k: od[k] for k in CHANNEL_GOVERNED}})
-    if ungoverned != old:
-        eng.set_channel(ungoverned)
+    changes = {k: val for k, val in nd.items() if k not in CHANNEL_GOVERNED and val != od[k]}
+    if changes:  # only what this request changes: an approval meanwhile keeps its settings
+        eng.update_channel(name, **changes)
         gov().audit(principal().actor, "channel.update", f"channel:{name}",
                     {k: val for k, val in body.items() if k not in CHANNEL_GOVERNED})  # fmt: skip
     out = eng.channel(name).to_dict()
@@ -327,7 +331,9 @@ def list_changes() -> Any:
     status = request.args.get("status")
     if status is not None and status not in CHANGE_STATUSES:
         raise InvalidArgument(f"status must be one of {list(CHANGE_STATUSES)}, got {status!r}"[:200])
-    return {"changes": [c.to_dict() for c in gov().changes(status)]}
+    after = v.query_int("after", 0, 0, 2**62)
+    limit = v.query_int("limit", 1000, 1, 10_000)
+    return {"changes": [c.to_dict() for c in gov().changes(status, after=after, limit=limit)]}
 
 
 def _apply_change(ch: Change) -> None:
@@ -340,8 +346,7 @@ def _apply_change(ch: Change) -> None:
     elif ch.kind == "settings":
         eng.set_member_cap(ch.settings["member_cap"])
     else:
-        old = eng.channel(ch.target)
-        eng.set_channel(ChannelConfig.from_dict({**old.to_dict(), **ch.settings}))
+        eng.update_channel(ch.target, **ch.settings)
 
 
 def _decision_body() -> str | None:

@@ -15,14 +15,21 @@ from .records import Decision, Feedback, HistoryItem, OfferState, Pruned, Reward
 
 class Ledger(Protocol):
     # catalog ---------------------------------------------------------------------------------
-    def put_offer(self, offer: Offer) -> None: ...
+    # Every catalog write moves the catalog version on. With ``expect_version`` it writes only
+    # if the version is still that one, and raises CatalogChanged otherwise, writing nothing: a
+    # read-modify-write (the engine's update_offer, say) cannot undo a write it did not see.
+    def put_offer(self, offer: Offer, *, expect_version: int | None = None) -> None:
+        """Add or replace an offer. Its budget and impression cap are checked against what is
+        already spent, committed and shown in the same write (Conflict if below)."""
+        ...
+
     def offers(self) -> list[Offer]: ...
-    def put_channels(self, channels: Iterable[ChannelConfig]) -> None:
+    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
         """Store channel configurations, all in one transaction (one catalog version)."""
         ...
 
     def channels(self) -> dict[str, ChannelConfig]: ...
-    def put_setting(self, name: str, value: Any) -> None:
+    def put_setting(self, name: str, value: Any, *, expect_version: int | None = None) -> None:
         """Store an engine-wide setting (JSON-able ``value``; None clears it)."""
         ...
 

@@ -11,7 +11,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from ..catalog import ChannelConfig, MemberCap, Offer
-from ..errors import CapExceeded, InvalidArgument, RewardWindowClosed, UnknownEvent
+from ..errors import (
+    CapExceeded,
+    CatalogChanged,
+    Conflict,
+    InvalidArgument,
+    RewardWindowClosed,
+    UnknownEvent,
+)
 from .records import Decision, Feedback, HistoryItem, OfferState, Pruned, RewardOutcome, Snapshot
 from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
 
@@ -33,30 +40,47 @@ class MemoryLedger:
         self._settings: dict[str, Any] = {}
 
     # catalog ---------------------------------------------------------------------------------
-    def put_offer(self, offer: Offer) -> None:
+    def _bump_catalog(self, expect: int | None) -> None:
+        """(Under the lock.) As :meth:`SqlLedger._bump_catalog`: with ``expect``, only from it."""
+        if expect is not None and expect != self._catalog_version:
+            raise CatalogChanged(f"the catalog changed since version {expect} was read")
+        self._catalog_version += 1
+
+    def put_offer(self, offer: Offer, *, expect_version: int | None = None) -> None:
         with self._lock:
+            st = self._state.get(offer.offer_id)
+            if st is not None and (
+                (offer.budget_cents is not None and st.spent_cents + st.committed_cents > offer.budget_cents)
+                or (offer.max_impressions is not None and st.impressions > offer.max_impressions)
+            ):  # checked before anything changes, as the SQL ledger's guarded update
+                if expect_version is not None and expect_version != self._catalog_version:
+                    raise CatalogChanged(f"the catalog changed since version {expect_version} was read")
+                raise Conflict(
+                    f"offer {offer.offer_id!r}: its budget or impression cap would be below what "
+                    "is already spent and committed, or shown"
+                )
+            self._bump_catalog(expect_version)
             self._offers[offer.offer_id] = offer
             self._state.setdefault(offer.offer_id, OfferState(offer.offer_id))
-            self._catalog_version += 1
 
     def offers(self) -> list[Offer]:
         with self._lock:
             return [self._offers[k] for k in sorted(self._offers)]
 
-    def put_channels(self, channels: Iterable[ChannelConfig]) -> None:
+    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
         with self._lock:
+            self._bump_catalog(expect_version)
             for channel in channels:
                 self._channels[channel.name] = channel
-            self._catalog_version += 1
 
     def channels(self) -> dict[str, ChannelConfig]:
         with self._lock:
             return dict(sorted(self._channels.items()))
 
-    def put_setting(self, name: str, value: Any) -> None:
+    def put_setting(self, name: str, value: Any, *, expect_version: int | None = None) -> None:
         with self._lock:
+            self._bump_catalog(expect_version)
             self._settings[name] = value
-            self._catalog_version += 1
 
     def settings(self) -> dict[str, Any]:
         with self._lock:

@@ -35,7 +35,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, Operationa
 from sqlalchemy.pool import StaticPool
 
 from ..catalog import ChannelConfig, MemberCap, Offer
-from ..errors import InvalidArgument, StorageError
+from ..errors import CatalogChanged, Conflict, InvalidArgument, StorageError
 from .hot import (
     DECISION_COLUMNS,
     DuplicateEvent,
@@ -233,25 +233,54 @@ class SqlLedger:
     def _tx(self, write: bool = False) -> AbstractContextManager[Connection]:
         return transaction(self._engine, write=write)
 
-    def _bump_catalog(self, c: Connection) -> None:
-        n = c.execute(
-            update(CatalogVersionRow).where(CatalogVersionRow.id == 1)
-            .values(version=CatalogVersionRow.version + 1)
-        ).rowcount  # fmt: skip
-        if n == 0:
-            c.execute(_insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1))
+    def _bump_catalog(self, c: Connection, expect: int | None = None) -> None:
+        """Move the catalog version on; with ``expect``, only from that version, or raise
+        :class:`CatalogChanged` (so the transaction writes nothing). Done first in a catalog
+        write: on PostgreSQL the row lock then queues concurrent catalog writers, and one that
+        queued re-reads the version the first one committed."""
+        if expect is None:
+            n = c.execute(
+                update(CatalogVersionRow).where(CatalogVersionRow.id == 1)
+                .values(version=CatalogVersionRow.version + 1)
+            ).rowcount  # fmt: skip
+            if n == 0:
+                c.execute(_insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1))
+            return
+        if expect == 0:  # no catalog write yet: the row does not exist
+            n = c.execute(_insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1)).rowcount
+        else:
+            n = c.execute(
+                update(CatalogVersionRow)
+                .where(CatalogVersionRow.id == 1, CatalogVersionRow.version == expect)
+                .values(version=CatalogVersionRow.version + 1)
+            ).rowcount  # fmt: skip
+        if n != 1:
+            raise CatalogChanged(f"the catalog changed since version {expect} was read")
 
     # catalog ---------------------------------------------------------------------------------
-    def put_offer(self, offer: Offer) -> None:
+    def put_offer(self, offer: Offer, *, expect_version: int | None = None) -> None:
         spec = offer.to_dict()
         with self._tx(write=True) as c:
+            self._bump_catalog(c, expect_version)
+            # the caps hold against what concurrent chooses reserved: checked in the update
+            fits = [OfferRow.offer_id == offer.offer_id]
+            if offer.budget_cents is not None:
+                fits.append(OfferRow.spent_cents + OfferRow.committed_cents <= offer.budget_cents)
+            if offer.max_impressions is not None:
+                fits.append(OfferRow.impressions <= offer.max_impressions)
             n = c.execute(
-                update(OfferRow).where(OfferRow.offer_id == offer.offer_id).values(
+                update(OfferRow).where(*fits).values(
                     spec=spec, budget_cents=offer.budget_cents,
                     max_impressions=offer.max_impressions,
                 )
             ).rowcount  # fmt: skip
             if n == 0:
+                exists = c.execute(select(OfferRow.offer_id).where(OfferRow.offer_id == offer.offer_id)).first()
+                if exists is not None:
+                    raise Conflict(
+                        f"offer {offer.offer_id!r}: its budget or impression cap would be below what "
+                        "is already spent and committed, or shown"
+                    )
                 c.execute(
                     insert(OfferRow).values(
                         offer_id=offer.offer_id, spec=spec, budget_cents=offer.budget_cents,
@@ -259,31 +288,30 @@ class SqlLedger:
                         committed_cents=0, impressions=0, settled_cents=0,
                     )
                 )  # fmt: skip
-            self._bump_catalog(c)
 
     def offers(self) -> list[Offer]:
         with self._tx() as c:
             rows = c.execute(select(OfferRow.spec).order_by(OfferRow.offer_id)).scalars().all()
         return [Offer.from_dict(r) for r in rows]
 
-    def put_channels(self, channels: Iterable[ChannelConfig]) -> None:
+    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
         with self._tx(write=True) as c:
+            self._bump_catalog(c, expect_version)
             for channel in channels:  # the row first: two servers seeding at once is not an error
                 spec = channel.to_dict()
                 c.execute(_insert_ignore(self._dialect, ChannelRow).values(name=channel.name, spec=spec))
                 c.execute(update(ChannelRow).where(ChannelRow.name == channel.name).values(spec=spec))
-            self._bump_catalog(c)
 
     def channels(self) -> dict[str, ChannelConfig]:
         with self._tx() as c:
             rows = c.execute(select(ChannelRow.spec).order_by(ChannelRow.name)).scalars().all()
         return {r["name"]: ChannelConfig.from_dict(r) for r in rows}
 
-    def put_setting(self, name: str, value: Any) -> None:
+    def put_setting(self, name: str, value: Any, *, expect_version: int | None = None) -> None:
         with self._tx(write=True) as c:  # the row first (a racing first write is not an error)
+            self._bump_catalog(c, expect_version)
             c.execute(_insert_ignore(self._dialect, SettingRow).values(name=name, value=None))
             c.execute(update(SettingRow).where(SettingRow.name == name).values(value=value))
-            self._bump_catalog(c)
 
     def settings(self) -> dict[str, Any]:
         with self._tx() as c:
