@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Index, Integer, String, false
+from sqlalchemy import JSON, BigInteger, CheckConstraint, Index, Integer, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .ledger.models import Base
@@ -45,7 +45,10 @@ class ChangeRow(Base):
     created_at: Mapped[int] = mapped_column(BigInteger)
     decided_at: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_changes_status", "status", "id"),)
+    __table_args__ = (
+        Index("ix_changes_status", "status", "id"),
+        CheckConstraint("decided_by IS NULL OR decided_by <> proposed_by", name="ck_changes_four_eyes"),
+    )
 
 
 class AuditRow(Base):

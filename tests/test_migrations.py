@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from click.testing import CliRunner
-from sqlalchemy import Engine, inspect
+from sqlalchemy import CheckConstraint, Engine, inspect
 
 import bandit_engine.governance_models  # noqa: F401 - registers the governance tables on Base
 from bandit_engine.cli import main
@@ -65,6 +65,14 @@ def test_the_migrations_build_the_schema_the_models_describe(empty_db) -> None:
     declared none of the server defaults the migrations create, until this test)."""
     upgrade_schema(empty_db)
     assert _drift(empty_db) == []
+    # autogenerate does not compare CHECK constraints: the caps the database enforces
+    db = inspect(empty_db)
+    built = {(t, c["name"]) for t in db.get_table_names() for c in db.get_check_constraints(t)}
+    declared = {
+        (t.name, c.name) for t in Base.metadata.tables.values()
+        for c in t.constraints if isinstance(c, CheckConstraint)
+    }  # fmt: skip
+    assert built == declared and len(declared) == 5
 
 
 def test_every_migration_can_be_undone_and_redone(empty_db) -> None:

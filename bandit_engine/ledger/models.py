@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, Index, Integer, LargeBinary, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -27,6 +37,16 @@ class OfferRow(Base):
     committed_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     impressions: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     settled_cents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    # the caps, enforced by the database as a last line (the writes check them first);
+    # autogenerate does not compare CHECK constraints, so these mirror migration 0001 by hand
+    __table_args__ = (
+        CheckConstraint("spent_cents >= 0 AND committed_cents >= 0", name="ck_offers_money"),
+        CheckConstraint(
+            "budget_cents IS NULL OR spent_cents + committed_cents <= budget_cents", name="ck_offers_budget"
+        ),
+        CheckConstraint("max_impressions IS NULL OR impressions <= max_impressions", name="ck_offers_impressions"),
+    )
 
 
 class ChannelRow(Base):
@@ -89,6 +109,7 @@ class DecisionRow(Base):
         Index("ix_decisions_member_issued", "member_id", "issued_at"),
         Index("ix_decisions_status_deadline", "status", "deadline"),
         Index("ix_decisions_channel_seq", "channel", "seq"),
+        CheckConstraint("spent_cents <= reserved_cents", name="ck_decisions_spent"),
     )
 
 
