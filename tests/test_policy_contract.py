@@ -142,7 +142,12 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("vw", {"interactions": ["U"]}, InvalidArgument, r"interaction must be .*'U'"),
     ("vw", {"member_id": "yes"}, InvalidArgument, r"member_id must be true or false.*'yes'"),
     ("vw", {"extra_args": "--l1 1"}, InvalidArgument, r"extra_args must be a list"),
-    ("vw", {"extra_args": ["--no_such_option"]}, InvalidArgument, r"VW rejected .*no_such"),
+    ("vw", {"extra_args": ["--no_such_option"]}, InvalidArgument, r"only the learning options.*no_such"),
+    # options that read or write server files (-p truncated any file it named): refused
+    ("vw", {"extra_args": ["-p", "/tmp/vw-p"]}, InvalidArgument, r"only the learning options.*'-p'"),
+    ("vw", {"extra_args": ["--cache_file=/tmp/vw-c"]}, InvalidArgument, r"only the learning options.*cache_file"),
+    ("vw", {"extra_args": ["-l", "/tmp/x"]}, InvalidArgument, r"-l needs a value"),
+    ("vw", {"extra_args": ["--cb_type", "nope"]}, InvalidArgument, r"VW rejected .*nope"),
     ("nope", {}, UnknownPolicy, r"unknown policy family 'nope'"),
 ]
 

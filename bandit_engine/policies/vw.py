@@ -34,6 +34,7 @@ array([0.042, 0.915, 0.042])
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -82,6 +83,20 @@ _DEFAULTS = {
     "regcb": {"mellowness": 0.01},
 }
 _COST_RANGE = ("regcb", "regcbopt")  # need --cb_min_cost -1 --cb_max_cost 0 to learn at all
+# ``extra_args``: learning options only, each with the kind of value it takes (None: a switch).
+# Anything else is refused: a channel's policy comes over the HTTP API, and many of VW's options
+# read or write files on the server (``-p`` truncates any file it names, ``--cache_file``,
+# ``-f``, ``-d``, ``--readable_model``, ...) or set what the engine sets (seed, explorer).
+_NUM = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_WORD = re.compile(r"[A-Za-z0-9_:]{1,32}")
+_EXTRA_OPTIONS: dict[str, re.Pattern[str] | None] = {
+    "-l": _NUM, "--learning_rate": _NUM, "--power_t": _NUM, "--initial_t": _NUM,
+    "--decay_learning_rate": _NUM, "--l1": _NUM, "--l2": _NUM, "-b": _NUM, "--bit_precision": _NUM,
+    "--cb_type": _WORD, "--loss_function": _WORD, "--ignore": _WORD, "--ignore_linear": _WORD,
+    "--keep": _WORD, "-q": _WORD, "--quadratic": _WORD, "--cubic": _WORD,
+    "--noconstant": None, "--coin": None, "--sgd": None, "--adaptive": None, "--normalized": None,
+    "--invariant": None, "--first_only": None,
+}  # fmt: skip
 _NAMESPACES = "UAHM"  # shared context, offer, member x offer history, member id
 
 _ESCAPES = str.maketrans({"%": "%25", " ": "%20", "\t": "%09", "\n": "%0A", "\r": "%0D",
@@ -124,6 +139,26 @@ def feature_text(features: Mapping[str, FeatureValue], cache: dict[Any, str] | N
             if x != 0.0 and math.isfinite(x):
                 parts.append(f"{name}:{x!r}")
     return " ".join(parts)
+
+
+def _check_extra_args(args: Sequence[str]) -> None:
+    """Every option a learning option of :data:`_EXTRA_OPTIONS` with a value of its kind."""
+    tokens = [t for a in args for t in (a.split("=", 1) if a.startswith("--") else (a,))]
+    i = 0
+    while i < len(tokens):
+        flag = tokens[i]
+        if flag not in _EXTRA_OPTIONS:
+            raise InvalidArgument(
+                f"vw: extra_args may hold only the learning options {sorted(_EXTRA_OPTIONS)}, "
+                f"each with its value; got {shown(flag, 40)}"
+            )
+        kind = _EXTRA_OPTIONS[flag]
+        if kind is not None:
+            value = tokens[i + 1] if i + 1 < len(tokens) else None
+            if value is None or not kind.fullmatch(value):
+                raise InvalidArgument(f"vw: extra_args: {flag} needs a value, got {shown(value, 40)}")
+            i += 1
+        i += 1
 
 
 class VWPolicy(Policy):
@@ -178,6 +213,7 @@ class VWPolicy(Policy):
         for a in extra_args:
             if not isinstance(a, str) or not a:
                 raise InvalidArgument(f"vw: extra_args must be non-empty strings, got {a!r}")
+        _check_extra_args(extra_args)
         self.explorer = explorer
         self.member_id = member_id
         terms = list(dict.fromkeys(interactions))
