@@ -249,6 +249,10 @@ CASES: list[tuple[str, str, str, str, Any, int, str]] = [
     ("changes-bad-status", "GET", "/v1/changes?status=maybe", "analyst", None, 422, "invalid_argument"),
     ("audit-limit-zero", "GET", "/v1/audit?limit=0", "analyst", None, 422, "invalid_argument"),
     ("audit-limit-text", "GET", "/v1/audit?limit=ten", "analyst", None, 422, "invalid_argument"),
+    ("audit-limit-space", "GET", "/v1/audit?limit=%2010", "analyst", None, 422, "invalid_argument"),
+    ("audit-limit-underscore", "GET", "/v1/audit?limit=1_0", "analyst", None, 422, "invalid_argument"),
+    ("audit-limit-arabic-digits", "GET", "/v1/audit?limit=%D9%A1%D9%A0", "analyst", None, 422, "invalid_argument"),
+    ("changes-after-huge", "GET", "/v1/changes?after=1" + "0" * 30, "analyst", None, 422, "invalid_argument"),
     ("lift-unknown-channel", "GET", "/v1/reports/lift?channel=fax", "analyst", None, 404, "unknown_channel"),
     # --- integers no float holds (math.isfinite raised OverflowError: a 500)
     ("reward-huge-integer", "POST", "/v1/reward", "decide",

@@ -24,6 +24,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+_QUERY_INT = re.compile(r"-?[0-9]{1,19}")
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # built once, not per request
 
 
@@ -146,10 +147,9 @@ def query_int(name: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise InvalidArgument(f"query parameter {name} must be an integer, got {raw!r}"[:200]) from None
+    if not _QUERY_INT.fullmatch(raw):  # int() also takes " 10", "1_0" and non-ASCII digits
+        raise InvalidArgument(f"query parameter {name} must be an integer, got {raw!r}"[:200])
+    v = int(raw)
     if not lo <= v <= hi:
         raise InvalidArgument(f"query parameter {name} must be in [{lo}, {hi}], got {v}")
     return v
