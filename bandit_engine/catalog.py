@@ -160,10 +160,13 @@ class Rule:
                 raise InvalidArgument(f"Rule {self.op!r} needs a list of values, got {self.value!r}")
             object.__setattr__(self, "value", tuple(self.value))
         elif self.op in ("gt", "gte", "lt", "lte") and not is_finite_number(self.value):
-            raise InvalidArgument(f"Rule {self.op!r} needs a finite number, got {shown(self.value)}")
+            raise InvalidArgument(
+                f"Rule {self.op!r} needs a finite number, got {shown(self.value)}"
+            )
         values = self.value if self.op in ("in", "not_in") else (self.value,)
         for v in values:  # stored and served as JSON: no Infinity, no lone surrogate
-            if (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, str) and not is_text(v)):
+            bad_float = isinstance(v, float) and not math.isfinite(v)
+            if bad_float or (isinstance(v, str) and not is_text(v)):
                 raise InvalidArgument(
                     f"Rule {self.field!r} {self.op}: a value must be a finite number or valid "
                     f"Unicode text, got {shown(v)}"
@@ -439,7 +442,8 @@ class ChannelConfig:
             object.__setattr__(self, "provisional_reward", float(self.provisional_reward))
         if not isinstance(self.salt, str) or not is_text(self.salt) or len(self.salt) > 256:
             raise InvalidArgument(
-                f"salt must be a string of <= 256 characters of valid Unicode, got {shown(self.salt)}"
+                "salt must be a string of <= 256 characters of valid Unicode, "
+                f"got {shown(self.salt)}"
             )
         if not self.salt:
             object.__setattr__(self, "salt", self.name)

@@ -95,8 +95,11 @@ class EngineConfig:
             raise InvalidArgument(f"pacing_gain must be > 0, got {self.pacing_gain!r}")
         if isinstance(self.history_limit, bool) or not isinstance(self.history_limit, int) or self.history_limit < 1:
             raise InvalidArgument(f"history_limit must be an integer >= 1, got {self.history_limit!r}")
-        if not is_finite_number(self.gap_grace) or not 0 <= self.gap_grace <= 3600:  # type: ignore[operator]
-            raise InvalidArgument(f"gap_grace must be a number of seconds in [0, 3600], got {shown(self.gap_grace)}")
+        grace = self.gap_grace
+        if not is_finite_number(grace) or not 0 <= grace <= 3600:  # type: ignore[operator]
+            raise InvalidArgument(
+                f"gap_grace must be a number of seconds in [0, 3600], got {shown(grace)}"
+            )
 
 
 @dataclass
@@ -164,10 +167,12 @@ class Engine:
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.config = config or EngineConfig()
-        if getattr(ledger, "commits_out_of_seq_order", False) and not isinstance(ledger, GapSafeLedger):
+        out_of_order = getattr(ledger, "commits_out_of_seq_order", False)
+        if out_of_order and not isinstance(ledger, GapSafeLedger):
             # PostgreSQL: a seq can become visible before a lower one commits; reading past it
             # would skip the lower one for good (learning and replay alike)
-            ledger = GapSafeLedger(ledger, gap_grace=self.config.gap_grace)  # type: ignore[assignment]
+            grace = self.config.gap_grace
+            ledger = GapSafeLedger(ledger, gap_grace=grace)  # type: ignore[assignment]
         self.ledger = ledger
         self._lock = threading.RLock()  # policies are not thread-safe (VW); one learner
         self._catalog = _Catalog()
@@ -331,7 +336,8 @@ class Engine:
                     f"budget {offer.budget_cents / 100:.2f} of {offer.offer_id!r} is below what is "
                     f"already spent and committed ({(st.spent_cents + st.committed_cents) / 100:.2f})"
                 )
-            if st is not None and offer.max_impressions is not None and offer.max_impressions < st.impressions:
+            cap = offer.max_impressions
+            if st is not None and cap is not None and cap < st.impressions:
                 raise Conflict(
                     f"max_impressions {offer.max_impressions} of {offer.offer_id!r} is below the "
                     f"{st.impressions} impressions already counted"
@@ -340,8 +346,9 @@ class Engine:
                 cfg = cat.channels.get(name)
                 if cfg is not None and cfg.default_offer == offer.offer_id:
                     raise Conflict(
-                        f"offer {offer.offer_id!r} is channel {name!r}'s default_offer; set another "
-                        "default_offer (or none) on the channel before taking the offer off it"
+                        f"offer {offer.offer_id!r} is channel {name!r}'s default_offer; set "
+                        "another default_offer (or none) on the channel before taking the offer "
+                        "off it"
                     )
         if pacing.is_paced(offer) and offer.starts_at is None:
             start = old.starts_at if old is not None and old.starts_at is not None else self.clock.now_ms()
@@ -393,10 +400,13 @@ class Engine:
             if channel.default_offer is not None:
                 default = cat.offers.get(channel.default_offer)
                 if default is None:
-                    raise UnknownOffer(f"channel {channel.name!r}: unknown default_offer {channel.default_offer!r}")
+                    raise UnknownOffer(
+                        f"channel {channel.name!r}: unknown default_offer {channel.default_offer!r}"
+                    )
                 if channel.name not in default.channels:
                     raise InvalidArgument(
-                        f"default_offer {default.offer_id!r} is not offered on channel {channel.name!r}"
+                        f"default_offer {default.offer_id!r} is not offered on channel "
+                        f"{channel.name!r}"
                     )
         after = {**cat.channels, **{c.name: c for c in new}}
         for channel in new:
@@ -792,10 +802,10 @@ class Engine:
 
     def _serve_default(self, base: Decision, cfg: ChannelConfig, reason: str) -> Decision:
         """The hold-out's (or a member without consent's) decision: the channel's default offer
-        if it is live, the member passes its rules and it is within its caps, else nothing. A hold-out member's decision stays
-        open for its window either way: the service reports the member's outcome (a purchase
-        made without our offer) as its reward, and the window closes with the default reward,
-        so the lift report compares like with like."""
+        if it is live, the member passes its rules and it is within its caps, else nothing. A
+        hold-out member's decision stays open for its window either way: the service reports the
+        member's outcome (a purchase made without our offer) as its reward, and the window
+        closes with the default reward, so the lift report compares like with like."""
         cat = self._catalog  # one catalog version for the offer and its caps
         offer = cat.offers.get(cfg.default_offer or "")
         nothing = base.with_(status="open" if base.group == "holdout" else "none")
@@ -924,8 +934,11 @@ class Engine:
         deletes it: an archive that fails deletes nothing of its batch, and a crash after the
         write but before the commit leaves that batch in both places (an archive reader keeps
         the first line of an event id)."""
-        if not is_finite_number(older_than_days) or older_than_days > 36_500:  # type: ignore[operator]
-            raise InvalidArgument(f"older_than_days must be a number of days (at most 36 500), got {shown(older_than_days)}")
+        days = older_than_days
+        if not is_finite_number(days) or days > 36_500:  # type: ignore[operator]
+            raise InvalidArgument(
+                f"older_than_days must be a number of days (at most 36 500), got {shown(days)}"
+            )
         floor = self.retention_floor_days()
         if older_than_days < floor:
             raise InvalidArgument(

@@ -256,8 +256,10 @@ class Governance:
             raise UnknownChange(f"unknown change {change_id}")
         return _change(r)
 
-    def changes(self, status: str | None = None, *, kind: str | None = None,
-                target: str | None = None, after: int = 0, limit: int | None = None) -> list[Change]:  # fmt: skip
+    def changes(
+        self, status: str | None = None, *, kind: str | None = None, target: str | None = None,
+        after: int = 0, limit: int | None = None,
+    ) -> list[Change]:  # fmt: skip
         """Change requests in id order: those with an id above ``after``, at most ``limit``
         (None: all; a caller pages with ``after`` = the last id it got)."""
         q = select(ChangeRow).where(ChangeRow.id > after).order_by(ChangeRow.id)
@@ -293,9 +295,12 @@ class Governance:
         and the approval is then recorded), but not rejected (its settings may be in force) unless
         newer approved changes have set every setting it sets since."""
         if reason is not None and (
-            not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason or not is_text(reason)
-        ):
-            raise InvalidArgument("reason must be text of at most 1000 characters, without NUL characters")
+            not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason
+            or not is_text(reason)
+        ):  # fmt: skip
+            raise InvalidArgument(
+                "reason must be text of at most 1000 characters, without NUL characters"
+            )
         ch = self.get_change(change_id)  # unknown change -> 404 before anything else
         now = self.clock.now_ms()
         with self._tx(write=True) as c:
@@ -311,8 +316,9 @@ class Governance:
                 what = "being decided by someone else" if ch.status == "applying" else ch.status
                 raise ChangeNotApproved(f"change {change_id} is {what}, not pending")
             superseded = set(ch.settings) <= {  # newer approved changes set all it sets
-                k for r in rows if r.status == "approved" and r.change_id > change_id for k in r.settings
-            }
+                k for r in rows if r.status == "approved" and r.change_id > change_id
+                for k in r.settings
+            }  # fmt: skip
             if lapsed and not approve and not superseded:
                 raise ChangeNotApproved(
                     f"change {change_id} was being approved when its approver stopped, so its "
@@ -341,9 +347,9 @@ class Governance:
                         )
                     if other.status == "approved" and other.change_id > change_id:
                         raise ChangeNotApproved(
-                            f"change {change_id} is stale: the newer change {other.change_id} already "
-                            f"set {same} of {ch.kind} {ch.target!r}; reject this one, or propose the "
-                            "value again"
+                            f"change {change_id} is stale: the newer change {other.change_id} "
+                            f"already set {same} of {ch.kind} {ch.target!r}; reject this one, or "
+                            "propose the value again"
                         )
                 c.execute(  # decided_at holds the claim's time until the approval is recorded
                     update(ChangeRow).where(ChangeRow.id == change_id)

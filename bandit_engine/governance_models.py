@@ -47,7 +47,9 @@ class ChangeRow(Base):
 
     __table_args__ = (
         Index("ix_changes_status", "status", "id"),
-        CheckConstraint("decided_by IS NULL OR decided_by <> proposed_by", name="ck_changes_four_eyes"),
+        CheckConstraint(
+            "decided_by IS NULL OR decided_by <> proposed_by", name="ck_changes_four_eyes"
+        ),
     )
 
 

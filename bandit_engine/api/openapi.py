@@ -159,13 +159,15 @@ def openapi_document() -> dict[str, Any]:
             "put": _op("Change engine-wide settings (all governed: a pending change)", ["admin"], {
                 "200": _ok("unchanged", SETTINGS), "202": _ok("change pending", PENDING)},
                 _body({**SETTINGS, "required": ["member_cap"]}))},  # fmt: skip
-        "/v1/changes": {"get": _op("List change requests, oldest first; page with after = the last change_id",
-                                   READERS, {"200": _ok("changes")}, params=[
-            {"name": "status", "in": "query", "required": False,
-             "schema": {"enum": list(CHANGE_STATUSES)}},
-            {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
-            {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}])},  # fmt: skip
+        "/v1/changes": {"get": _op(
+            "List change requests, oldest first (page on with after = the last change_id)",
+            READERS, {"200": _ok("changes")}, params=[
+                {"name": "status", "in": "query", "required": False,
+                 "schema": {"enum": list(CHANGE_STATUSES)}},
+                {"name": "after", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0}},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 10000}}])},  # fmt: skip
         "/v1/changes/{change_id}/approve": {
             "parameters": [_path("change_id", CHANGE_ID)],
             "post": _op("Approve a change (never by its proposer)", ["approver"], {

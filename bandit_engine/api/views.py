@@ -157,7 +157,8 @@ def create_offer() -> Any:
     _create(eng, Offer.from_dict(ungoverned))
     gov().audit(principal().actor, "offer.create", f"offer:{offer.offer_id}",
                 {**ungoverned, "pending": governed})  # fmt: skip
-    ch = gov().propose("offer", offer.offer_id, governed, principal(), activate=offer.active, creates=True)
+    ch = gov().propose("offer", offer.offer_id, governed, principal(),
+                       activate=offer.active, creates=True)  # fmt: skip
     return {"offer_id": offer.offer_id, "change_id": ch.change_id, "status": "pending"}, 202
 
 
@@ -167,7 +168,9 @@ def _create(eng: Engine, offer: Offer) -> None:
     except Conflict as exc:
         if "already exists" not in exc.message:
             raise
-        raise Conflict(f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}") from None
+        raise Conflict(
+            f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}"
+        ) from None
 
 
 def _offer_get(offer_id: str) -> dict[str, Any]:
@@ -211,9 +214,11 @@ def patch_offer(offer_id: str) -> Any:
     governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}
     creating = [c for c in _pending_offer_changes(offer_id) if c.creates or c.activate]
     if "active" in body and creating:  # its caps are not in force yet: neither on nor off is heard
-        raise Conflict(f"offer {offer_id!r} awaits the decision on change {creating[0].change_id}, "
-                       "which holds the budget and caps it was created with; it is switched on or off "
-                       "only after that change is approved (reject the change to withdraw it)")  # fmt: skip
+        raise Conflict(
+            f"offer {offer_id!r} awaits the decision on change {creating[0].change_id}, which "
+            "holds the budget and caps it was created with; it is switched on or off only after "
+            "that change is approved (reject the change to withdraw it)"
+        )
     od, nd = old.to_dict(), new.to_dict()
     changes = {k: val for k, val in nd.items() if k not in OFFER_GOVERNED and val != od[k]}
     if governed:  # validate the proposal against the live state before applying anything

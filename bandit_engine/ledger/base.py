@@ -24,7 +24,9 @@ class Ledger(Protocol):
         ...
 
     def offers(self) -> list[Offer]: ...
-    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
+    def put_channels(
+        self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None
+    ) -> None:
         """Store channel configurations, all in one transaction (one catalog version)."""
         ...
 

@@ -49,12 +49,13 @@ class MemoryLedger:
     def put_offer(self, offer: Offer, *, expect_version: int | None = None) -> None:
         with self._lock:
             st = self._state.get(offer.offer_id)
+            budget, cap = offer.budget_cents, offer.max_impressions
             if st is not None and (
-                (offer.budget_cents is not None and st.spent_cents + st.committed_cents > offer.budget_cents)
-                or (offer.max_impressions is not None and st.impressions > offer.max_impressions)
+                (budget is not None and st.spent_cents + st.committed_cents > budget)
+                or (cap is not None and st.impressions > cap)
             ):  # checked before anything changes, as the SQL ledger's guarded update
                 if expect_version is not None and expect_version != self._catalog_version:
-                    raise CatalogChanged(f"the catalog changed since version {expect_version} was read")
+                    raise CatalogChanged(f"the catalog changed since version {expect_version}")
                 raise Conflict(
                     f"offer {offer.offer_id!r}: its budget or impression cap would be below what "
                     "is already spent and committed, or shown"
@@ -67,7 +68,9 @@ class MemoryLedger:
         with self._lock:
             return [self._offers[k] for k in sorted(self._offers)]
 
-    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
+    def put_channels(
+        self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None
+    ) -> None:
         with self._lock:
             self._bump_catalog(expect_version)
             for channel in channels:

@@ -43,9 +43,13 @@ class OfferRow(Base):
     __table_args__ = (
         CheckConstraint("spent_cents >= 0 AND committed_cents >= 0", name="ck_offers_money"),
         CheckConstraint(
-            "budget_cents IS NULL OR spent_cents + committed_cents <= budget_cents", name="ck_offers_budget"
+            "budget_cents IS NULL OR spent_cents + committed_cents <= budget_cents",
+            name="ck_offers_budget",
         ),
-        CheckConstraint("max_impressions IS NULL OR impressions <= max_impressions", name="ck_offers_impressions"),
+        CheckConstraint(
+            "max_impressions IS NULL OR impressions <= max_impressions",
+            name="ck_offers_impressions",
+        ),
     )
 
 

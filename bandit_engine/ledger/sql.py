@@ -247,7 +247,8 @@ class SqlLedger:
                 c.execute(_insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1))
             return
         if expect == 0:  # no catalog write yet: the row does not exist
-            n = c.execute(_insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1)).rowcount
+            first = _insert_ignore(self._dialect, CatalogVersionRow).values(id=1, version=1)
+            n = c.execute(first).rowcount
         else:
             n = c.execute(
                 update(CatalogVersionRow)
@@ -275,11 +276,13 @@ class SqlLedger:
                 )
             ).rowcount  # fmt: skip
             if n == 0:
-                exists = c.execute(select(OfferRow.offer_id).where(OfferRow.offer_id == offer.offer_id)).first()
+                exists = c.execute(
+                    select(OfferRow.offer_id).where(OfferRow.offer_id == offer.offer_id)
+                ).first()  # fmt: skip
                 if exists is not None:
                     raise Conflict(
-                        f"offer {offer.offer_id!r}: its budget or impression cap would be below what "
-                        "is already spent and committed, or shown"
+                        f"offer {offer.offer_id!r}: its budget or impression cap would be below "
+                        "what is already spent and committed, or shown"
                     )
                 c.execute(
                     insert(OfferRow).values(
@@ -294,7 +297,9 @@ class SqlLedger:
             rows = c.execute(select(OfferRow.spec).order_by(OfferRow.offer_id)).scalars().all()
         return [Offer.from_dict(r) for r in rows]
 
-    def put_channels(self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None) -> None:
+    def put_channels(
+        self, channels: Iterable[ChannelConfig], *, expect_version: int | None = None
+    ) -> None:
         with self._tx(write=True) as c:
             self._bump_catalog(c, expect_version)
             for channel in channels:  # the row first: two servers seeding at once is not an error

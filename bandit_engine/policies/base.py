@@ -36,7 +36,9 @@ def positive_param(family: str, name: str, value: object) -> float:
 def int_param(family: str, name: str, value: object, lo: int, hi: int) -> int:
     """A policy parameter that must be an integer in ``[lo, hi]``."""
     if isinstance(value, bool) or not isinstance(value, int) or not (lo <= value <= hi):
-        raise InvalidArgument(f"{family}: {name} must be an integer in [{lo}, {hi}], got {shown(value)}")
+        raise InvalidArgument(
+            f"{family}: {name} must be an integer in [{lo}, {hi}], got {shown(value)}"
+        )
     return value
 _EMPTY: Mapping[str, float] = MappingProxyType({})
 

@@ -51,7 +51,9 @@ def _number(lo: float, hi: float, *, integer: bool = False) -> Callable[[str, ob
         ok = is_finite_number(value) and (isinstance(value, int) or not integer)
         if not ok or not (lo <= value <= hi):  # type: ignore[operator]
             kind = "an integer" if integer else "a number"
-            raise InvalidArgument(f"vw: {name} must be {kind} in [{lo:g}, {hi:g}], got {shown(value)}")
+            raise InvalidArgument(
+                f"vw: {name} must be {kind} in [{lo:g}, {hi:g}], got {shown(value)}"
+            )
         return str(value) if integer else format(float(value), ".9g")  # type: ignore[arg-type]
 
     return check
@@ -156,7 +158,9 @@ def _check_extra_args(args: Sequence[str]) -> None:
         if kind is not None:
             value = tokens[i + 1] if i + 1 < len(tokens) else None
             if value is None or not kind.fullmatch(value):
-                raise InvalidArgument(f"vw: extra_args: {flag} needs a value, got {shown(value, 40)}")
+                raise InvalidArgument(
+                    f"vw: extra_args: {flag} needs a value, got {shown(value, 40)}"
+                )
             i += 1
         i += 1
 

@@ -24,7 +24,9 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("changes") as batch:
-        batch.add_column(sa.Column("creates", sa.Boolean, nullable=False, server_default=sa.false()))
+        batch.add_column(
+            sa.Column("creates", sa.Boolean, nullable=False, server_default=sa.false())
+        )
     op.execute(sa.text("UPDATE changes SET creates = activate"))
 
 
