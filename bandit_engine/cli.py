@@ -21,6 +21,20 @@ def database_url(ctx: click.Context) -> str:
     return ctx.obj["database_url"]
 
 
+def existing_database(url: str) -> str:
+    """``url``, for a command that reads or maintains a ledger: a SQLite file that is not there
+    is an error. Opening one creates it, so a mistyped path would read as an empty ledger and
+    leave an empty database behind. The commands that set a database up create it (``db
+    upgrade``, ``demo``, ``serve``, ``keys create``)."""
+    from .errors import InvalidArgument
+    from .ledger.sql import sqlite_file
+
+    db = sqlite_file(url)  # None for what is not a SQLite file
+    if db is not None and not db.is_file():
+        raise InvalidArgument(f"no ledger at {url}: the SQLite file {str(db)!r} does not exist")
+    return url
+
+
 @click.group()
 @click.option(
     "--database-url",
@@ -44,11 +58,19 @@ def db() -> None:
 def _schema_at(
     ctx: click.Context, move: Callable[[Any, str], None] | None = None, revision: str = ""
 ) -> str:
-    """The schema's revision, after ``move(engine, revision)`` (an upgrade or a downgrade)."""
-    from .ledger.migrate import current_revision
-    from .ledger.sql import make_engine
+    """The schema's revision, after ``move(engine, revision)`` (an upgrade or a downgrade).
+    Only an upgrade creates a SQLite file that is not there: a downgrade refuses, and reading
+    the revision of none is reading no schema."""
+    from .ledger.migrate import current_revision, upgrade_schema
+    from .ledger.sql import make_engine, sqlite_file
 
-    engine = make_engine(database_url(ctx))
+    url = database_url(ctx)
+    if move is not upgrade_schema:
+        db = sqlite_file(url)
+        if move is None and db is not None and not db.exists():
+            return "base (empty)"
+        existing_database(url)
+    engine = make_engine(url)
     if move is not None:
         move(engine, revision)
     return current_revision(engine) or "base (empty)"
@@ -93,7 +115,7 @@ def expire(ctx: click.Context) -> None:
     # closes windows and writes their feedback, learns nothing: a model learned here and
     # checkpointed on close could step past a reward a server is still committing (a lower
     # seq), which restarted workers would then never learn. The serving workers learn it.
-    with Engine.open(database_url(ctx), learn_in_process=False) as engine:
+    with Engine.open(existing_database(database_url(ctx)), learn_in_process=False) as engine:
         n = engine.expire()
     click.echo(f"expired {n} decisions")
 
@@ -135,7 +157,7 @@ def prune(ctx: click.Context, older_than: float, archive: str | None, no_archive
 
     if (archive is None) == (not no_archive):
         raise click.UsageError("give --archive FILE (keep a copy) or --no-archive (discard)")
-    engine = Engine.open(database_url(ctx))
+    engine = Engine.open(existing_database(database_url(ctx)))
     try:
         if archive is None:
             report = engine.prune(older_than, None, batch=batch)

@@ -885,20 +885,31 @@ class Engine:
     # export ----------------------------------------------------------------------------------
     def export_dsjson(self, out: IO[str], *, channel: str | None = None, limit: int | None = None) -> int:
         """Write treatment decisions as VW dsjson lines (``a``, ``p``, ``_label_cost``, ...): the
-        first ``limit`` of the log (all by default) among those whose reward window has closed
-        (a redemption settles its decision at once, a miss only at the window's close: the
-        labelled decisions of open windows are mostly redemptions, and would bias whatever
-        learns or evaluates from the file). Returns how many. An unknown channel is an error."""
+        first ``limit`` of the log (all by default) among those the engine learns from (learnable
+        and active) whose reward window has closed (a redemption settles its decision at once, a
+        miss only at the window's close: the labelled decisions of open windows are mostly
+        redemptions, and would bias whatever learns or evaluates from the file). Every line is
+        labelled: a decision still open past its deadline (no :meth:`expire` since) with the
+        reward expiry will give it (its accumulated reward, else the channel's default), as
+        :func:`~bandit_engine.evaluation.from_engine` reads it. Returns how many. An unknown
+        channel is an error."""
+        from .ledger.settle import settle_expiry
+
         cat = self._refresh_catalog(force=True)
         if channel is not None:
             self.channel(channel)  # UnknownChannel
         now = self.clock.now_ms()
+        defaults = {name: c.default_reward for name, c in cat.channels.items()}
         n = 0
         for d in self.ledger.decisions(channel=channel):
             if n == limit:
                 break
-            if d.offer_id is None or not d.learnable or d.deadline > now:
+            if d.offer_id is None or not d.learnable or not d.active or d.deadline > now:
                 continue
+            if d.status == "open":
+                if d.deadline == now:  # a reward may still come at the deadline itself
+                    continue
+                d = settle_expiry(d, defaults.get(d.channel, 0.0))[0]  # written nowhere
             out.write(json.dumps(to_dsjson(d, cat.offers)) + "\n")
             n += 1
         return n
@@ -990,22 +1001,25 @@ class PruneReport:
 
 
 def to_dsjson(d: Decision, offers: Mapping[str, Offer]) -> dict[str, Any]:
-    """One decision as a VW dsjson record. Actions are 1-based, the chosen one first in ``a``."""
+    """One decision as a VW dsjson record. Actions are 1-based, the chosen one first in ``a``.
+    An action's member x offer history features (what the policy saw of how often this member
+    was shown or redeemed it) are its namespace ``H``, as the engine's VW family names them."""
     chosen = d.eligible.index(d.offer_id)  # type: ignore[arg-type]
     order = [chosen] + [i for i in range(len(d.eligible)) if i != chosen]
+    multi = []
+    for oid in d.eligible:
+        features = dict(offers[oid].features) if oid in offers else {}
+        action: dict[str, Any] = {"A": {"offer": oid, **features}}
+        if d.offer_context.get(oid):
+            action["H"] = dict(d.offer_context[oid])
+        multi.append(action)
     rec: dict[str, Any] = {
         "EventId": d.event_id,
         "Timestamp": iso(d.issued_at),
         "Version": "1",
         "a": [i + 1 for i in order],
         "p": [d.pmf[i] for i in order],
-        "c": {
-            "U": {k: v for k, v in d.context.items()},
-            "_multi": [
-                {"A": {"offer": oid, **(dict(offers[oid].features) if oid in offers else {})}}
-                for oid in d.eligible
-            ],
-        },
+        "c": {"U": {k: v for k, v in d.context.items()}, "_multi": multi},
     }
     if d.reward is not None and d.status in ("closed", "expired"):
         rec.update({

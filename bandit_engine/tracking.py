@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -85,6 +86,15 @@ def _first_request_bounded(uri: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def safe_file_name(name: str) -> str:
+    """``name`` as one file name (a scenario named ``promo/q3`` is not a directory).
+
+    >>> safe_file_name("promo/q3"), safe_file_name("default"), safe_file_name("..")
+    ('promo_q3', 'default', 'scenario')
+    """
+    return re.sub(r"[^\w.\-]+", "_", name).strip("._")[:100] or "scenario"
+
+
 def _chunks(items: Sequence[Any], n: int = BATCH) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -103,6 +113,7 @@ class Tracker:
         self.child_ids: list[str] = []
         self._client: Any = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._ended = False
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self, scenario: Scenario, params: dict[str, Any]) -> None:
@@ -139,11 +150,15 @@ class Tracker:
         )  # fmt: skip
         self.parent_id = run.info.run_id
         self._exp_id = exp_id
-        self._log(self.parent_id, params=params)
-        if scenario.source is not None:
-            p = Path(self._tmp.name) / f"{scenario.name}.toml"
-            p.write_text(scenario.source)
-            self._client.log_artifact(self.parent_id, str(p))
+        try:  # the parent run exists: whatever fails now ends it FAILED, not left RUNNING
+            self._log(self.parent_id, params=params)
+            if scenario.source is not None:
+                p = Path(self._tmp.name) / f"{safe_file_name(scenario.name)}.toml"
+                p.write_text(scenario.source)
+                self._client.log_artifact(self.parent_id, str(p))
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     def __enter__(self) -> Tracker:
         return self
@@ -152,7 +167,9 @@ class Tracker:
         self.close(failed=exc_type is not None)
 
     def close(self, failed: bool = False) -> None:
-        if self._client is not None and self.parent_id is not None:
+        """End the parent run (once: a second call changes nothing)."""
+        if self._client is not None and self.parent_id is not None and not self._ended:
+            self._ended = True
             self._client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
         if self._tmp is not None:
             self._tmp.cleanup()

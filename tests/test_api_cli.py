@@ -268,8 +268,49 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 ])  # fmt: skip
 def test_operator_errors_are_one_line_and_exit_2(tmp_path, args: list[str], says: str) -> None:
     if args[0] != "--database-url":
-        args = ["--database-url", f"sqlite:///{tmp_path / 'c.db'}", *args]
+        url = f"sqlite:///{tmp_path / 'c.db'}"
+        _cli("--database-url", url, "db", "upgrade")  # prune and downgrade refuse a missing file
+        args = ["--database-url", url, *args]
     r = _cli(*args)
     assert r.returncode == 2, r.stderr[-1500:]
     assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["serve"], ["demo"]])
+def test_a_port_out_of_range_is_a_usage_error(command: list[str]) -> None:
+    """Port 70000 was a traceback from the socket layer."""
+    for port in ("70000", "-1"):
+        r = CliRunner().invoke(main, [*command, "--port", port])
+        assert r.exit_code == 2 and f"Invalid value for '--port': {port} is not in the range 0<=x<=65535" in r.output
+
+
+@pytest.mark.parametrize("command", [
+    ["keys", "list"], ["keys", "revoke", "1"], ["db", "downgrade", "--revision", "base"], ["expire"],
+    ["learner", "--once"], ["prune", "--older-than", "200", "--no-archive"],
+])  # fmt: skip
+def test_commands_that_read_or_maintain_a_ledger_refuse_a_sqlite_file_that_is_not_there(tmp_path, command) -> None:
+    """A mistyped path created an empty database and read it ("expired 0 decisions", no keys),
+    leaving the empty file behind."""
+    typo = tmp_path / "bandt.db"
+    r = _cli("--database-url", f"sqlite:///{typo}", *command)
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert r.stderr.strip() == f"error: no ledger at sqlite:///{typo}: the SQLite file '{typo}' does not exist"
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_commands_that_set_a_database_up_still_create_it(tmp_path) -> None:
+    """`db current` on a file that is not there reads no schema and creates nothing; `db
+    upgrade` and `keys create` create the file (`demo` and `serve` too, `make run` on a fresh
+    machine: test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys)."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    r = CliRunner().invoke(main, ["--database-url", url, "db", "current"])
+    assert r.exit_code == 0 and r.output.startswith("schema at revision base (empty); head is "), r.output
+    assert not list(tmp_path.iterdir())
+    assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
+    assert (tmp_path / "new.db").is_file()
+    for command in (["keys", "list"], ["expire"], ["learner", "--once"], ["db", "current"]):
+        r = CliRunner().invoke(main, ["--database-url", url, *command])
+        assert r.exit_code == 0, (command, r.output)
+    other = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert CliRunner().invoke(main, ["--database-url", other, "keys", "create", "--role", "admin"]).exit_code == 0

@@ -297,3 +297,191 @@ def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> No
     for args in (["--floor", "0"], ["--floor", "1.5"], ["--seed", "-1"], ["--train-fraction", "1"]):
         res3 = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "log.dsjson"), "--policy", "uniform", *args])
         assert res3.exit_code == 2 and "Invalid value" in res3.output, (args, res3.output)
+
+
+# windows past their deadline that no expire closed yet; inactive decisions -------------------
+def _open_windows_engine(aggregation: str = "first", default_reward: float = 0.0,
+                         past: bool = True) -> tuple[Engine, ManualClock]:  # fmt: skip
+    """40 decisions, every 4th redeemed (twice under "sum"), then (``past``) past every window
+    with no ``expire`` run: a ledger between two runs of the service's expirer."""
+    clock = ManualClock()
+    engine = Engine.open("memory://", clock=clock, seed=1)
+    for oid in ("o1", "o2"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), aggregation=aggregation,  # type: ignore[arg-type]
+                                     default_reward=default_reward))  # fmt: skip
+    for k in range(40):
+        d = engine.choose(f"m{k}", "email", {}, event_id=f"e{k}")
+        if k % 4 == 0:
+            engine.reward(d.event_id, 1.0, cost=0.0)
+            if aggregation == "sum":
+                engine.reward(d.event_id, 0.5, cost=0.0, reward_id=f"e{k}-2")
+    if past:
+        clock.advance(days=7, seconds=1)
+    return engine, clock
+
+
+def _read(engine: Engine) -> tuple[list[tuple[str, float]], list[tuple[str, float]], str]:
+    buf = io.StringIO()
+    engine.export_dsjson(buf)
+    rows = [(r.event_id, r.reward) for r in from_engine(engine).rows]
+    exported = [(r.event_id, r.reward) for r in from_dsjson(io.StringIO(buf.getvalue())).rows]
+    return rows, exported, buf.getvalue()
+
+
+@pytest.mark.parametrize(("aggregation", "default_reward", "mean"), [
+    ("first", 0.0, 0.25), ("sum", 0.0, 0.375), ("first", 0.1, 0.25 + 0.75 * 0.1),
+])  # fmt: skip
+def test_windows_past_their_deadline_count_with_the_reward_expiry_will_give_them(
+    aggregation: str, default_reward: float, mean: float
+) -> None:
+    """Before ``expire`` ran, the misses of closed windows were dropped while the redemptions
+    stayed (10 decisions of 40, a mean of 1.0 instead of 0.25), and the export wrote the misses
+    unlabeled (skipped when read back). Now both read what ``expire`` will write."""
+    engine, _ = _open_windows_engine(aggregation, default_reward)
+    assert {d.status for d in engine.ledger.decisions()} == ({"closed", "open"} if aggregation == "first" else {"open"})
+    rows, exported, text = _read(engine)
+    assert len(rows) == 40 and np.mean([r for _, r in rows]) == pytest.approx(mean)
+    assert exported == rows and text.count('"_label_cost"') == 40
+    assert engine.ledger.get_decision("e1").status == "open"  # read, not written
+    assert engine.expire() == 30 if aggregation == "first" else 40
+    assert _read(engine)[:2] == (rows, exported)  # what expire then wrote is what was read
+
+
+def test_a_window_at_its_deadline_is_still_open() -> None:
+    """A reward is still accepted at the deadline itself: the decision is not settled yet."""
+    engine, clock = _open_windows_engine(past=False)
+    d = engine.get_decision("e1")
+    clock.set(d.deadline)
+    assert engine.export_dsjson(io.StringIO()) == len(from_engine(engine)) == 10  # the redemptions
+    clock.set(d.deadline + 1)
+    assert engine.export_dsjson(io.StringIO()) == len(from_engine(engine)) == 40
+
+
+def test_inactive_decisions_are_neither_evaluated_nor_exported() -> None:
+    """The engine learns only from decisions that are learnable and active (an email never
+    opened is not): those that expired inactive used to be evaluated, and exported, as misses."""
+    clock = ManualClock()
+    engine = Engine.open("memory://", clock=clock, seed=2)
+    for oid in ("o1", "o2"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    for k in range(30):
+        d = engine.choose(f"m{k}", "email", {}, event_id=f"e{k}", active=k % 3 != 0)
+        if k % 3 == 1:
+            engine.reward(d.event_id, 1.0)
+    engine.activate("e3")  # activated later: learned from, so evaluated
+    clock.advance(days=8)
+    engine.expire()
+    inactive = {d.event_id for d in engine.ledger.decisions() if not d.active}
+    assert len(inactive) == 9
+    rows, exported, _ = _read(engine)
+    assert len(rows) == 21 and not {e for e, _ in rows} & inactive and "e3" in dict(rows)
+    assert exported == rows
+    assert np.mean([r for _, r in rows]) == pytest.approx(10 / 21)
+
+
+# malformed dsjson -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("line", "message"), [
+    ("[1, 2]", r"not a JSON object: '\[1, 2\]'"),
+    ('"x"', r"not a JSON object"),
+    ("{bad", r"not JSON \(Expecting property name enclosed in double quotes, column 2\)"),
+    (_record(_label_cost=True), r"'_label_cost' \(-reward\) must be a finite number, got True"),
+    (_record(_label_cost=float("nan")), r"'_label_cost' \(-reward\) must be a finite number, got nan"),
+    (_record(_label_cost="-1"), r"'_label_cost' \(-reward\) must be a finite number, got '-1'"),
+    (_record(_label_probability=0.9), r"'_label_probability' must be the chosen action's probability, 0.5 "
+                                      r"\(the first of 'p'\), got 0.9"),
+    (_record(_label_probability=0), r"'_label_probability' must be the chosen action's probability"),
+    (_record(_label_Action=1), r"'_label_Action' must be the 1-based chosen action, 2"),
+    (_record(p=[0.5, 0.5, 0.5]), r"'p' must be probabilities summing to at most 1"),
+    (_record(p=[0.0, 0.5, 0.5]), r"'p' must be .*, the chosen action's > 0, got \[0.0, 0.5, 0.5\]"),
+    (_record(p=[float("nan"), 0.25, 0.25]), r"'p' must be probabilities"),
+    (_record(EventId="e0"), r"EventId 'e0' is also on line 1: a decision is logged once"),
+    (_record(c={"U": {}, "_multi": [{"A": {"offer": None}}, {"A": {"offer": "o1"}}]}, a=[2, 1], p=[0.5, 0.5]),
+     r"'c._multi\[0\].A.offer' must be an offer id, got None"),
+    (_record(c={"U": [1], "_multi": [{"A": {"offer": "o0"}}]}), r"'c.U' \(the context\) must be an object"),
+    (_record(c={"U": {}, "_multi": [{"B": {}}]}), r"'c._multi' must list the eligible actions"),
+])  # fmt: skip
+def test_malformed_dsjson_lines_are_errors_naming_the_line(line: str | dict, message: str) -> None:
+    """They were skipped (not an object), read as a reward (``true``), counted twice (a
+    repeated EventId), or read as the offer "None"; or they failed later in the estimators
+    with no line to look at (a wrong propensity, a NaN reward)."""
+    text = line if isinstance(line, str) else json.dumps(line)
+    with pytest.raises(InvalidArgument, match="^dsjson line 2: " + message):
+        from_dsjson([json.dumps(_record(EventId="e0")), text])
+
+
+def test_unlabeled_dsjson_lines_are_counted_and_the_cli_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    labelled = [json.dumps(_record(EventId=f"e{k}", _label_cost=-float(k % 2))) for k in range(6)]
+    unlabeled = {k: v for k, v in _record(EventId="u1").items() if not k.startswith("_label")}
+    data = from_dsjson([*labelled, json.dumps(unlabeled), ""])
+    assert (len(data), data.unlabeled) == (6, 1)
+    path = tmp_path / "log.json"
+    path.write_text("\n".join([*labelled, json.dumps(unlabeled)]) + "\n")
+    code, out, err = _cli(monkeypatch, capsys, "evaluate", "--dsjson", str(path), "--policy", "uniform")
+    assert code == 0 and "| ips |" in out, err
+    assert err.startswith("note: skipped 1 unlabeled lines (no '_label_cost', no outcome yet)"), err
+
+
+def test_files_that_are_not_utf8_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """A Latin-1 dsjson file, or a database given as an archive, gave a UnicodeDecodeError
+    traceback. A leading BOM is fine."""
+    good = json.dumps(_record(EventId="e0")) + "\n" + json.dumps(_record(EventId="e1")) + "\n"
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(good.encode() + json.dumps(_record(EventId="é"), ensure_ascii=False).encode("latin-1") + b"\n")
+    code, out, err = _cli(monkeypatch, capsys, "evaluate", "--dsjson", str(latin1), "--policy", "uniform")
+    assert (code, err.strip()) == (2, f"error: dsjson line 3: not UTF-8 text (invalid continuation byte); "
+                                      f"is {str(latin1)!r} a dsjson file?")  # fmt: skip
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + good.encode())
+    assert len(from_dsjson(bom)) == 2
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Engine.open(url).close()
+    code, out, err = _cli(monkeypatch, capsys, "--database-url", url, "evaluate", "--policy", "uniform",
+                          "--archive", str(tmp_path / "ledger.db"))  # fmt: skip
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'ledger.db'}: archive: not UTF-8 text "), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_fixed_candidate_naming_an_offer_the_logs_do_not_have_is_an_error(tmp_path: Path) -> None:
+    """It evaluated uniform random over the eligible offers instead."""
+    path = tmp_path / "log.json"
+    path.write_text("".join(json.dumps(_record(EventId=f"e{k}")) + "\n" for k in range(4)))
+    res = CliRunner().invoke(main, ["evaluate", "--dsjson", str(path), "--policy",
+                                    '{"family": "fixed", "params": {"offers": ["o1", "zz"]}}'])  # fmt: skip
+    assert isinstance(res.exception, InvalidArgument), res.output
+    assert str(res.exception) == "fixed: unknown offers ['zz']; the logs have ['o0', 'o1', 'o2']"
+    ok = CliRunner().invoke(main, ["evaluate", "--dsjson", str(path), "--policy",
+                                   '{"family": "fixed", "params": {"offers": ["o1"]}}'])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+
+
+def test_the_dsjson_export_keeps_each_offers_member_history_features() -> None:
+    """A candidate that reads member x offer history (``lin_ts``, ``shared_ts``, ``vw``) saw it
+    when evaluated from the ledger but not from the export, which dropped it: it is now each
+    action's namespace ``H`` (the engine's VW family's name for it), read back by from_dsjson."""
+    clock = ManualClock()
+    engine = Engine.open("memory://", clock=clock, seed=4)
+    for oid in ("o1", "o2", "o3"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0, features={"kind": oid}))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts")))
+    for k in range(60):
+        d = engine.choose(f"m{k % 5}", "email", {"tier": "gold"}, event_id=f"e{k}")
+        if k % 3 == 0:
+            engine.reward(d.event_id, 1.0)
+        clock.advance(seconds=3600)
+    clock.advance(days=8)
+    buf = io.StringIO()
+    assert engine.export_dsjson(buf) == 60
+    ledger, exported = from_engine(engine), from_dsjson(io.StringIO(buf.getvalue()))
+    assert [r.offer_context for r in exported.rows] == [r.offer_context for r in ledger.rows]
+    assert sum(bool(oc) for r in exported.rows for oc in r.offer_context) > 100
+    line = json.loads(buf.getvalue().splitlines()[-1])
+    assert set(line["c"]["_multi"][0]["H"]) >= {"seen", "redeemed", "days_since_seen"}
+    assert line["c"]["_multi"][0]["A"]["kind"] == "o1"
+    tgt = policy_target(PolicySpec("lin_ts"), ledger.split(0.5)[0], seed=1)
+    tgt_json = policy_target(PolicySpec("lin_ts"), exported.split(0.5)[0], seed=1)
+    test_rows = zip(ledger.split(0.5)[1].rows, exported.split(0.5)[1].rows, strict=True)
+    assert all(np.allclose(tgt(a), tgt_json(b)) for a, b in test_rows)  # the same candidate either way

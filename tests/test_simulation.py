@@ -74,6 +74,23 @@ BAD_SCENARIOS = [
     ({"policies": [{"name": "random", "family": "thompson"}]}, r"'random' is the uniform baseline"),
     ({"policies": [{"name": "random", "baseline": "segment_rules"}]}, r"'random' is the uniform baseline"),
     ({"policies": [{"name": "t", "family": "thompson"}, {"name": "t", "family": "lin_ts"}]}, r"duplicate policy names \['t'\]"),
+    # a name MLflow refuses as a metric key crashed the command after every run had finished
+    ({"policies": [{"name": "blast (ok)", "family": "uniform"}]}, r"policy 'blast \(ok\)': a policy name is up to 200 letters"),
+    ({"policies": [{"name": "a:b", "family": "uniform"}]}, r"policy 'a:b': a policy name is"),
+    ({"policies": [{"name": "/t", "family": "uniform"}]}, r"not path-like"),
+    ({"policies": [{"name": "a//t", "family": "uniform"}]}, r"not path-like"),
+    ({"policies": [{"name": "x" * 201, "family": "uniform"}]}, r"a policy name is up to 200"),
+    # an offer id the catalog does not have ran uniform random
+    ({"policies": [{"name": "b", "baseline": "batch_and_blast", "offer": "home10"}]},
+     r"policy 'b': unknown offers \['home10'\]; the scenario has \['a'\]"),
+    ({"policies": [{"name": "f", "family": "fixed", "params": {"offers": ["a", "zz"]}}]}, r"policy 'f': unknown offers \['zz'\]"),
+    ({"policies": [{"name": "t", "family": "thompson", "offer": "a"}]}, r"policy 't': offer is the one offer of a batch_and_blast"),
+    # a family or parameter error was found only after the reference runs
+    ({"policies": [{"name": "t", "family": "nope"}]}, r"policy 't': unknown policy family 'nope'; known: \["),
+    ({"policies": [{"name": "t", "family": "thompson", "params": {"prior_alpha": -1}}]}, r"policy 't': thompson: prior_alpha must be"),
+    ({"policies": [{"name": "t", "family": "lin_ts", "params": {"bogus": 1}}]},
+     r"policy 't': bad parameters for policy 'lin_ts': unknown parameters \['bogus'\]"),
+    ({"policies": [{"name": "t", "family": "fixed"}]}, r"policy 't': fixed: offers must be a non-empty list"),
 ]
 
 
@@ -86,6 +103,17 @@ def test_bad_scenarios_are_rejected_with_a_clear_message(change: dict, message: 
     }
     with pytest.raises(InvalidArgument, match=message):
         Scenario.from_dict({**base, **change})
+
+
+def test_simulator_families_and_baselines_validate_and_stay_out_of_the_product_registry() -> None:
+    from bandit_engine.policies.registry import families
+
+    s = Scenario.from_dict({"name": "t", "offers": [{"id": "a", "kind": "points"}], "policies": [
+        {"name": "rules", "family": "segment_rules"}, {"name": "rules_baseline", "baseline": "segment_rules"},
+        {"name": "blast", "baseline": "batch_and_blast", "offer": "a"}, {"name": "best", "baseline": "best_fixed"},
+        {"name": "f", "family": "fixed", "params": {"offers": ["a"]}}, {"name": "x.y-z /w_1", "family": "uniform"},
+    ]})  # fmt: skip
+    assert len(s.policies) == 6 and "segment_rules" not in families()
 
 
 def test_unknown_policy_selection_is_rejected() -> None:
@@ -111,6 +139,9 @@ MALFORMED = [
     ('channels = ["email", "push", "in_app"]', 'channels = "email"', "channels must be a list"),
     ('name = "thompson"\n', 'name = "oracle"\n', "policy 'oracle': the name is reserved"),
     ('name = "thompson_segmented"', 'name = "random"', "'random' is the uniform baseline"),
+    ('offer = "fashion-30"', 'offer = "fashion30"', "policy 'batch_and_blast': unknown offers ['fashion30']"),
+    ('prior_variance = 0.05,', 'prior_variance = -1,', "policy 'lin_ts': lin_ts: prior_variance must be"),
+    ('name = "segment_rules"', 'name = "segment rules (v2)"', "policy 'segment rules (v2)': a policy name is"),
 ]
 
 
@@ -127,6 +158,20 @@ def test_malformed_scenario_files_are_one_line_errors_with_exit_2(
     assert code == 2 and message in err, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "| policy |" not in out  # refused before simulating
+
+
+def test_a_scenario_file_that_is_not_utf8_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """It was a UnicodeDecodeError traceback; a leading BOM (editors on Windows) is fine."""
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes((ROOT / "simulations/default.toml").read_bytes().replace(b"# ", "# é ".encode("latin-1"), 1))
+    code, out, err = _cli(monkeypatch, capsys, "simulate", str(bad), "--no-tracking", "--no-progress")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {bad}: not UTF-8 text (invalid continuation byte at byte "), err
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + (ROOT / "simulations/default.toml").read_bytes())
+    assert Scenario.load(bom).name == "default" and Scenario.load(bom).source.startswith("# ")
 
 
 def test_repeated_policies_and_seeds_run_once() -> None:
@@ -568,3 +613,46 @@ def test_tenths_script_prints_lift_by_tenth_whose_total_is_the_comparisons_norma
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_the_world_forgets_only_exposures_no_window_reads_any_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member's history was cut by count (``del h[:32]`` past 64), dropping exposures still
+    inside the fatigue, conditioning and opt-out windows (20 members, 2 000 decisions: 635 of
+    1 534 inside the 14-day fatigue window): the truth then undercounted fatigue. A world that
+    forgets nothing now gives the same run."""
+    s = Scenario.default().with_(members=20, days=28.0)
+    trimmed = Simulator(s, decisions=2000).run("random", PolicySpec("uniform"), 1)
+    with monkeypatch.context() as m:
+        m.setattr(World, "expose", lambda self, i, oid, now: self.history.setdefault(i, []).append(Exposure(oid, now)))
+        sim = Simulator(s, decisions=2000)
+        full = sim.run("random", PolicySpec("uniform"), 1)
+        assert max(len(h) for h in sim.world(1)[0].history.values()) > 64  # past the old cut
+    assert (full.expected_reward, full.redemptions) == (trimmed.expected_reward, trimmed.redemptions)
+    # what it keeps stays bounded: exposures inside the longest window, 64 at least
+    w = World(s, 1)
+    assert w.history_ms == 30 * 86_400_000  # conditioning, the longest window of this world
+    times = [w.start_ms + k * 43_200_000 for k in range(300)]  # two a day for 150 days
+    for t in times:
+        w.expose(0, "home-10", t)
+        inside = [x for x in times if t - w.history_ms < x <= t]
+        assert [e.issued_at for e in w.history_of(0)][-len(inside):] == inside
+        assert len(w.history_of(0)) <= max(65, len(inside))
+
+
+def test_a_reference_oracle_that_earns_nothing_leaves_the_ratios_undefined(tmp_path: Path) -> None:
+    """No member consents: every run earns 0, and vs oracle (policy / oracle - 1) divided by
+    zero after all the runs. It is now undefined: "–" in the table, null in --json-out."""
+    import json
+
+    text = (ROOT / "simulations/default.toml").read_text().replace("[world]\n", "[world]\nconsent_rate = 0.0\n", 1)
+    path = tmp_path / "nobody.toml"
+    path.write_text(text)
+    out = tmp_path / "summary.json"
+    res = CliRunner().invoke(main, ["simulate", str(path), "--policies", "thompson", "--seeds", "1",
+                                    "--decisions", "100", "--no-tracking", "--no-progress", "--json-out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if line.startswith("| thompson |"))
+    assert row.split(" | ")[1:4] == ["0.0000", "–", "–"], row
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"random", "oracle", "thompson"}
+    assert all(r["normalized_lift"] is None and r["vs_oracle"] is None and r["reward_rate"] == 0 for r in rows.values())

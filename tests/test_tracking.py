@@ -234,3 +234,77 @@ def test_a_tracking_uri_mlflow_cannot_use_is_one_line_and_exit_2(
     import os
 
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the bounded first request leaves no trace
+
+
+def _parents(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("bandit_engine-simulations")
+    return [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+
+
+def _run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``bandit-engine ARGS`` through the console script (one line and exit 2 for its errors)."""
+    monkeypatch.setattr(sys, "argv", ["bandit-engine", *args])
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    out = capsys.readouterr()
+    return int(exit_.value.code or 0), out.out, out.err
+
+
+@pytest.mark.parametrize("failing", ["finish", "log_run"])
+def test_a_tracking_failure_after_the_runs_started_keeps_the_table_and_json(
+    failing: str, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """MLflow refusing a metric key crashed the command once every run had finished, and the
+    summary was lost. The simulation now completes without tracking; the table and --json-out
+    are written, then the failure is one line (exit 2) and the parent run is FAILED."""
+    from mlflow.exceptions import MlflowException
+
+    from bandit_engine.tracking import Tracker
+
+    def boom(*_args: object, **_kw: object) -> None:
+        raise MlflowException("Invalid metric name: 'x'.\nmore detail")
+
+    monkeypatch.setattr(Tracker, failing, boom)
+    out_json = tmp_path / "summary.json"
+    code, out, err = _run_cli(monkeypatch, capsys, "simulate", str(ROOT / "simulations/default.toml"),
+                              "--policies", "segment_rules", "--seeds", "1", "--decisions", "100",
+                              "--no-progress", "--tracking-uri", store, "--json-out", str(out_json))  # fmt: skip
+    assert code == 2, err
+    assert "| segment_rules |" in out and "| oracle |" in out
+    assert {r["policy"] for r in __import__("json").loads(out_json.read_text())} == {"random", "oracle", "segment_rules"}
+    last = err.strip().splitlines()[-1]  # after MLflow's own INFO lines (creating the store)
+    assert "Traceback" not in err and last.startswith("error: MLflow logging failed (MlflowException: "
+                                                      "Invalid metric name: 'x'.); the summary above is "
+                                                      "complete, its MLflow parent run "), err  # fmt: skip
+    (parent,) = _parents(store)
+    assert parent.info.status == "FAILED" and last.endswith(f"parent run {parent.info.run_id} is FAILED")
+
+
+def test_a_scenario_name_with_a_slash_is_logged_and_a_failed_start_ends_its_run(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The scenario file was logged as ``<name>.toml``: "promo/q3" was a path into a directory
+    that did not exist, and the parent run, already created, was left RUNNING."""
+    path = tmp_path / "promo.toml"
+    path.write_text((ROOT / "simulations/default.toml").read_text().replace('name = "default"', 'name = "promo/q3"', 1))
+    args = ["simulate", str(path), "--policies", "segment_rules", "--seeds", "1", "--decisions", "50",
+            "--no-progress", "--tracking-uri", store]  # fmt: skip
+    code, out, err = _run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    from mlflow.tracking import MlflowClient
+
+    (parent,) = _parents(store)
+    assert parent.info.status == "FINISHED" and parent.data.tags["scenario"] == "promo/q3"
+    assert "promo_q3.toml" in {a.path for a in MlflowClient(store).list_artifacts(parent.info.run_id)}
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise OSError(28, "No space left on device", "promo_q3.toml")
+
+    monkeypatch.setattr(MlflowClient, "log_artifact", refuse)
+    code, out, err = _run_cli(monkeypatch, capsys, *args)
+    assert (code, err.strip().splitlines()[-1]) == (2, "error: No space left on device: promo_q3.toml")
+    assert "Traceback" not in err
+    assert sorted(p.info.status for p in _parents(store)) == ["FAILED", "FINISHED"]  # none left RUNNING

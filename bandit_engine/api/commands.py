@@ -36,6 +36,15 @@ def _url(ctx: click.Context) -> str:
     return ctx.find_root().obj["database_url"]
 
 
+def _existing_url(ctx: click.Context) -> str:
+    """The database URL of a command that only reads or maintains it: a SQLite file that is not
+    there is an error, not a new empty database (``serve``, ``demo`` and ``keys create`` set
+    one up)."""
+    from ..cli import existing_database
+
+    return existing_database(_url(ctx))
+
+
 def _gov(url: str) -> Any:
     from ..governance import Governance
     from ..ledger.migrate import upgrade_schema
@@ -106,7 +115,7 @@ def multiprocess_metrics() -> Iterator[None]:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--sync-interval", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between policy syncs from the feedback log, per worker (a "
@@ -153,7 +162,7 @@ def keys_create(ctx: click.Context, role: str, name: str) -> None:
 @click.pass_context
 def keys_list(ctx: click.Context) -> None:
     """List keys: id, role, name, prefix, revoked."""
-    for k in _gov(_url(ctx)).list_keys():
+    for k in _gov(_existing_url(ctx)).list_keys():
         state = "revoked" if k.revoked_at else "active"
         click.echo(f"{k.key_id}\t{k.role}\t{k.name}\t{k.prefix}…\t{state}")
 
@@ -163,7 +172,7 @@ def keys_list(ctx: click.Context) -> None:
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: int) -> None:
     """Revoke a key by id (effective on every worker within a second)."""
-    _gov(_url(ctx)).revoke_key(key_id)
+    _gov(_existing_url(ctx)).revoke_key(key_id)
     click.echo(f"revoked key {key_id}")
 
 
@@ -185,7 +194,7 @@ def seed_demo(url: str) -> list[str]:
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.pass_context
 def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
@@ -220,7 +229,7 @@ def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
     """Apply rewards in log order and publish versioned policy snapshots."""
     from . import open_engine
 
-    eng = open_engine(_url(ctx))
+    eng = open_engine(_existing_url(ctx))
     learned, last = 0, time.monotonic()
     try:
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..catalog import Offer, PolicySpec
+from ..catalog import Offer, PolicySpec, is_finite_number
 from ..errors import InvalidArgument
 from ..exploration import event_rng
 from ..features import FeatureHasher
 from ..ledger.records import Decision, read_archive
+from ..ledger.settle import settle_expiry
 from .estimators import Estimate, all_estimates
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ class LoggedRow:
 class LoggedData:
     rows: list[LoggedRow]
     offers: dict[str, Offer] = field(default_factory=dict)
+    # dsjson lines without a label (no ``_label_cost``: no outcome yet) that were skipped; an
+    # estimate from the labelled ones is biased if their outcome would differ (:func:`from_dsjson`)
+    unlabeled: int = 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -63,16 +68,26 @@ class LoggedData:
 
 
 def from_decisions(
-    decisions: Iterable[Decision], offers: Iterable[Offer] = (), *, closed_by: int | None = None
+    decisions: Iterable[Decision], offers: Iterable[Offer] = (), *, closed_by: int | None = None,
+    default_rewards: Mapping[str, float] | None = None,
 ) -> LoggedData:
-    """Settled, learnable treatment decisions (those with a reward), in log order. With
+    """Settled, learnable, active treatment decisions (those with a reward), in log order: what
+    the engine learns from (an inactive decision, e.g. an email never opened, is not). With
     ``closed_by`` (epoch ms), only those whose reward window had closed by then: a redemption
     settles its decision at once (``aggregation="first"``) but a miss only when the window
     closes, so the settled decisions of windows still open are mostly redemptions, and an
-    estimate from them would read too high."""
+    estimate from them would read too high. A decision still ``open`` past its deadline (no
+    ``expire`` has run since) counts with the reward expiry will give it: its accumulated
+    reward (``aggregation="sum"``), else its channel's ``default_rewards`` entry (0 if none);
+    dropping it would keep the redemptions of those windows and lose their misses."""
     rows = []
     for d in decisions:
-        if d.offer_id is None or not d.learnable or d.reward is None or d.status not in ("closed", "expired"):
+        if d.offer_id is None or not d.learnable or not d.active:
+            continue
+        if d.status == "open" and closed_by is not None and d.deadline < closed_by:
+            # what Engine.expire would settle it with (nothing is written)
+            d = settle_expiry(d, (default_rewards or {}).get(d.channel, 0.0))[0]
+        if d.reward is None or d.status not in ("closed", "expired"):
             continue
         if closed_by is not None and d.deadline > closed_by:
             continue
@@ -99,55 +114,105 @@ def open_existing(url: str) -> Engine:
 
 
 def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[str | Path] = ()) -> LoggedData:
-    """The ledger's settled decisions (of ``channel``) whose reward window has closed by the
-    engine's clock (see :func:`from_decisions`), after those of retention ``archives`` (files
+    """The ledger's decisions (of ``channel``) whose reward window has closed by the engine's
+    clock, with the reward they settled with or, if no ``expire`` closed them yet, the one it
+    will give them (see :func:`from_decisions`), after those of retention ``archives`` (files
     ``Engine.prune`` wrote; a decision in both counts once). A channel neither the ledger nor
     an archive knows is an error, not an empty log."""
     archived: dict[str, Decision] = {}
     for path in archives:
         with open(path, encoding="utf-8") as f:
-            for p in read_archive(f):
-                if channel is None or p.decision.channel == channel:
-                    archived.setdefault(p.decision.event_id, p.decision)
+            try:
+                for p in read_archive(f):
+                    if channel is None or p.decision.channel == channel:
+                        archived.setdefault(p.decision.event_id, p.decision)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{path}: {exc.message}") from None
     if channel is not None and not archived:
         known = engine.channels()
         if channel not in known:
             raise InvalidArgument(f"unknown channel {channel!r}; the ledger has {sorted(known)}")
     live = (d for d in engine.ledger.decisions(channel=channel) if d.event_id not in archived)
+    defaults = {name: c.default_reward for name, c in engine.channels().items()}
     return from_decisions(
-        itertools.chain(archived.values(), live), engine.offers(), closed_by=engine.clock.now_ms()
+        itertools.chain(archived.values(), live), engine.offers(), closed_by=engine.clock.now_ms(),
+        default_rewards=defaults,
     )
 
 
 def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
     """Parse dsjson lines (``a`` 1-based with the chosen action first, ``p`` in the same order,
-    ``c._multi[*].A.offer`` the eligible offers, ``_label_cost`` = -reward, ``_labelIndex`` the
-    0-based chosen action). Actions out of range, repeated, or a ``_labelIndex`` that is not the
-    first of ``a`` are errors naming the line: read as indexes they would crash, or (a negative
-    index counts from the end) silently evaluate another action than the one logged."""
-    if isinstance(source, str | Path):
-        with open(source) as fh:
-            lines = fh.readlines()
-    else:
-        lines = list(source)
+    ``c._multi[*].A.offer`` the eligible offers, ``c._multi[*].H`` their member x offer history
+    features, ``_label_cost`` = -reward, ``_labelIndex`` the 0-based chosen action). Actions out
+    of range, repeated, or a ``_labelIndex`` that is not the first of ``a`` are errors naming the
+    line: read as indexes they would crash, or (a negative index counts from the end) silently
+    evaluate another action than the one logged.
+
+    So is every other malformed line, rather than a line skipped or misread: one that is not a
+    JSON object (or not UTF-8 text), a ``_label_cost`` or ``p`` that is not a finite number, a
+    ``_label_probability`` other than the chosen action's ``p``, an offer that is not an id, an
+    ``EventId`` an earlier line has (it would count twice). A line without ``_label_cost`` (a
+    decision with no outcome yet) is skipped and counted in ``unlabeled`` (``bandit-engine
+    evaluate`` says how many): if those are mostly misses still to come, the labelled lines
+    overstate every policy."""
+    lines = _read_utf8(source).split("\n") if isinstance(source, str | Path) else list(source)
     rows = []
     offers: dict[str, Offer] = {}
+    seen: dict[str, int] = {}  # EventId -> its line
+    unlabeled = 0
     for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             continue
         try:
             rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise InvalidArgument(f"dsjson line {n}: not a JSON object: {line[:80]!r}")
+            if "EventId" in rec:
+                eid = str(rec["EventId"])
+                if eid in seen:
+                    raise InvalidArgument(f"dsjson line {n}: EventId {eid!r} is also on line "
+                                          f"{seen[eid]}: a decision is logged once")  # fmt: skip
+                seen[eid] = n
             if "_label_cost" not in rec:
+                unlabeled += 1
                 continue
-            multi = rec["c"]["_multi"]
-            eligible = []
-            for m in multi:
+            cost = rec["_label_cost"]
+            if not is_finite_number(cost):
+                raise InvalidArgument(f"dsjson line {n}: '_label_cost' (-reward) must be a finite "
+                                      f"number, got {cost!r}")  # fmt: skip
+            c = rec["c"]
+            multi = c["_multi"] if isinstance(c, dict) else None
+            if not isinstance(multi, list) or not multi or not all(
+                isinstance(m, dict) and isinstance(m.get("A"), dict) for m in multi
+            ):
+                raise InvalidArgument(f"dsjson line {n}: 'c._multi' must list the eligible "
+                                      f"actions, each {{\"A\": {{\"offer\": ...}}}}")  # fmt: skip
+            context = c.get("U", {})
+            if not isinstance(context, dict):
+                raise InvalidArgument(f"dsjson line {n}: 'c.U' (the context) must be an object, "
+                                      f"got {context!r}")  # fmt: skip
+            eligible, history = [], []
+            for j, m in enumerate(multi):
                 a = dict(m["A"])
-                oid = str(a.pop("offer"))
+                oid = a.pop("offer", None)
+                if not (isinstance(oid, str) and oid) and not _is_int(oid):
+                    raise InvalidArgument(f"dsjson line {n}: 'c._multi[{j}].A.offer' must be an "
+                                          f"offer id, got {oid!r}")  # fmt: skip
+                oid = str(oid)
                 eligible.append(oid)
+                h = m.get("H", {})  # the member x offer history features (Engine.export_dsjson)
+                if not isinstance(h, dict) or not all(is_finite_number(v) for v in h.values()):
+                    raise InvalidArgument(f"dsjson line {n}: 'c._multi[{j}].H' (member x "
+                                          f"offer history) must map names to numbers, "
+                                          f"got {h!r}")  # fmt: skip
+                history.append(h)
                 if oid not in offers:
-                    offers[oid] = Offer(oid, channels=["dsjson"], features=a)
+                    try:
+                        offers[oid] = Offer(oid, channels=["dsjson"], features=a)
+                    except InvalidArgument as exc:
+                        msg = f"dsjson line {n}: offer {oid!r}: {exc.message}"
+                        raise InvalidArgument(msg) from None
             k = len(eligible)
             actions, probs = rec["a"], rec["p"]
             if not isinstance(actions, list) or not actions or not all(_is_int(a) and 1 <= a <= k for a in actions):
@@ -157,6 +222,11 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
                 raise InvalidArgument(f"dsjson line {n}: 'a' repeats an action: {actions!r}")
             if not isinstance(probs, list) or len(probs) != len(actions):
                 raise InvalidArgument(f"dsjson line {n}: 'p' must have one probability per action of 'a', got {probs!r}")
+            if not all(is_finite_number(p_i) and 0 <= p_i <= 1 for p_i in probs) or (
+                not probs[0] > 0 or sum(probs) > 1 + 1e-6
+            ):
+                raise InvalidArgument(f"dsjson line {n}: 'p' must be probabilities summing to at "
+                                      f"most 1, the chosen action's > 0, got {probs!r}")
             pmf = np.zeros(k)
             for a_i, p_i in zip(actions, probs, strict=True):
                 pmf[a_i - 1] = float(p_i)
@@ -165,15 +235,45 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
             if not _is_int(label) or label != chosen:
                 raise InvalidArgument(f"dsjson line {n}: '_labelIndex' must be the 0-based chosen action, "
                                       f"{chosen} (the first of 'a'), got {label!r}")  # fmt: skip
+            label_action = rec.get("_label_Action", chosen + 1)
+            if not _is_int(label_action) or label_action != chosen + 1:
+                raise InvalidArgument(f"dsjson line {n}: '_label_Action' must be the 1-based "
+                                      f"chosen action, {chosen + 1} (the first of 'a'), "
+                                      f"got {label_action!r}")  # fmt: skip
+            propensity = rec.get("_label_probability", probs[0])
+            # the same number twice in the format: one that differs is a file written wrong
+            if not (is_finite_number(propensity) and 0 < propensity <= 1
+                    and math.isclose(propensity, probs[0], rel_tol=1e-3)):  # fmt: skip
+                raise InvalidArgument(f"dsjson line {n}: '_label_probability' must be the chosen "
+                                      f"action's probability, {probs[0]!r} (the first of 'p'), "
+                                      f"got {propensity!r}")  # fmt: skip
             rows.append(LoggedRow(
-                str(rec.get("EventId", n)), "", dict(rec["c"].get("U", {})), tuple(eligible), pmf,
-                chosen, float(rec["_label_probability"]), -float(rec["_label_cost"]),
+                str(rec.get("EventId", n)), "", dict(context), tuple(eligible), pmf,
+                chosen, float(propensity), -float(cost), tuple(history),
             ))  # fmt: skip
         except InvalidArgument:
             raise
-        except (KeyError, ValueError, TypeError) as exc:
-            raise InvalidArgument(f"dsjson line {n}: {exc!r}") from None
-    return LoggedData(rows, offers)
+        except KeyError as exc:
+            raise InvalidArgument(f"dsjson line {n}: no {exc.args[0]!r}") from None
+        except json.JSONDecodeError as exc:
+            msg = f"dsjson line {n}: not JSON ({exc.msg}, column {exc.colno})"
+            raise InvalidArgument(msg) from None
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(f"dsjson line {n}: {exc!r}"[:300]) from None
+    return LoggedData(rows, offers, unlabeled)
+
+
+def _read_utf8(path: str | Path) -> str:
+    """A file's text; a byte that is not UTF-8 is an error naming its line (a leading BOM is
+    dropped, as editors on Windows write one)."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InvalidArgument(f"dsjson line {line}: not UTF-8 text ({exc.reason}); is "
+                              f"{str(path)!r} a dsjson file?") from None
 
 
 def _is_int(v: object) -> bool:
@@ -240,6 +340,11 @@ def policy_target(spec: PolicySpec | Mapping[str, Any], train: LoggedData, *, se
 
     pol = make_policy(spec, seed=seed)
     offers = train.offers
+    if pol.family == "fixed" and offers:  # an offer the logs never had: a typo, run as uniform
+        unknown = [o for o in pol.offers if o not in offers]  # type: ignore[attr-defined]
+        if unknown:
+            raise InvalidArgument(f"fixed: unknown offers {unknown}; the logs have "
+                                  f"{sorted(offers)}")  # fmt: skip
 
     def scoring(row: LoggedRow) -> Scoring:
         missing = [o for o in row.eligible if o not in offers]

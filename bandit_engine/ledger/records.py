@@ -214,7 +214,7 @@ def read_archive(lines: Iterable[str]) -> Iterator[Pruned]:
     ['e']
     """
     seen: set[str] = set()
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_utf8_lines(lines), 1):
         if not line.strip():
             continue
         try:
@@ -224,6 +224,23 @@ def read_archive(lines: Iterable[str]) -> Iterator[Pruned]:
         if p.decision.event_id not in seen:
             seen.add(p.decision.event_id)
             yield p
+
+
+def _utf8_lines(lines: Iterable[str]) -> Iterator[str]:
+    """``lines``; a file opened as UTF-8 text that is not (a database given for its archive)
+    is an error naming where, not a ``UnicodeDecodeError`` traceback."""
+    it, n = iter(lines), 0
+    while True:
+        try:
+            line = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            where = f"after line {n}" if n else "in its first lines"
+            raise InvalidArgument(f"archive: not UTF-8 text {where} ({exc.reason}); is it an "
+                                  f"archive `bandit-engine prune` wrote?") from None  # fmt: skip
+        n += 1
+        yield line
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import click
+
+from ..errors import BanditEngineError
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -65,15 +69,31 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
     total = sim.total_runs(len(seed_list), ceiling=ceiling) * sim.decisions
     bar = tqdm(total=total, unit="dec", disable=not progress, desc=scenario.name)
     tracker = None
-    if not no_tracking:
-        from ..tracking import Tracker
+    # the first MLflow failure once the runs have started: the simulation goes on without
+    # tracking, its table and --json-out are still written, then the failure is reported
+    tracking_failed: list[str] = []
 
-        tracker = Tracker(tracking_uri)
-        tracker.start(scenario, {
-            "scenario": scenario.name, "scenario_file": str(scenario_file), "seeds": ",".join(map(str, seed_list)),
-            "decisions": sim.decisions, "policies": ",".join(p.name for p in scenario.policies),
-        })  # fmt: skip
+    def track(log: Callable[[], object]) -> None:
+        if tracker is None or tracking_failed:
+            return
+        try:
+            log()
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            tracking_failed.append(f"{type(exc).__name__}: {first[:400]}")
+            with contextlib.suppress(Exception):  # the store that just failed may fail this too
+                tracker.close(failed=True)
+
     try:
+        if not no_tracking:
+            from ..tracking import Tracker
+
+            tracker = Tracker(tracking_uri)
+            tracker.start(scenario, {
+                "scenario": scenario.name, "scenario_file": str(scenario_file),
+                "seeds": ",".join(map(str, seed_list)), "decisions": sim.decisions,
+                "policies": ",".join(p.name for p in scenario.policies),
+            })  # fmt: skip
         from .runner import Comparison, RunResult
 
         # A run's relative metrics (normalized lift, vs oracle, regret and its curve) need its
@@ -87,7 +107,7 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
             assert tracker is not None
             seed_comparison = Comparison(scenario, runs)
             for r in runs:
-                tracker.log_run(r, seed_comparison, scenario)
+                track(lambda r=r: tracker.log_run(r, seed_comparison, scenario))
                 r.artifacts = {}  # free them once logged
 
         def on_run(r: RunResult) -> None:
@@ -99,22 +119,26 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
         comparison = sim.compare(seed_list, progress=bar.update, artifacts=tracker is not None, on_run=on_run,
                                  ceiling=ceiling, jobs=jobs)  # fmt: skip
         bar.close()
-        if tracker is not None:
-            for runs in waiting.values():  # none, unless a seed ran other than total_runs says
-                log_seed(runs)
-            tracker.finish(comparison)
     except BaseException:
         if tracker is not None:
             tracker.close(failed=True)
         raise
     if tracker is not None:
-        tracker.close()
+        for runs in waiting.values():  # none, unless a seed ran other than total_runs says
+            log_seed(runs)
+        track(lambda: tracker.finish(comparison))
+        if not tracking_failed:
+            tracker.close()
     click.echo(f"\n{scenario.name}: {sim.decisions:,} decisions x seeds {seed_list}\n")
     click.echo(comparison.table())
-    if tracker is not None:
-        click.echo(f"\nMLflow: parent run {tracker.parent_id} at {tracker.uri}")
     if json_out is not None:
         json_out.write_text(json.dumps(comparison.summary(), indent=2, default=float))
+    if tracking_failed:
+        raise BanditEngineError(f"MLflow logging failed ({tracking_failed[0]}); the summary "
+                                f"above is complete, its MLflow parent run {tracker.parent_id} "
+                                f"is FAILED")  # fmt: skip
+    if tracker is not None:
+        click.echo(f"\nMLflow: parent run {tracker.parent_id} at {tracker.uri}")
 
 
 @click.command()
@@ -144,6 +168,10 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
         raise click.UsageError("--dsjson and --archive are two different sources; give one")
     if dsjson is not None:
         data = from_dsjson(dsjson)
+        if data.unlabeled:  # not an error: a log may hold decisions whose outcome is still to come
+            click.echo(f"note: skipped {data.unlabeled:,} unlabeled lines (no '_label_cost', no "
+                       f"outcome yet) of {dsjson}: if they are mostly misses to come, the "
+                       f"estimates read high", err=True)  # fmt: skip
     else:
         from ..evaluation import open_existing
 

@@ -47,6 +47,9 @@ from .scenario import (
 from .world import World
 
 CURVE_POINTS = 50
+# summary columns relative to the reference oracle: None (JSON null, "–" in the table) when it
+# earned nothing, for every seed (Comparison.per_run)
+UNDEFINED_AS_NONE = ("normalized_lift", "vs_oracle")
 
 
 @dataclass(frozen=True)
@@ -555,7 +558,9 @@ class Comparison:
         return BAYES_BUDGET_ORACLE if self.scenario.budgeted else BAYES_ORACLE
 
     def per_run(self, r: RunResult) -> dict[str, float]:
-        """Metrics of a run relative to the same seed's references."""
+        """Metrics of a run relative to the same seed's references. A ratio whose reference is
+        0 (an oracle that earned nothing, e.g. no member consents or no offer is live; or
+        earned no more than random) is undefined and left out, not a division by zero."""
         seed_runs = {x.policy: x for x in self.runs if x.seed == r.seed}
         out = r.metrics()
         rand = seed_runs.get(RANDOM)
@@ -569,7 +574,7 @@ class Comparison:
                     o.expected_reward - rand.expected_reward
                 )
         ref = seed_runs.get(self.reference_oracle)
-        if ref is not None:
+        if ref is not None and ref.expected_reward > 0:
             out["vs_oracle"] = r.expected_reward / ref.expected_reward - 1.0
         if f"lift_{self.reference_oracle}" in out:
             out["normalized_lift"] = out[f"lift_{self.reference_oracle}"]
@@ -592,6 +597,8 @@ class Comparison:
                 vals = [m[key] for m in ms if key in m]
                 if vals:
                     row[key], row[key + "_ci"] = mean_ci(vals)
+                elif key in UNDEFINED_AS_NONE:  # the oracle earned nothing: said, not omitted
+                    row[key] = row[key + "_ci"] = None
             rows.append(row)
         return rows
 
@@ -613,7 +620,7 @@ class Comparison:
         for r in rows:
             cells = []
             for key, _, fmt in cols:
-                if key not in r or (isinstance(r[key], float) and math.isnan(r[key])):
+                if r.get(key) is None or (isinstance(r[key], float) and math.isnan(r[key])):
                     cells.append("–")
                     continue
                 cell = fmt.format(r[key])

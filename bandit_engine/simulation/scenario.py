@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import posixpath
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +17,7 @@ from typing import Any
 
 from ..catalog import ChannelConfig, MemberCap, Offer, PolicySpec, Rule, is_finite_number
 from ..clock import MS_PER_DAY
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, UnknownPolicy
 
 KINDS = ("discount", "points", "free_shipping", "early_access")
 BASELINES = ("batch_and_blast", "best_fixed", "segment_rules")
@@ -30,6 +32,9 @@ BAYES_ORACLE = "bayes_oracle"
 BAYES_BUDGET_ORACLE = "bayes_budget_oracle"
 RESERVED = (ORACLE, BUDGET_ORACLE, TRUTH_PACED, BAYES_ORACLE, BAYES_BUDGET_ORACLE)
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
+# what MLflow takes in a metric key, of which a policy name is the first part ("<name>.spend"):
+# letters, digits, _ - . space and /, not read as a path (MLflow's colon is refused on Windows)
+POLICY_NAME = re.compile(r"[\w.\- /]+")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -174,6 +179,11 @@ class PolicyEntry:
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name), f"a policy name must be a string, got {self.name!r}")
         where = f"policy {self.name!r}"
+        key = f"{self.name}.spend"  # one of the summary metrics MLflow keys by the name
+        _check(POLICY_NAME.fullmatch(self.name) is not None and len(self.name) <= 200
+               and posixpath.normpath(key) == key and not key.startswith(("/", "..")),
+               f"{where}: a policy name is up to 200 letters, digits, spaces, _ - . and / (MLflow "
+               f"keys metrics by it), not path-like (a leading / or .., // or /./)")  # fmt: skip
         _check((self.family is None) != (self.baseline is None), f"{where}: give exactly one of family or baseline")
         _check(self.baseline is None or self.baseline in BASELINES,
                f"{where}: baseline must be one of {BASELINES}, got {self.baseline!r}")  # fmt: skip
@@ -184,13 +194,22 @@ class PolicyEntry:
                f"'uniform' without params, or take another name")  # fmt: skip
         _check(isinstance(self.pacing, bool), f"{where}: pacing must be true or false, got {self.pacing!r}")
         _check(self.offer is None or isinstance(self.offer, str), f"{where}: offer must be an offer id, got {self.offer!r}")
+        _check(self.offer is None or self.baseline == "batch_and_blast",
+               f"{where}: offer is the one offer of a batch_and_blast baseline; a family takes "
+               f"its offers in params")  # fmt: skip
         try:
             if self.family is not None:
-                PolicySpec(self.family, self.params)
+                # the family and its params, as a run would build it: a typo is found now, not
+                # after the reference runs (the simulator's own families included)
+                from ..policies.registry import make_policy
+                from .oracles import sim_families
+
+                with sim_families():
+                    make_policy(PolicySpec(self.family, self.params))
             MemberCap.coerce(self.member_cap)
             if self.model_group is not None:
                 ChannelConfig("check", model_group=self.model_group)
-        except InvalidArgument as exc:
+        except (InvalidArgument, UnknownPolicy) as exc:
             raise InvalidArgument(f"{where}: {exc.message}") from None
 
 
@@ -255,6 +274,13 @@ class Scenario:
         names = [p.name for p in self.policies]
         dup = sorted({n for n in names if names.count(n) > 1})
         _check(not dup, f"duplicate policy names {dup}: each policy's runs are reported under its name")
+        for p in self.policies:  # an offer id that is not the catalog's would run uniform random
+            named = [p.offer] if p.offer is not None else []
+            if p.family == "fixed":
+                named = list(p.params.get("offers", ()))
+            unknown = [o for o in named if o not in ids]
+            _check(not unknown,
+                   f"policy {p.name!r}: unknown offers {unknown}; the scenario has {ids}")  # fmt: skip
 
     @property
     def budgeted(self) -> bool:
@@ -298,7 +324,11 @@ class Scenario:
 
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
-        text = Path(path).read_text()
+        try:  # TOML is UTF-8 (a leading BOM, as editors on Windows write one, is dropped)
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                  f"a scenario is a TOML file") from None  # fmt: skip
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:

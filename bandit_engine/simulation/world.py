@@ -122,6 +122,10 @@ class World:
         self.optout_rate = cfg.optout_rate
         self.optout_free_contacts = cfg.optout_free_contacts
         self.optout_window_ms = int(cfg.optout_window_days * MS_PER_DAY)
+        # the longest look-back of anything that reads a member's exposures (fatigue,
+        # conditioning, opt-out): older exposures can be forgotten (:meth:`expose`)
+        self.history_ms = max(int(FATIGUE_DAYS * MS_PER_DAY), int(CONDITIONING_DAYS * MS_PER_DAY),
+                              self.optout_window_ms)  # fmt: skip
         self.history: dict[int, list[Exposure]] = {}
         self.opted_out: set[int] = set()  # members who unsubscribed (every channel)
         # the arrival being decided (read by the oracle policies)
@@ -356,10 +360,18 @@ class World:
         return self.history.get(member_index, [])
 
     def expose(self, member_index: int, offer_id: str, now_ms: int) -> None:
+        """Record an exposure. Past 64 of them, those older than :attr:`history_ms` go: a run's
+        times only grow, so no window reads them again (each exposure is dropped once, the
+        cost stays in the order of the exposures the windows still hold, which every
+        probability reads anyway); dropping by count lost exposures still inside them."""
         h = self.history.setdefault(member_index, [])
         h.append(Exposure(offer_id, now_ms))
-        if len(h) > 64:  # older than every window that matters
-            del h[:32]
+        if len(h) > 64:
+            since = now_ms - self.history_ms
+            k = 0
+            while h[k].issued_at <= since:  # the newest, just appended, is never this old
+                k += 1
+            del h[:k]
 
     def delay_ms(self, u: float, window_ms: int) -> int:
         """Redemption delay from a uniform draw: exponential days, kept inside the window."""
