@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -236,15 +237,22 @@ def test_reading_commands_refuse_a_sqlite_ledger_that_does_not_exist(
     assert not typo.exists() and not list(tmp_path.iterdir())
 
 
+def _uniform_engine(seed: int, **channel: Any) -> tuple[Engine, ManualClock]:
+    """A memory engine choosing uniformly between two offers on email (``channel``: more
+    ``ChannelConfig`` settings)."""
+    clock = ManualClock()
+    engine = Engine.open("memory://", clock=clock, seed=seed)
+    for oid in ("o1", "o2"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), **channel))
+    return engine, clock
+
+
 def test_only_decisions_whose_window_closed_are_evaluated_or_exported() -> None:
     """A redemption settles its decision at once (``aggregation="first"``), a miss only when
     its window closes: the settled decisions of windows still open are mostly redemptions, so
     evaluating or exporting them would overstate every policy."""
-    clock = ManualClock()
-    engine = Engine.open("memory://", clock=clock, seed=1)
-    for oid in ("o1", "o2"):
-        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
-    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    engine, clock = _uniform_engine(1)
     for k in range(40):
         d = engine.choose(f"m{k}", "email", {})
         if k % 4 == 0:
@@ -304,12 +312,7 @@ def _open_windows_engine(aggregation: str = "first", default_reward: float = 0.0
                          past: bool = True) -> tuple[Engine, ManualClock]:  # fmt: skip
     """40 decisions, every 4th redeemed (twice under "sum"), then (``past``) past every window
     with no ``expire`` run: a ledger between two runs of the service's expirer."""
-    clock = ManualClock()
-    engine = Engine.open("memory://", clock=clock, seed=1)
-    for oid in ("o1", "o2"):
-        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
-    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform"), aggregation=aggregation,  # type: ignore[arg-type]
-                                     default_reward=default_reward))  # fmt: skip
+    engine, clock = _uniform_engine(1, aggregation=aggregation, default_reward=default_reward)
     for k in range(40):
         d = engine.choose(f"m{k}", "email", {}, event_id=f"e{k}")
         if k % 4 == 0:
@@ -361,11 +364,7 @@ def test_a_window_at_its_deadline_is_still_open() -> None:
 def test_inactive_decisions_are_neither_evaluated_nor_exported() -> None:
     """The engine learns only from decisions that are learnable and active (an email never
     opened is not): those that expired inactive used to be evaluated, and exported, as misses."""
-    clock = ManualClock()
-    engine = Engine.open("memory://", clock=clock, seed=2)
-    for oid in ("o1", "o2"):
-        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
-    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    engine, clock = _uniform_engine(2)
     for k in range(30):
         d = engine.choose(f"m{k}", "email", {}, event_id=f"e{k}", active=k % 3 != 0)
         if k % 3 == 1:
