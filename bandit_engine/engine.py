@@ -871,10 +871,13 @@ class Engine:
         """Close every decision whose reward window has passed (default reward, reservation
         released, learner fed). Returns how many were closed."""
         now = self.clock.now_ms() if now_ms is None else int(now_ms)
-        defaults = {name: c.default_reward for name, c in self.channels().items()}
-        fb = self.ledger.expire(now, defaults)
+        fb = self.ledger.expire(now, self.default_rewards())
         self._on_feedback(fb)
         return len(fb)
+
+    def default_rewards(self) -> dict[str, float]:
+        """Each channel's default reward: what a window that closes without one settles with."""
+        return {name: c.default_reward for name, c in self.channels().items()}
 
     def get_decision(self, event_id: str) -> Decision:
         d = self.ledger.get_decision(event_id)
@@ -899,7 +902,7 @@ class Engine:
         if channel is not None:
             self.channel(channel)  # UnknownChannel
         now = self.clock.now_ms()
-        defaults = {name: c.default_reward for name, c in cat.channels.items()}
+        defaults = self.default_rewards()
         n = 0
         for d in self.ledger.decisions(channel=channel):
             if n == limit:

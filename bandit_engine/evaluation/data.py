@@ -133,10 +133,9 @@ def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[s
         if channel not in known:
             raise InvalidArgument(f"unknown channel {channel!r}; the ledger has {sorted(known)}")
     live = (d for d in engine.ledger.decisions(channel=channel) if d.event_id not in archived)
-    defaults = {name: c.default_reward for name, c in engine.channels().items()}
     return from_decisions(
         itertools.chain(archived.values(), live), engine.offers(), closed_by=engine.clock.now_ms(),
-        default_rewards=defaults,
+        default_rewards=engine.default_rewards(),
     )
 
 
