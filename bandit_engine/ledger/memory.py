@@ -40,22 +40,25 @@ class MemoryLedger:
         self._settings: dict[str, Any] = {}
 
     # catalog ---------------------------------------------------------------------------------
+    def _expect(self, version: int | None) -> None:
+        """(Under the lock.) As :meth:`SqlLedger._bump_catalog`'s ``expect``: a write
+        conditioned on a catalog version that has moved on raises, before anything changes."""
+        if version is not None and version != self._catalog_version:
+            raise CatalogChanged(f"the catalog changed since version {version} was read")
+
     def _bump_catalog(self, expect: int | None) -> None:
-        """(Under the lock.) As :meth:`SqlLedger._bump_catalog`: with ``expect``, only from it."""
-        if expect is not None and expect != self._catalog_version:
-            raise CatalogChanged(f"the catalog changed since version {expect} was read")
+        self._expect(expect)
         self._catalog_version += 1
 
     def put_offer(self, offer: Offer, *, expect_version: int | None = None) -> None:
         with self._lock:
+            self._expect(expect_version)
             st = self._state.get(offer.offer_id)
             budget, cap = offer.budget_cents, offer.max_impressions
             if st is not None and (
                 (budget is not None and st.spent_cents + st.committed_cents > budget)
                 or (cap is not None and st.impressions > cap)
             ):  # checked before anything changes, as the SQL ledger's guarded update
-                if expect_version is not None and expect_version != self._catalog_version:
-                    raise CatalogChanged(f"the catalog changed since version {expect_version}")
                 raise Conflict(
                     f"offer {offer.offer_id!r}: its budget or impression cap would be below what "
                     "is already spent and committed, or shown"
