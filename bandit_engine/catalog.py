@@ -23,6 +23,7 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}")  # the whole id 
 FeatureValue = float | int | str | bool
 MAX_INT_FEATURE = 2**53  # integers a float (every model's number) holds exactly
 MAX_COUNT = 10**12  # impressions, cap counts: plausible, and far inside a 64-bit column
+REWARD_LIMIT = 1e9  # |reward|: a reward, a default or provisional one (a sum stays finite)
 MAX_FEATURES = 64  # an offer's features, as a request's context keys
 # epoch milliseconds from 1970 to the end of year 9999
 MAX_EPOCH_MS = 253_402_300_799_999
@@ -430,7 +431,7 @@ class ChannelConfig:
         if not isinstance(self.policy, PolicySpec):
             raise InvalidArgument(f"policy must be a PolicySpec, got {self.policy!r}")
         _num("reward_window_days", self.reward_window_days, lo=1e-6, hi=366)
-        _num("default_reward", self.default_reward, lo=-1e9, hi=1e9)
+        _num("default_reward", self.default_reward, lo=-REWARD_LIMIT, hi=REWARD_LIMIT)
         _num("holdout_fraction", self.holdout_fraction, lo=0.0, hi=1.0)
         _num("exploration_floor", self.exploration_floor, lo=1e-6, hi=1.0, lo_open=False)
         if self.aggregation not in ("first", "sum"):
@@ -438,7 +439,7 @@ class ChannelConfig:
         if self.default_offer is not None:
             check_id("default_offer", self.default_offer)
         if self.provisional_reward is not None:
-            _num("provisional_reward", self.provisional_reward, lo=-1e9, hi=1e9)
+            _num("provisional_reward", self.provisional_reward, lo=-REWARD_LIMIT, hi=REWARD_LIMIT)
             object.__setattr__(self, "provisional_reward", float(self.provisional_reward))
         if not isinstance(self.salt, str) or not is_text(self.salt) or len(self.salt) > 256:
             raise InvalidArgument(

@@ -21,17 +21,18 @@ def database_url(ctx: click.Context) -> str:
     return ctx.obj["database_url"]
 
 
-def existing_database(url: str) -> str:
-    """``url``, for a command that reads or maintains a ledger: a SQLite file that is not there
-    is an error. Opening one creates it, so a mistyped path would read as an empty ledger and
-    leave an empty database behind. The commands that set a database up create it (``db
-    upgrade``, ``demo``, ``serve``, ``keys create``)."""
+def existing_database(url: str, hint: str = "") -> str:
+    """``url``, for a command that reads, maintains or serves a ledger: a SQLite file that is
+    not there is an error (``hint`` says what to run instead). Opening one creates it, so a
+    mistyped path would read as an empty ledger and leave an empty database behind. The
+    commands that set a database up create it (``db upgrade``, ``demo``, ``keys create``)."""
     from .errors import InvalidArgument
     from .ledger.sql import sqlite_file
 
     db = sqlite_file(url)  # None for what is not a SQLite file
     if db is not None and not db.is_file():
-        raise InvalidArgument(f"no ledger at {url}: the SQLite file {str(db)!r} does not exist")
+        raise InvalidArgument(
+            f"no ledger at {url}: the SQLite file {str(db)!r} does not exist{hint}")
     return url
 
 
@@ -68,7 +69,7 @@ def _schema_at(
     if move is not upgrade_schema:
         db = sqlite_file(url)
         if move is None and db is not None and not db.exists():
-            return "base (empty)"
+            return f"base (empty: the SQLite file {str(db)!r} does not exist)"
         existing_database(url)
     engine = make_engine(url)
     if move is not None:

@@ -21,6 +21,7 @@ from typing import IO, Any, TypeVar
 from . import constraints, pacing
 from .catalog import (
     CHANNELS,
+    REWARD_LIMIT,
     ChannelConfig,
     FeatureValue,
     MemberCap,
@@ -849,8 +850,8 @@ class Engine:
         check_id("event_id", event_id)
         if not is_finite_number(value):
             raise InvalidArgument(f"reward must be a finite number, got {shown(value)}")
-        if abs(value) > 1e9:
-            raise InvalidArgument(f"reward is implausibly large: {value!r}")
+        if abs(value) > REWARD_LIMIT:
+            raise InvalidArgument(f"reward must be between {-REWARD_LIMIT:g} and {REWARD_LIMIT:g}, got {shown(value)}")
         cost_cents = None if cost is None else to_cents("cost", cost)
         if reward_id is not None:
             check_id("reward_id", reward_id)

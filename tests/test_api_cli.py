@@ -289,24 +289,30 @@ def test_a_port_out_of_range_is_a_usage_error(command: list[str]) -> None:
 @pytest.mark.parametrize("command", [
     ["keys", "list"], ["keys", "revoke", "1"], ["db", "downgrade", "--revision", "base"], ["expire"],
     ["learner", "--once"], ["prune", "--older-than", "200", "--no-archive"],
+    ["serve", "--port", "0"],
 ])  # fmt: skip
 def test_commands_that_read_or_maintain_a_ledger_refuse_a_sqlite_file_that_is_not_there(tmp_path, command) -> None:
     """A mistyped path created an empty database and read it ("expired 0 decisions", no keys),
-    leaving the empty file behind."""
+    leaving the empty file behind; `serve` served it, answering every request 401."""
     typo = tmp_path / "bandt.db"
     r = _cli("--database-url", f"sqlite:///{typo}", *command)
     assert r.returncode == 2, r.stderr[-1500:]
-    assert r.stderr.strip() == f"error: no ledger at sqlite:///{typo}: the SQLite file '{typo}' does not exist"
+    said = f"error: no ledger at sqlite:///{typo}: the SQLite file '{typo}' does not exist"
+    if command[0] == "serve":  # what to run instead
+        said += ("; set one up with `bandit-engine db upgrade` and give it a key with "
+                 "`bandit-engine keys create`, or serve the demo with `bandit-engine demo`")
+    assert r.stderr.strip() == said
     assert not list(tmp_path.iterdir())
 
 
 def test_the_commands_that_set_a_database_up_still_create_it(tmp_path) -> None:
-    """`db current` on a file that is not there reads no schema and creates nothing; `db
-    upgrade` and `keys create` create the file (`demo` and `serve` too, `make run` on a fresh
-    machine: test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys)."""
+    """`db current` on a file that is not there reads no schema, says the file is missing and
+    creates nothing; `db upgrade` and `keys create` create the file (`demo` too, `make run` on
+    a fresh machine: test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys)."""
     url = f"sqlite:///{tmp_path / 'new.db'}"
     r = CliRunner().invoke(main, ["--database-url", url, "db", "current"])
-    assert r.exit_code == 0 and r.output.startswith("schema at revision base (empty); head is "), r.output
+    missing = f"base (empty: the SQLite file '{tmp_path / 'new.db'}' does not exist)"
+    assert r.exit_code == 0 and r.output.startswith(f"schema at revision {missing}; head is "), r.output
     assert not list(tmp_path.iterdir())
     assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
     assert (tmp_path / "new.db").is_file()

@@ -62,3 +62,31 @@ def _checker(op: Any, headers: dict[str, str], seen: dict[str, set[int]]) -> Any
             assert err["code"] and err["message"]
 
     return check
+
+
+def test_the_documented_reward_bounds_are_the_ones_the_api_enforces(live: Api) -> None:
+    """The document said only "number" for a reward, a default and a provisional reward: a
+    client generating requests from it sent values the engine refuses. Each bound is checked
+    on both sides: the documented maximum (and minimum) passes validation, just past it is a
+    422 (an unknown event is a 404 once the body is valid; a channel setting is governed)."""
+    doc = live.call("GET", "/openapi.json").json
+    reward = doc["paths"]["/v1/reward"]["post"]["requestBody"]["content"]["application/json"]
+    bounds = reward["schema"]["properties"]["reward"]
+    assert bounds["maximum"] == -bounds["minimum"] > 0
+    for edge in (bounds["minimum"], bounds["maximum"]):
+        body = {"event_id": "no-such-event", "reward": edge}
+        assert live.call("POST", "/v1/reward", "decide", body).status_code == 404
+        body["reward"] = edge * (1 + 1e-9)
+        r = live.call("POST", "/v1/reward", "decide", body)
+        assert r.status_code == 422 and r.json["error"]["code"] == "invalid_argument", r.json
+    put = doc["paths"]["/v1/channels/{name}"]["put"]["requestBody"]["content"]["application/json"]
+    props = put["schema"]["properties"]
+    for name in ("default_reward", "provisional_reward"):
+        assert props[name]["maximum"] == bounds["maximum"], name
+        assert props[name]["minimum"] == bounds["minimum"], name
+        before = live.call("GET", "/v1/changes", "analyst").json
+        over = live.call("PUT", "/v1/channels/email", "admin", {name: bounds["maximum"] * 1.01})
+        assert over.status_code == 422 and over.json["error"]["code"] == "invalid_argument"
+        assert live.call("GET", "/v1/changes", "analyst").json == before
+        ok = live.call("PUT", "/v1/channels/email", "admin", {name: bounds["maximum"]})
+        assert ok.status_code in (200, 202), ok.json

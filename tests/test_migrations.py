@@ -95,7 +95,8 @@ def test_the_cli_reports_upgrades_and_downgrades_the_schema(tmp_path) -> None:
 
     head = head_revision()
     before = ScriptDirectory(str(MIGRATIONS)).get_revision(head).down_revision
-    assert cli("current") == f"schema at revision base (empty); head is {head}"
+    missing = f"base (empty: the SQLite file '{tmp_path / 'c.db'}' does not exist)"
+    assert cli("current") == f"schema at revision {missing}; head is {head}"
     assert cli("upgrade") == f"schema at revision {head}"
     assert cli("downgrade", "--revision", "-1") == f"schema at revision {before}"
     assert cli("current") == f"schema at revision {before}; head is {head}"

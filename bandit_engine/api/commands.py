@@ -36,13 +36,13 @@ def _url(ctx: click.Context) -> str:
     return ctx.find_root().obj["database_url"]
 
 
-def _existing_url(ctx: click.Context) -> str:
-    """The database URL of a command that only reads or maintains it: a SQLite file that is not
-    there is an error, not a new empty database (``serve``, ``demo`` and ``keys create`` set
-    one up)."""
+def _existing_url(ctx: click.Context, hint: str = "") -> str:
+    """The database URL of a command that reads, maintains or serves it: a SQLite file that is
+    not there is an error, not a new empty database (``demo`` and ``keys create`` set one
+    up)."""
     from ..cli import existing_database
 
-    return existing_database(_url(ctx))
+    return existing_database(_url(ctx), hint)
 
 
 def _gov(url: str) -> Any:
@@ -135,7 +135,10 @@ def serve(ctx: click.Context, host: str, port: int, workers: int, sync_interval:
     with multiprocess_metrics():
         from . import open_engine
 
-        url = _url(ctx)
+        # a server on a new SQLite file would hold no keys: every request a 401
+        url = _existing_url(ctx, hint=(
+            "; set one up with `bandit-engine db upgrade` and give it a key with "
+            "`bandit-engine keys create`, or serve the demo with `bandit-engine demo`"))
         _gov(url)  # create or upgrade the schema once, before the workers start
         open_engine(url).ledger.close()  # and the default channels, so workers never race on them
         config = {"DATABASE_URL": url, "SYNC_INTERVAL": sync_interval,

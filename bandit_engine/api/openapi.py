@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import __version__
+from ..catalog import REWARD_LIMIT
 from ..governance import CHANGE_STATUSES
 
 ID = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$"}
@@ -17,6 +18,7 @@ OPT_NUM = {"type": ["number", "null"]}
 SCALAR = {"type": ["number", "string", "boolean"]}
 MONEY = {"type": "number", "minimum": 0, "maximum": 1e12}
 OPT_MONEY = {"type": ["number", "null"], "minimum": 0, "maximum": 1e12}
+REWARD = {"type": "number", "minimum": -REWARD_LIMIT, "maximum": REWARD_LIMIT}
 TIME = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 253_402_300_799_999},  # epoch ms to 9999
                   {"type": "string"}, {"type": "null"}]}
 
@@ -83,11 +85,11 @@ CHANNEL_PROPS: dict[str, Any] = {
     "name": ID,
     "policy": {"type": "object", "properties": {"family": {"type": "string"}, "params": {"type": "object"}}},
     "reward_window_days": {"type": "number", "minimum": 1e-6, "maximum": 366},
-    "default_reward": {"type": "number"}, "aggregation": {"enum": ["first", "sum"]},
+    "default_reward": REWARD, "aggregation": {"enum": ["first", "sum"]},
     "holdout_fraction": {"type": "number", "minimum": 0, "maximum": 1},
     "default_offer": {"type": ["string", "null"]},
     "exploration_floor": {"type": "number", "minimum": 1e-6, "maximum": 1}, "salt": {"type": "string"},
-    "provisional_reward": {"type": ["number", "null"]},
+    "provisional_reward": {**REWARD, "type": ["number", "null"]},
     "model_group": {"type": ["string", "null"]},
 }  # fmt: skip
 DECISION = {
@@ -118,7 +120,8 @@ def openapi_document() -> dict[str, Any]:
                        "properties": {"status": {"enum": ["recorded", "duplicate"]}}}),
             "404": _err("unknown event"), "409": _err("reward window closed")},
             _body({"type": "object", "additionalProperties": False, "required": ["event_id", "reward"],
-                   "properties": {"event_id": ID, "reward": NUM, "cost": OPT_MONEY, "reward_id": ID}}))},  # fmt: skip
+                   "properties": {"event_id": ID, "reward": REWARD, "cost": OPT_MONEY,
+                                  "reward_id": ID}}))},  # fmt: skip
         "/v1/events/{event_id}/activate": {
             "parameters": [_path("event_id")],
             "post": _op("Activate a deferred decision", ["decide"], {
