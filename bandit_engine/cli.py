@@ -42,6 +42,7 @@ def existing_database(url: str, hint: str = "") -> str:
     envvar="BANDIT_ENGINE_DATABASE_URL",
     default=DEFAULT_DB,
     show_default=True,
+    show_envvar=True,
     help="Ledger URL: sqlite:///file.db or postgresql+psycopg://user@host/db.",
 )
 @click.pass_context
@@ -122,11 +123,13 @@ def expire(ctx: click.Context) -> None:
 
 
 @main.command("export-dsjson")
-@click.option("--channel", default=None)
-@click.option("--output", type=click.File("w"), default="-")
+@click.option("--channel", default=None, help="Only this channel's decisions (default: all).")
+@click.option("--output", type=click.File("w"), default="-", show_default=True,
+              help="The file to write (- is stdout).")
 @click.pass_context
 def export_dsjson(ctx: click.Context, channel: str | None, output: click.utils.LazyFile) -> None:
-    """Write logged decisions as VW dsjson (one JSON object per line)."""
+    """Write logged decisions as VW dsjson (one JSON object per line): those the engine learns
+    from whose reward window has closed."""
     from .evaluation import open_existing
 
     engine = open_existing(database_url(ctx))  # a mistyped SQLite path is an error, not a new empty ledger

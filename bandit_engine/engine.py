@@ -897,7 +897,7 @@ class Engine:
         reward expiry will give it (its accumulated reward, else the channel's default), as
         :func:`~bandit_engine.evaluation.from_engine` reads it. Returns how many. An unknown
         channel is an error."""
-        from .ledger.settle import settle_expiry
+        from .ledger.settle import settled_by
 
         cat = self._refresh_catalog(force=True)
         if channel is not None:
@@ -908,13 +908,12 @@ class Engine:
         for d in self.ledger.decisions(channel=channel):
             if n == limit:
                 break
-            if d.offer_id is None or not d.learnable or not d.active or d.deadline > now:
+            if d.offer_id is None or not d.learnable or not d.active:
                 continue
-            if d.status == "open":
-                if d.deadline == now:  # a reward may still come at the deadline itself
-                    continue
-                d = settle_expiry(d, defaults.get(d.channel, 0.0))[0]  # written nowhere
-            out.write(json.dumps(to_dsjson(d, cat.offers)) + "\n")
+            settled = settled_by(d, now, defaults.get(d.channel, 0.0))
+            if settled is None:
+                continue
+            out.write(json.dumps(to_dsjson(settled, cat.offers)) + "\n")
             n += 1
         return n
 

@@ -4,10 +4,11 @@ changes have no effect, everything is audited; choose/reward semantics."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
-from bandit_engine import Engine, MemberCap, Offer
+from bandit_engine import ChannelConfig, Engine, MemberCap, Offer
 from bandit_engine.errors import Forbidden
 from tests.api_fixtures import Api, api_fixture, make_api  # noqa: F401  (fixture)
 
@@ -253,6 +254,7 @@ def test_reports(api: Api) -> None:
     assert paced["budget"] == 10.0 and paced["spent"] == 2.0 and paced["committed"] == 0.0
     assert paced["remaining_budget"] == 8.0
     assert paced["spend_per_day"] == pytest.approx(2.0) and paced["projected_exhaustion"] is not None
+    api.clock.advance(days=api.engine.channel("site").reward_window_days)
     lift = api.call("GET", "/v1/reports/lift?channel=site", "analyst").json["channels"][0]
     assert lift["treatment"]["n"] == 4 and lift["treatment"]["rate"] == 0.5
     lo, hi = lift["treatment"]["ci95"]
@@ -297,10 +299,37 @@ def test_holdout_outcomes_are_reported_and_the_lift_report_measures_them(api: Ap
     assert lift["lift"]["ci95"][0] < diff < lift["lift"]["ci95"][1]
 
 
+def test_the_lift_report_waits_for_reward_windows_to_close(api: Api) -> None:
+    """A redemption settles its decision at once, a miss only when its window closes: the
+    report counted the settled decisions of open windows, i.e. mostly redemptions (the audit
+    read a rate of 1.0 from 2 redemptions out of 4 decisions). It counts a decision once its
+    window has closed, with what expiry gives it if no expiry has run yet."""
+    api.engine.add_offer(Offer("windowed", ["site"], cost=1.0))
+    events = [choose(api, f"m-win-{i}", "site")["event_id"] for i in range(4)]
+    for e in events[:2]:
+        r = api.call("POST", "/v1/reward", "decide", json={"event_id": e, "reward": 1})
+        assert r.status_code == 200
+
+    def treatment() -> dict[str, Any]:
+        r = api.call("GET", "/v1/reports/lift?channel=site", "analyst")
+        return r.json["channels"][0]["treatment"]
+
+    assert treatment() == {"n": 0, "rate": None, "ci95": None}
+    api.clock.advance(days=api.engine.channel("site").reward_window_days)  # at the deadline
+    assert treatment()["n"] == 2  # the misses may still be rewarded at the deadline itself
+    api.clock.advance(ms=1)
+    before = api.state()
+    assert treatment()["n"] == 4 and treatment()["rate"] == 0.5  # no expire has run
+    assert api.state() == before  # the report wrote nothing
+    api.engine.expire()
+    assert treatment()["n"] == 4 and treatment()["rate"] == 0.5
+
+
 def test_one_outcome_has_a_rate_but_no_interval(api: Api) -> None:
     api.engine.add_offer(Offer("lone", ["site"], cost=1.0))
     e = choose(api, "m-lone", "site")["event_id"]
     api.call("POST", "/v1/reward", "decide", json={"event_id": e, "reward": 1})
+    api.clock.advance(days=api.engine.channel("site").reward_window_days)
     lift = api.call("GET", "/v1/reports/lift?channel=site", "analyst").json["channels"][0]
     assert lift["treatment"] == {"n": 1, "rate": 1.0, "ci95": None} and lift["lift"] is None
 
@@ -344,6 +373,21 @@ def test_ids_with_a_slash_reach_their_routes_and_consent_travels(api: Api) -> No
     assert d["active"] is False
     d = choose(api, "m-no-consent", "email", consent=False)
     assert d["offer_id"] is None and d["reason"] == "no_consent"
+
+
+def test_channel_and_model_group_names_with_a_slash_reach_their_routes(api: Api) -> None:
+    """Names may hold "/" (the id rule allows it, and choose took such a channel), but the
+    channel and model-group routes took one path segment: 404 "no such route" either way."""
+    api.engine.set_channel(ChannelConfig("web/eu", model_group="g/1"))
+    for path in ("/v1/channels/web/eu", "/v1/channels/web%2Feu"):
+        assert api.call("GET", path, "analyst").json["name"] == "web/eu"
+    r = api.call("PUT", "/v1/channels/web%2Feu", "admin", json={"reward_window_days": 2})
+    assert r.status_code == 200 and r.json["reward_window_days"] == 2
+    policy = {"family": "thompson", "params": {"prior_alpha": 2}}
+    for path in ("/v1/model-groups/g/1", "/v1/model-groups/g%2F1"):
+        r = api.call("PUT", path, "admin", json={"policy": policy})
+        assert r.status_code == 200 and r.json["channels"] == ["web/eu"], r.json
+    assert api.engine.channel("web/eu").policy.params == {"prior_alpha": 2}
 
 
 def test_a_401_names_its_scheme_and_metrics_say_their_charset_once(api: Api) -> None:

@@ -39,7 +39,8 @@ def _op(summary: str, roles: list[str], responses: dict[str, Any], body: dict[st
         params: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
     common = {"401": _err("missing or unknown key"), "403": _err("wrong role"),
               "400": _err("malformed request"), "422": _err("invalid values"),
-              "413": _err("body over 64 KiB")}  # fmt: skip
+              "413": _err("body over 64 KiB"),
+              "503": _err("database unavailable or too busy; retry")}  # fmt: skip
     op: dict[str, Any] = {"summary": summary, "x-roles": roles, "security": [{"bearer": []}],
                           "responses": {**common, **responses}}  # fmt: skip
     if body is not None:
@@ -114,7 +115,12 @@ def openapi_document() -> dict[str, Any]:
             "404": _err("unknown channel"), "409": _err("event id reused for another member")},
             _body({"type": "object", "additionalProperties": False, "required": ["member_id", "channel"],
                    "properties": {"member_id": ID, "channel": ID, "context": CONTEXT, "event_id": ID,
-                                  "activate": {"type": "boolean"}, "consent": {"type": "boolean"}}}))},  # fmt: skip
+                                  "activate": {"type": "boolean", "description": (
+                                      "false: a deferred decision (an email not yet opened), "
+                                      "learned once POST /v1/events/{event_id}/activate")},
+                                  "consent": {"type": "boolean", "description": (
+                                      "false: serves nothing (or the channel's default offer) "
+                                      "and learns nothing")}}}))},  # fmt: skip
         "/v1/reward": {"post": _op("Record the reward of a decision", ["decide"], {
             "200": _ok("recorded or duplicate", {"type": "object", "required": ["event_id", "status"],
                        "properties": {"status": {"enum": ["recorded", "duplicate"]}}}),

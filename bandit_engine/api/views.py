@@ -13,6 +13,7 @@ from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument
 from ..governance import CHANGE_STATUSES, CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
+from ..ledger.settle import settled_by
 from . import validate as v
 from .auth import READERS, principal, requires
 
@@ -249,13 +250,13 @@ def list_channels() -> Any:
     return {"channels": [c.to_dict() for c in engine().channels().values()]}
 
 
-@bp.get("/channels/<name>")
+@bp.get("/channels/<path:name>")
 @requires(*READERS)
 def get_channel(name: str) -> Any:
     return engine().channel(name).to_dict()
 
 
-@bp.put("/channels/<name>")
+@bp.put("/channels/<path:name>")
 @requires("admin")
 def put_channel(name: str) -> Any:
     body = v.json_body()
@@ -287,7 +288,7 @@ def put_channel(name: str) -> Any:
     return {**out, "change_id": ch.change_id, "status": "pending"}, 202
 
 
-@bp.put("/model-groups/<group>")
+@bp.put("/model-groups/<path:group>")
 @requires("admin")
 def put_model_group(group: str) -> Any:
     """Switch the policy of every channel of a model group at once (their one shared model)."""
@@ -400,16 +401,21 @@ def _rate(values: list[float]) -> dict[str, Any]:
 @bp.get("/reports/lift")
 @requires("analyst")
 def lift() -> Any:
-    """Treatment vs hold-out mean reward over settled decisions, with normal 95 % intervals."""
+    """Treatment vs hold-out mean reward over the decisions whose reward window has closed
+    (:func:`settled_by`: a redemption settles at once, a miss only at the close), with normal
+    95 % intervals."""
     eng = engine()
     name = request.args.get("channel")
     names = [eng.channel(name).name] if name is not None else sorted(eng.channels())
+    now = eng.clock.now_ms()
+    defaults = eng.default_rewards()
     out = []
     for ch in names:
         groups: dict[str, list[float]] = {"treatment": [], "holdout": []}
         for d in eng.ledger.decisions(channel=ch):
-            if d.reward is not None and d.status in ("closed", "expired"):
-                groups[d.group].append(float(d.reward))
+            settled = settled_by(d, now, defaults.get(ch, 0.0))
+            if settled is not None and settled.reward is not None:
+                groups[settled.group].append(float(settled.reward))
         t, h = _rate(groups["treatment"]), _rate(groups["holdout"])
         lift_ = None
         if t["n"] > 1 and h["n"] > 1:

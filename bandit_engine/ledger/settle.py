@@ -85,6 +85,21 @@ def settle_expiry(
     return new, _delta(d, new), reward
 
 
+def settled_by(d: Decision, now: int, default_reward: float) -> Decision | None:
+    """``d`` as its outcome stands at ``now`` (epoch ms) once its reward window has closed, for
+    what reports on outcomes: a decision still ``open`` past its deadline (no expiry has run
+    since) as expiry will settle it (nothing is written). None while the window is open, the
+    deadline itself included (a reward may still come then): a redemption settles its decision
+    at once (``aggregation="first"``) but a miss only at the window's close, so the outcomes of
+    open windows are mostly redemptions and would read too high. None too for a decision that
+    never settles (status ``none``)."""
+    if d.deadline > now or (d.status == "open" and d.deadline == now):
+        return None
+    if d.status == "open":
+        return settle_expiry(d, default_reward)[0]
+    return d if d.status in ("closed", "expired") else None
+
+
 def settlement_kind(d: Decision) -> FeedbackKind:
     """The kind of a decision's settlement feedback: a correction of its provisional reward if
     it was learned provisionally when chosen, else the final reward."""
