@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,38 @@ def test_effective_sample_size() -> None:
     assert rep.estimates["ips"].ess == pytest.approx(2000)
     far = evaluate(data, target)
     assert 50 < far.estimates["ips"].ess < 1500
+
+
+def test_a_candidate_with_probability_zero_on_every_logged_action_has_no_ips_estimate() -> None:
+    """IPS read 0 with the interval [0, 0] (all-zero terms), a certainty the logs cannot give:
+    no logged decision carries weight (ESS 0). Like SNIPS it is undefined; DM and DR, from
+    the reward model, still estimate it."""
+    data, _ = synthetic(3, 600)
+    elsewhere = lambda row: np.eye(3)[(row.chosen + 1) % 3]  # noqa: E731
+    rep = evaluate(data, elsewhere)
+    for name in ("ips", "snips"):
+        e = rep.estimates[name]
+        assert np.isnan(e.value) and (e.lo, e.hi, e.ess) == (-np.inf, np.inf, 0.0), e
+    assert np.isfinite(rep.estimates["dr"].value) and rep.estimates["dr"].se > 0
+    assert "| ips | nan | [-inf, inf] | 0 |" in rep.table()
+    one = ips(np.array([0.0, 1.0]), np.array([0.5, 0.5]), np.array([1.0, 0.0]))
+    assert (one.value, one.ess) == (0.0, 1.0)  # a single row with weight: an estimate
+
+
+@pytest.mark.parametrize("pmf", [
+    np.zeros(3), TARGET[0] / 2, np.array([1.0]), np.array([1.5, -0.5, 0.0]),
+    np.array([np.nan, 0.5, 0.5]),
+])  # fmt: skip
+def test_a_target_pmf_that_is_not_a_distribution_over_the_eligible_offers_is_an_error(
+    pmf: np.ndarray,
+) -> None:
+    """It was evaluated as given: an all-zero pmf read 0 for every estimator (the truth is
+    0.34), half of one halved DM and IPS; a shorter one raised an IndexError."""
+    data, _ = synthetic(3, 50)
+    message = (r"^the target's pmf for event 'e0' must be 3 probabilities "
+               r"\(one per eligible offer\) summing to 1, got \[")  # fmt: skip
+    with pytest.raises(InvalidArgument, match=message):
+        evaluate(data, lambda row: pmf)
 
 
 BAD = [
@@ -388,6 +421,10 @@ def test_inactive_decisions_are_neither_evaluated_nor_exported() -> None:
     (_record(_label_cost=True), r"'_label_cost' \(-reward\) must be a finite number, got True"),
     (_record(_label_cost=float("nan")), r"'_label_cost' \(-reward\) must be a finite number, got nan"),
     (_record(_label_cost="-1"), r"'_label_cost' \(-reward\) must be a finite number, got '-1'"),
+    (_record(_label_cost=1e308), r"'_label_cost' \(-reward\) must be between -1e\+12 and 1e\+12, "
+                                 r"got 1e\+308$"),
+    (_record(_label_cost=-10**300), r"'_label_cost' \(-reward\) must be between -1e\+12 and "
+                                    r"1e\+12"),
     (_record(_label_probability=0.9), r"'_label_probability' must be the chosen action's probability, 0.5 "
                                       r"\(the first of 'p'\), got 0.9"),
     (_record(_label_probability=0), r"'_label_probability' must be the chosen action's probability"),
@@ -408,6 +445,58 @@ def test_malformed_dsjson_lines_are_errors_naming_the_line(line: str | dict, mes
     text = line if isinstance(line, str) else json.dumps(line)
     with pytest.raises(InvalidArgument, match="^dsjson line 2: " + message):
         from_dsjson([json.dumps(_record(EventId="e0")), text])
+
+
+def test_a_huge_label_is_a_one_line_error_and_the_largest_allowed_one_evaluates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finite but huge label (1e308) read as a reward: every estimate came out -3e306 with
+    an infinite or NaN interval, and numpy overflow warnings on stderr."""
+    lines = [json.dumps(_record(EventId=f"e{k}", _label_cost=-float(k % 2))) for k in range(20)]
+    path = tmp_path / "log.json"
+    path.write_text("\n".join([*lines[:7], json.dumps(_record(EventId="big", _label_cost=1e308)),
+                               *lines[7:]]) + "\n")  # fmt: skip
+    args = ("evaluate", "--dsjson", str(path), "--policy", "uniform")
+    code, out, err = _cli(monkeypatch, capsys, *args)
+    assert (code, out) == (2, "")
+    assert err == ("error: dsjson line 8: '_label_cost' (-reward) must be between -1e+12 and "
+                   "1e+12, got 1e+308\n")  # fmt: skip
+    edge = [*lines, json.dumps(_record(EventId="edge", _label_cost=-1e12))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = from_dsjson(edge)
+        train, test = data.split(0.3)
+        rep = evaluate(test, policy_target(PolicySpec("uniform"), train))
+    for e in rep.estimates.values():
+        assert all(np.isfinite([e.value, e.se, e.lo, e.hi, e.ess])), e
+        assert e.lo <= e.value <= e.hi
+
+
+def test_estimators_are_computed_stably_for_huge_rewards_and_weights() -> None:
+    """Per-row terms were squared as they were: from |term| ~ 1e154 the standard error (and
+    for SNIPS the weights' sum) overflowed to inf, or NaN, with numpy warnings. Estimates are
+    linear in the rewards, so scaling the rewards scales value, se and interval exactly."""
+    data, x = synthetic(4, 400)
+    pi = np.array([target(r)[r.chosen] for r in data.rows])
+    p, r = data.propensity, data.reward
+    q = np.full(len(data), 0.2)
+    for big in (1e150, 1e200, 1e300):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for fn, args in ((ips, ()), (snips, ()), (dr, (q, q))):
+                one = fn(pi, p, r, *(a for a in args))
+                scaled = fn(pi, p, r * big, *(a * big for a in args))
+                assert scaled.value == pytest.approx(one.value * big, rel=1e-12), (fn, big)
+                assert scaled.se == pytest.approx(one.se * big, rel=1e-12), (fn, big)
+                assert np.isfinite([scaled.lo, scaled.hi]).all()
+                assert scaled.ess == pytest.approx(one.ess)
+            # tiny propensities, huge weights: SNIPS and the ESS do not depend on their scale
+            tiny = snips(pi, p * 1e-300, r)
+            assert tiny.value == pytest.approx(snips(pi, p, r).value, rel=1e-12)
+            assert tiny.ess == pytest.approx(ips(pi, p, r).ess, rel=1e-12)
+    # a term a float cannot hold (a weight of 1e300 on a reward of 1e10) is an error, not an inf
+    with pytest.raises(InvalidArgument, match=r"^ips: the estimate overflows a float"):
+        ips(np.array([1.0, 0.5]), np.array([1e-300, 0.5]), np.array([1e10, 1.0]))
 
 
 def test_unlabeled_dsjson_lines_are_counted_and_the_cli_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

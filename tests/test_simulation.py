@@ -401,6 +401,37 @@ def test_budget_duals_price_only_binding_budgets() -> None:
     assert p.max(1).sum() >= bound >= 0.99 * p[np.arange(2000), choice].sum()
 
 
+def test_budget_duals_are_solved_on_the_arrivals_the_engine_can_serve_an_offer_to() -> None:
+    """Hold-out members and members without consent get the channel default, never an offer.
+    The duals were solved over them too: they priced the budgets for demand that never comes,
+    and the LP's bound counted their rewards, above what serving every other arrival its best
+    offer could earn."""
+    from dataclasses import replace
+
+    s = Scenario.load(ROOT / "simulations/tight_budget.toml")
+    s = s.with_(members=300, holdout_fraction=0.3)
+    offers = tuple(o if o.budget is None else replace(o, budget=15.0) for o in s.offers)
+    s = s.with_(offers=offers, world=replace(s.world, consent_rate=0.8))
+    sim = Simulator(s, decisions=1200)
+    seed = 2
+    # which arrivals a run could serve an offer to, read from the run's own decisions
+    r = sim.run("uniform", PolicySpec("uniform"), seed, keep_engine=True)
+    by_t = {int(d.event_id.split("-")[1]): d for d in r.engine.ledger.decisions()}
+    mask = np.array([by_t[t].group != "holdout" and by_t[t].reason != "no_consent"
+                     for t in range(1200)])  # fmt: skip
+    assert 0.5 < mask.mean() < 0.65
+    prices, bound = sim.budget_prices(seed)
+    probs, elig, offs = sim._mean_probs(seed)
+    costs = np.array([o.cost_cents / 100 for o in offs])
+    budgets = np.array([np.inf if o.budget_cents is None else o.budget_cents / 100 for o in offs])
+    lam, lp_bound = solve_budget_duals(probs[mask], elig[mask], costs, budgets)
+    assert prices == {o.offer_id: float(v) for o, v in zip(offs, lam, strict=True) if v > 0}
+    assert prices and bound == lp_bound
+    # an upper bound on the feasible optimum of the arrivals that can be served (it read 371)
+    assert bound <= np.where(elig, probs, 0.0)[mask].max(1).sum()  # 266
+    assert sim.servable(seed).tolist() == mask.tolist()
+
+
 def test_simulate_command_prints_a_table(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     result = CliRunner().invoke(main, [

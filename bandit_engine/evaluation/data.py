@@ -29,6 +29,11 @@ from .estimators import Estimate, all_estimates
 if TYPE_CHECKING:
     from ..engine import Engine
 
+# |reward| of a dsjson label. The engine takes rewards up to 1e9 each (a sum-aggregated
+# decision adds several), so a larger label is a file written wrong; finite but huge (1e300),
+# it read as a reward and made every estimate and interval overflow (inf, nan, warnings).
+LABEL_LIMIT = 1e12
+
 
 @dataclass(frozen=True)
 class LoggedRow:
@@ -153,7 +158,8 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
     ``EventId`` an earlier line has (it would count twice). A line without ``_label_cost`` (a
     decision with no outcome yet) is skipped and counted in ``unlabeled`` (``bandit-engine
     evaluate`` says how many): if those are mostly misses still to come, the labelled lines
-    overstate every policy."""
+    overstate every policy. A label beyond ``LABEL_LIMIT`` (1e12) in magnitude is an error too:
+    no reward the engine logs comes near it, and the estimators' arithmetic overflowed."""
     lines = _read_utf8(source).split("\n") if isinstance(source, str | Path) else list(source)
     rows = []
     offers: dict[str, Offer] = {}
@@ -180,6 +186,10 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
             if not is_finite_number(cost):
                 raise InvalidArgument(f"dsjson line {n}: '_label_cost' (-reward) must be a finite "
                                       f"number, got {cost!r}")  # fmt: skip
+            if abs(cost) > LABEL_LIMIT:
+                raise InvalidArgument(f"dsjson line {n}: '_label_cost' (-reward) must be "
+                                      f"between {-LABEL_LIMIT:g} and {LABEL_LIMIT:g}, "
+                                      f"got {cost!r}")  # fmt: skip
             c = rec["c"]
             multi = c["_multi"] if isinstance(c, dict) else None
             if not isinstance(multi, list) or not multi or not all(
@@ -375,13 +385,27 @@ class Report:
         return "\n".join(lines)
 
 
+def _target_pmf(target: Target, row: LoggedRow) -> np.ndarray:
+    """``target``'s pmf on ``row``: one probability per eligible offer, summing to 1. One that
+    summed to less (all zeros, or half) was evaluated as it was: DM and DR scaled down, IPS
+    read as low, no error; one of the wrong length crashed (IndexError) or read shifted."""
+    pi = np.asarray(target(row), dtype=float)
+    k = len(row.eligible)
+    valid = pi.shape == (k,) and bool(np.all(np.isfinite(pi)) and np.all(pi >= 0))
+    if not valid or abs(pi.sum() - 1) > 1e-6:
+        raise InvalidArgument(f"the target's pmf for event {row.event_id!r} must be {k} "
+                              f"probabilities (one per eligible offer) summing to 1, "
+                              f"got {np.array2string(pi, threshold=12)}")  # fmt: skip
+    return pi
+
+
 def evaluate(data: LoggedData, target: Target, *, folds: int = 2, seed: int = 0,
              propensity: np.ndarray | None = None) -> Report:  # fmt: skip
     """IPS, SNIPS, DM and DR (cross-fitted) estimates of ``target``'s value on ``data``.
     ``propensity`` overrides the logged propensities (e.g. to show what a wrong one does)."""
     if not data.rows:
         raise InvalidArgument("no settled decisions to evaluate")
-    pis = [np.asarray(target(r), dtype=float) for r in data.rows]
+    pis = [_target_pmf(target, r) for r in data.rows]
     pi_chosen = np.array([pi[r.chosen] for pi, r in zip(pis, data.rows, strict=True)])
     q = cross_fit_predictions(data, folds=folds, seed=seed)
     dm_target = np.array([float(pi @ qi) for pi, qi in zip(pis, q, strict=True)])
@@ -392,6 +416,7 @@ def evaluate(data: LoggedData, target: Target, *, folds: int = 2, seed: int = 0,
 
 
 __all__ = [
-    "LoggedData", "LoggedRow", "Report", "RidgeRewardModel", "Target", "cross_fit_predictions",
-    "evaluate", "from_decisions", "from_dsjson", "from_engine", "open_existing", "policy_target",
+    "LABEL_LIMIT", "LoggedData", "LoggedRow", "Report", "RidgeRewardModel", "Target",
+    "cross_fit_predictions", "evaluate", "from_decisions", "from_dsjson", "from_engine",
+    "open_existing", "policy_target",
 ]  # fmt: skip

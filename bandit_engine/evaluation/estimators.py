@@ -9,10 +9,14 @@ model-based estimators the reward model's predictions ``q_hat`` under the target
 * SNIPS: ``sum(w r) / sum(w)``; slightly biased, much lower variance.
 * DM: ``mean(dm_target)``; low variance, biased by the reward model.
 * DR: ``mean(dm_target + w (r - q_chosen))``; unbiased if either the propensities or the model
-  are right. Use a cross-fitted model (:mod:`.reward_model`), never one fitted on the same rows.
+  are right. Use a cross-fitted model (:func:`.data.cross_fit_predictions`), never one fitted on
+  the same rows.
 
 Intervals are normal 95 % intervals on the per-row terms (the delta method for SNIPS).
-``ess = (sum w)^2 / sum w^2`` is the effective sample size of the importance weights.
+``ess = (sum w)^2 / sum w^2`` is the effective sample size of the importance weights. With no
+weight at all (the target gives probability 0 to every logged action, ESS 0), IPS and SNIPS are
+undefined: ``nan`` with an unbounded interval. Moments are computed on scaled terms, so huge
+rewards or weights give finite estimates; one a float cannot hold is an error.
 
 >>> import numpy as np
 >>> pi, p, r = np.array([1.0, 0.0, 1.0, 0.0]), np.full(4, 0.5), np.array([1.0, 0.0, 0.0, 1.0])
@@ -66,35 +70,80 @@ def _arrays(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -
     return pi, p, r
 
 
+def _scale(x: np.ndarray) -> float:
+    """``max |x|`` (1 when it is 0): moments of ``x / scale`` cannot overflow, and scale back."""
+    s = float(np.abs(x).max()) if x.size else 0.0
+    return s if s > 0 else 1.0
+
+
 def _ess(w: np.ndarray) -> float:
-    s2 = float((w**2).sum())
-    return float(w.sum() ** 2 / s2) if s2 > 0 else 0.0
+    u = w / _scale(w)  # scale-free: weights of 1e200 have no square to overflow
+    s2 = float((u**2).sum())
+    return float(u.sum() ** 2 / s2) if s2 > 0 else 0.0
+
+
+def _overflow(name: str) -> InvalidArgument:
+    return InvalidArgument(f"{name}: the estimate overflows a float (rewards or importance "
+                           f"weights pi / p too large); rescale the rewards")  # fmt: skip
+
+
+def _mean_se(name: str, terms: np.ndarray, unit: float = 1.0) -> tuple[float, float]:
+    """Mean and standard error of ``unit * terms``, computed on ``terms / max|terms|``: their
+    squares overflowed from |term| ~ 1e154, giving an infinite or NaN interval. An estimate or
+    interval a float cannot hold is an error, not an ``inf``."""
+    n = terms.size
+    if not np.all(np.isfinite(terms)):
+        raise _overflow(name)
+    s = _scale(terms)
+    u = terms / s
+    v = float(u.mean()) * s * unit
+    se = float(u.std(ddof=1)) / math.sqrt(n) * s * unit if n > 1 else float("inf")
+    if not math.isfinite(v) or (n > 1 and not math.isfinite(abs(v) + Z95 * se)):
+        raise _overflow(name)
+    return v, se
+
+
+def _weights(name: str, pi: np.ndarray, p: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        w = pi / p
+    if not np.all(np.isfinite(w)):  # a propensity of 1e-320
+        raise _overflow(name)
+    return w
+
+
+def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a * b``, inf where it overflows (``_mean_se`` says so) rather than a numpy warning."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return a * b
 
 
 def _from_terms(name: str, terms: np.ndarray, w: np.ndarray) -> Estimate:
-    n = terms.size
-    v = float(terms.mean())
-    se = float(terms.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
-    return Estimate(name, v, se, v - Z95 * se, v + Z95 * se, n, _ess(w))
+    v, se = _mean_se(name, terms)
+    return Estimate(name, v, se, v - Z95 * se, v + Z95 * se, terms.size, _ess(w))
 
 
 def ips(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -> Estimate:
     pi, p, r = _arrays(pi_chosen, propensity, reward)
-    w = pi / p
-    return _from_terms("ips", w * r, w)
+    w = _weights("ips", pi, p)
+    if not np.any(w > 0):
+        # no logged action has the target's probability: the logs say nothing of its value, and
+        # the all-zero terms read as 0 with a zero-width interval (as SNIPS, undefined instead)
+        return Estimate("ips", float("nan"), float("inf"), -float("inf"), float("inf"), w.size, 0.0)
+    return _from_terms("ips", _product(w, r), w)
 
 
 def snips(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -> Estimate:
     pi, p, r = _arrays(pi_chosen, propensity, reward)
-    w = pi / p
+    w = _weights("snips", pi, p)
     n = w.size
-    sw = float(w.sum())
-    if sw <= 0:
+    u = w / _scale(w)  # SNIPS is scale-free in the weights: sum(w) cannot overflow
+    su = float(u.sum())
+    if su <= 0:
         return Estimate("snips", float("nan"), float("inf"), -float("inf"), float("inf"), n, 0.0)
-    v = float((w * r).sum() / sw)
+    sr = _scale(r)
+    v = float((u * (r / sr)).sum() / su) * sr
     # delta method: influence of row i is n * w_i (r_i - v) / sum(w)
-    infl = n * w * (r - v) / sw
-    se = float(infl.std(ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+    _, se = _mean_se("snips", n * u * (r / sr - v / sr) / su, sr)
     return Estimate("snips", v, se, v - Z95 * se, v + Z95 * se, n, _ess(w))
 
 
@@ -112,8 +161,9 @@ def dr(
     q_chosen: np.ndarray,
 ) -> Estimate:
     pi, p, r = _arrays(pi_chosen, propensity, reward)
-    w = pi / p
-    terms = np.asarray(dm_target, dtype=float) + w * (r - np.asarray(q_chosen, dtype=float))
+    w = _weights("dr", pi, p)
+    with np.errstate(over="ignore", invalid="ignore"):
+        terms = np.asarray(dm_target, dtype=float) + w * (r - np.asarray(q_chosen, dtype=float))
     return _from_terms("dr", terms, w)
 
 

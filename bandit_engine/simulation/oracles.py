@@ -6,8 +6,10 @@ true response of the arrival being decided from the :class:`~.world.World`:
 * ``sim_oracle`` without prices: the unconstrained per-member best offer (greedy on the true
   probability, history included);
 * ``sim_oracle`` with ``prices``: the budget-feasible oracle, the argmax of the Lagrangian
-  ``p * (value - lambda * cost)`` with dual prices solved on the known probabilities
-  (:func:`solve_budget_duals`, a projected subgradient on the LP dual);
+  ``p * (value - lambda * cost)`` with dual prices solved on the known probabilities of the
+  arrivals the engine can serve an offer to, hold-out and members without consent left out
+  (:func:`solve_budget_duals`, a projected subgradient on the LP dual;
+  ``Simulator.budget_prices``);
 * ``sim_bayes_oracle``: greedy on what the member's observable context tells of the truth
   (the world's model and the exposure history known, the latent traits averaged over their
   posterior): the ceiling of any policy that sees only the context (``compare(...,
