@@ -23,7 +23,7 @@ from ..errors import InvalidArgument
 from ..exploration import event_rng
 from ..features import FeatureHasher
 from ..ledger.records import Decision, read_archive
-from ..ledger.settle import settle_expiry
+from ..ledger.settle import settled_by
 from .estimators import Estimate, all_estimates
 
 if TYPE_CHECKING:
@@ -89,12 +89,12 @@ def from_decisions(
     for d in decisions:
         if d.offer_id is None or not d.learnable or not d.active:
             continue
-        if d.status == "open" and closed_by is not None and d.deadline < closed_by:
-            # what Engine.expire would settle it with (nothing is written)
-            d = settle_expiry(d, (default_rewards or {}).get(d.channel, 0.0))[0]
+        if closed_by is not None:  # as expiry would settle it, if no expiry has run since
+            settled = settled_by(d, closed_by, (default_rewards or {}).get(d.channel, 0.0))
+            if settled is None:
+                continue
+            d = settled
         if d.reward is None or d.status not in ("closed", "expired"):
-            continue
-        if closed_by is not None and d.deadline > closed_by:
             continue
         i = d.eligible.index(d.offer_id)
         rows.append(LoggedRow(
