@@ -211,6 +211,7 @@ def run() -> None:  # pragma: no cover - thin wrapper
 
 
 def _fail(message: str) -> None:
+    message = " ".join(message.split())  # one line (a driver's message may carry a hint line)
     click.echo(f"error: {message[:1000]}", err=True)
     sys.exit(2)
 

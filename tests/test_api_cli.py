@@ -278,6 +278,53 @@ def test_operator_errors_are_one_line_and_exit_2(tmp_path, args: list[str], says
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_database_host_that_never_answers_is_an_error_within_seconds() -> None:
+    """libpq waits for ever by default: a database host that went silent (a partition) hung
+    every command and request, and each new worker in its first connect. Here a listener that
+    accepts connections and never answers."""
+    import socket
+    import threading
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        held: list[object] = []
+        hold = threading.Thread(target=lambda: held.extend(srv.accept() for _ in range(3)))
+        hold.daemon = True
+        hold.start()
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{srv.getsockname()[1]}/test"
+        t0 = time.monotonic()
+        r = _cli("--database-url", url, "keys", "list")
+        took = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: database error: connection timeout expired", r.stderr
+    assert took < 30  # 5 s to connect, plus the interpreter's start
+
+
+def test_read_commands_never_migrate_the_schema(tmp_path) -> None:
+    """`keys list` upgraded a schema an operator had just downgraded for the older servers
+    being rolled back to; it says what to run instead, and changes nothing."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
+    down = ["--database-url", url, "db", "downgrade", "--revision", "-1"]
+    assert CliRunner().invoke(main, down).exit_code == 0
+    before = CliRunner().invoke(main, ["--database-url", url, "db", "current"]).output
+    for command in (["keys", "list"], ["keys", "revoke", "1"]):
+        r = _cli("--database-url", url, *command)
+        assert r.returncode == 2 and "run `bandit-engine db upgrade`" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert CliRunner().invoke(main, ["--database-url", url, "db", "current"]).output == before
+
+
+def test_a_key_id_beyond_a_64_bit_integer_is_a_usage_error(tmp_path) -> None:
+    """On SQLite it was a 53-line OverflowError traceback."""
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
+    for key_id in ("9223372036854775808", "0"):
+        r = CliRunner().invoke(main, ["--database-url", url, "keys", "revoke", key_id])
+        assert r.exit_code == 2 and "Invalid value for 'KEY_ID'" in r.output, r.output
+
+
 @pytest.mark.parametrize("command", [["serve"], ["demo"]])
 def test_a_port_out_of_range_is_a_usage_error(command: list[str]) -> None:
     """Port 70000 was a traceback from the socket layer."""

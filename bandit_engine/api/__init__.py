@@ -25,6 +25,8 @@ from .sync import (
 )
 from .validate import MAX_BODY_BYTES
 
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": "sqlite:///bandit.db",
     "SEED": 0,
@@ -104,8 +106,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         t0 = g.get("t0")
         if t0 is not None:
             rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            # a label per method name a client invents would grow the series without bound
+            method = request.method if request.method in _HTTP_METHODS else "other"
             current_app.extensions["bandit_engine.metrics"].latency.labels(
-                rule, request.method).observe(time.perf_counter() - t0)  # fmt: skip
+                rule, method).observe(time.perf_counter() - t0)  # fmt: skip
         return resp
 
     @app.get("/healthz")

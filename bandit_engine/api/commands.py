@@ -45,13 +45,15 @@ def _existing_url(ctx: click.Context, hint: str = "") -> str:
     return existing_database(_url(ctx), hint)
 
 
-def _gov(url: str) -> Any:
+def _gov(url: str, *, upgrade: bool = True) -> Any:
+    """Governance on ``url``, after creating or upgrading its schema; with ``upgrade=False``
+    (commands that only read or maintain a ledger) the schema must already be current."""
     from ..governance import Governance
-    from ..ledger.migrate import upgrade_schema
+    from ..ledger.migrate import require_head, upgrade_schema
     from ..ledger.sql import make_engine
 
     engine = make_engine(url)
-    upgrade_schema(engine)
+    (upgrade_schema if upgrade else require_head)(engine)
     return Governance(engine)
 
 
@@ -106,11 +108,17 @@ def multiprocess_metrics() -> Iterator[None]:
         raise click.ClickException("internal error: prometheus_client was imported before the metrics directory was set")
     path = tempfile.mkdtemp(prefix="bandit-engine-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    owner = os.getpid()
     try:
         yield
     finally:
-        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        shutil.rmtree(path, ignore_errors=True)
+        # gunicorn forks its workers inside this block, and a worker that exits by SystemExit
+        # (SIGTERM to it, a timeout's abort, a reload) unwinds through here too: it removed the
+        # directory under the live server, and the next worker failed to boot, which stops the
+        # master. Only the process that made the directory removes it.
+        if os.getpid() == owner:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @click.command()
@@ -165,17 +173,17 @@ def keys_create(ctx: click.Context, role: str, name: str) -> None:
 @click.pass_context
 def keys_list(ctx: click.Context) -> None:
     """List keys: id, role, name, prefix, revoked."""
-    for k in _gov(_existing_url(ctx)).list_keys():
+    for k in _gov(_existing_url(ctx), upgrade=False).list_keys():
         state = "revoked" if k.revoked_at else "active"
         click.echo(f"{k.key_id}\t{k.role}\t{k.name}\t{k.prefix}…\t{state}")
 
 
 @keys.command("revoke")
-@click.argument("key_id", type=int)
+@click.argument("key_id", type=click.IntRange(1, 2**63 - 1))
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: int) -> None:
     """Revoke a key by id (effective on every worker within a second)."""
-    _gov(_existing_url(ctx)).revoke_key(key_id)
+    _gov(_existing_url(ctx), upgrade=False).revoke_key(key_id)
     click.echo(f"revoked key {key_id}")
 
 
@@ -222,6 +230,9 @@ def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
         serve_app({"DATABASE_URL": url}, host, port, workers)
 
 
+LEARNER_MAX_BACKOFF = 30.0  # seconds between a failing learner's retries, at most
+
+
 @click.command()
 @click.option("--every", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between snapshots (only when something was learned).")
@@ -229,19 +240,32 @@ def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
 @click.option("--once", is_flag=True, help="Sync and snapshot once, then exit.")
 @click.pass_context
 def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
-    """Apply rewards in log order and publish versioned policy snapshots."""
+    """Apply rewards in log order and publish versioned policy snapshots. A database error
+    (unreachable, a failover) is reported and retried with backoff, as the workers' background
+    thread does; with --once it is the command's error."""
+    from ..errors import StorageError
     from . import open_engine
 
     eng = open_engine(_existing_url(ctx))
-    learned, last = 0, time.monotonic()
+    learned, last, backoff = 0, time.monotonic(), poll
     try:
         while True:
-            learned += eng.sync()
-            if learned and (once or time.monotonic() - last >= every):
-                n = eng.snapshot(if_newer=True)  # a model the stored snapshot already holds: none
-                if n:
-                    click.echo(f"snapshot of {n} policies after {learned} updates", err=True)
-                learned, last = 0, time.monotonic()
+            try:
+                learned += eng.sync()
+                if learned and (once or time.monotonic() - last >= every):
+                    n = eng.snapshot(if_newer=True)  # a model the stored snapshot holds: none
+                    if n:
+                        click.echo(f"snapshot of {n} policies after {learned} updates", err=True)
+                    learned, last = 0, time.monotonic()
+                backoff = poll
+            except StorageError as exc:
+                if once:
+                    raise
+                backoff = min(max(2 * backoff, 1.0), LEARNER_MAX_BACKOFF)
+                first = " ".join(exc.message.split())[:300]
+                click.echo(f"database error, retrying in {backoff:g} s: {first}", err=True)
+                time.sleep(backoff)
+                continue
             if once:
                 return
             time.sleep(poll)

@@ -51,6 +51,19 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     command.upgrade(alembic_config(engine), revision)
 
 
+def require_head(engine: Engine) -> None:
+    """For a command that reads or maintains a ledger without setting it up: the schema must be
+    this version's newest, and is never migrated here (an operator rolling back, who has just
+    downgraded it for the older servers, must not see ``keys list`` upgrade it again)."""
+    current, head = current_revision(engine), head_revision()
+    if current != head:
+        raise StorageError(
+            f"the database's schema is at revision {current or 'base (empty)'!r}, not this "
+            f"version of bandit_engine's {head!r}: run `bandit-engine db upgrade` (with this "
+            "version) first, or use the version that matches the schema"
+        )
+
+
 def _known(revision: str) -> bool:
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError

@@ -86,6 +86,15 @@ def sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
+# libpq connection parameters for every PostgreSQL connection: give up connecting after 5 s;
+# close a connection whose sent data has gone unacknowledged for 20 s (a partition: the request
+# gets a 503, not a hang); probe idle ones after 30 s (a dead peer found within ~1 min)
+PG_CONNECT_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": 5, "tcp_user_timeout": 20_000,
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+}  # fmt: skip
+
+
 def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
     """A SQLAlchemy engine configured for the ledger (SQLite pragmas, explicit BEGINs).
 
@@ -126,7 +135,13 @@ def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
     # (catalog and settings reloads, governance, keys: ~0.03 checkouts per served choose+reward
     # with a background sync) pre-pings, so a connection the server dropped (a restart, a
     # failover, an idle timeout) is replaced instead of failing a request with a 503.
-    return create_engine(url, pool_size=5, max_overflow=10, pool_recycle=1800, pool_pre_ping=True)
+    # libpq's defaults wait for ever: a database host that went silent (a partition, a dead
+    # host) hung every request until gunicorn killed the worker, and each replacement hung in
+    # its first connect. A parameter given in the URL's query string takes precedence.
+    given = set(make_url(url).query)
+    connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in given}
+    return create_engine(url, pool_size=5, max_overflow=10, pool_recycle=1800, pool_pre_ping=True,
+                         connect_args=connect_args)  # fmt: skip
 
 
 @contextmanager
