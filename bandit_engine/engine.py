@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -41,6 +42,7 @@ from .errors import (
     CatalogChanged,
     Conflict,
     InvalidArgument,
+    ModelLoading,
     UnknownChannel,
     UnknownEvent,
     UnknownModelGroup,
@@ -54,6 +56,7 @@ from .ledger.records import Decision, Feedback, OfferState, Pruned, RewardOutcom
 from .policies.base import Policy, Scoring
 from .policies.registry import make_policy
 
+log = logging.getLogger("bandit_engine.engine")
 MAX_CONTEXT_KEYS = 64
 MAX_RESERVE_ATTEMPTS = 4
 # a catalog write re-read and retried this often when other writers keep coming first
@@ -75,6 +78,10 @@ class EngineConfig:
     ``gap_grace``: on a ledger whose feedback log can commit out of sequence order (PostgreSQL),
     how many seconds a gap in it is waited for before it is taken as a hole (a rolled-back
     write); until then learning stops short of it (:class:`GapSafeLedger`).
+    ``model_wait``: how many seconds a choose waits for its channel's model while it is being
+    built from the log (a first use, a restart, a policy change) before :class:`ModelLoading`
+    (HTTP 503; the build goes on in the background); None (the default) builds it in the
+    choosing thread and waits as long as that takes. The HTTP workers set it.
     """
 
     seed: int = 0
@@ -85,6 +92,7 @@ class EngineConfig:
     learn_in_process: bool = True
     history_limit: int = HISTORY_LIMIT
     gap_grace: float = DEFAULT_GAP_GRACE
+    model_wait: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -100,6 +108,12 @@ class EngineConfig:
         if not is_finite_number(grace) or not 0 <= grace <= 3600:  # type: ignore[operator]
             raise InvalidArgument(
                 f"gap_grace must be a number of seconds in [0, 3600], got {shown(grace)}"
+            )
+        wait = self.model_wait
+        ok = wait is None or (is_finite_number(wait) and 0 <= wait <= 3600)  # type: ignore[operator]
+        if not ok:
+            raise InvalidArgument(
+                f"model_wait must be None or a number of seconds in [0, 3600], got {shown(wait)}"
             )
 
 
@@ -178,6 +192,9 @@ class Engine:
         self._lock = threading.RLock()  # policies are not thread-safe (VW); one learner
         self._catalog = _Catalog()
         self._policies: dict[str, _ChannelPolicy] = {}
+        # models being built from the log, by (model, spec key): set once built (or failed)
+        self._builds: dict[tuple[str, str], threading.Event] = {}
+        self._builds_lock = threading.Lock()
         self._since_snapshot = 0
         self._spec_keys: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
         if not self.ledger.channels():
@@ -484,26 +501,90 @@ class Engine:
             self._spec_keys[cache] = key
         return key[1]
 
-    def policy(self, channel: str) -> Policy:
+    def policy(self, channel: str, *, timeout: float | None = None) -> Policy:
         """The channel's policy (its group's, with ``model_group``), restored from its latest
-        snapshot plus the log tail."""
+        snapshot plus the log tail.
+
+        A model is built (a first use, a restart, a policy change) without the engine's lock, so
+        decisions on other channels go on meanwhile, and once per process: a thread that needs a
+        model another thread is building waits for it. ``timeout`` (seconds) bounds that wait
+        and has the build run in the background; past it, :class:`ModelLoading`. ``None`` waits
+        as long as it takes, building in the calling thread when nobody else is."""
         cfg = self.channel(channel)
         key = self._spec_key(cfg)
         model = cfg.model_key
-        cp = self._policies.get(model)
-        if cp is not None and cp.spec_key == key:
-            return cp.policy
-        with self._lock:
-            pol = make_policy(cfg.policy, seed=self.config.seed)
-            applied = 0
-            snap = self.ledger.latest_snapshot(model)
-            if snap is not None and snap.policy_name == key:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            cp = self._policies.get(model)
+            if cp is not None and cp.spec_key == key:
+                return cp.policy
+            if self._lock._is_owned():  # type: ignore[attr-defined]
+                # a builder installs under this lock: waiting for one here would deadlock
+                self._install(model, self._build(model, cfg, key))
+                continue
+            with self._builds_lock:
+                done = self._builds.get((model, key))
+                start = done is None
+                if done is None:
+                    done = self._builds[model, key] = threading.Event()
+            if start and timeout is None:
+                self._run_build(model, cfg, key, done)
+                continue
+            if start:
+                threading.Thread(target=self._run_build, args=(model, cfg, key, done, True),
+                                 name=f"build-{model}", daemon=True).start()  # fmt: skip
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not done.wait(left):
+                raise ModelLoading(
+                    f"the model of channel {channel!r} is being built from the feedback log "
+                    f"(a start, or a policy change); retry in a few seconds"
+                )
+
+    def _run_build(
+        self, model: str, cfg: ChannelConfig, key: str, done: threading.Event,
+        background: bool = False,
+    ) -> None:
+        try:
+            self._install(model, self._build(model, cfg, key))
+        except Exception:
+            if not background:
+                raise
+            log.exception("building the model %r failed; the next choose on it tries again", model)
+        finally:
+            with self._builds_lock:
+                self._builds.pop((model, key), None)
+            done.set()
+
+    def _build(self, model: str, cfg: ChannelConfig, key: str) -> _ChannelPolicy:
+        """A model of ``cfg``'s policy from its latest snapshot (one that cannot be restored is
+        logged and the log replayed from its start instead) plus the log tail, learned into a
+        model no other thread sees yet, so without the engine's lock."""
+        pol = make_policy(cfg.policy, seed=self.config.seed)
+        applied = 0
+        snap = self.ledger.latest_snapshot(model)
+        if snap is not None and snap.policy_name == key:
+            try:
                 pol.restore(snap.data)
                 applied = snap.feedback_seq
-            cp = _ChannelPolicy(key, pol, applied, pol.version)
+            except Exception as exc:  # a corrupt checkpoint must not take the channel down
+                log.error("the snapshot of model %r at log position %d cannot be restored (%s); "
+                          "replaying the log from its start instead", model, snap.feedback_seq,
+                          " ".join(str(exc).split())[:300])  # fmt: skip
+                pol = make_policy(cfg.policy, seed=self.config.seed)
+        cp = _ChannelPolicy(key, pol, applied, pol.version)
+        while batch := self.ledger.feedback_after(cp.applied_seq, 5000):
+            self._learn_chunk(batch, *self._read_chunk(batch, {model}), {model: cp})
+        return cp
+
+    def _install(self, model: str, cp: _ChannelPolicy) -> None:
+        """Serve ``cp`` for ``model``, caught up with what was logged since its build last read
+        (unless a build of the same policy was installed first)."""
+        with self._lock:
+            current = self._policies.get(model)
+            if current is not None and current.spec_key == cp.spec_key:
+                return
             self._policies[model] = cp
             self._replay(model, cp)
-            return pol
 
     def _replay(self, model: str, cp: _ChannelPolicy) -> None:
         """Learn the log tail of every channel that learns ``model`` (the caller holds the lock)."""
@@ -528,8 +609,13 @@ class Engine:
         channels = self.channels()
         with self._lock:
             before = {k: (cp, cp.policy.version) for k, cp in self._policies.items()}
-            for ch in channels:
-                self.policy(ch)  # loads (and catches up) a channel seen for the first time
+        failed: Exception | None = None
+        for ch in channels:  # load (and catch up) a channel seen for the first time
+            try:
+                self.policy(ch)
+            except Exception as exc:  # the other channels go on learning; raised below
+                log.exception("the model of channel %r could not be loaded", ch)
+                failed = failed or exc
         # only the models channels learn now: one a channel left is caught up from where it
         # stopped if the channel returns (its log tail is replayed then)
         current = {cfg.model_key for cfg in channels.values()}
@@ -545,6 +631,8 @@ class Engine:
             with self._lock:
                 cps = {k: cp for k, cp in self._policies.items() if k in current}
                 self._learn_chunk(batch, learnable, decisions, cps)
+        if failed is not None:
+            raise failed
         moved = 0
         with self._lock:
             for k, cp in self._policies.items():
@@ -728,7 +816,7 @@ class Engine:
         """:meth:`choose` once its arguments are checked: decide and log; or, when ``event_id``
         is already logged, the stored decision."""
         now = self.clock.now_ms()
-        pol = self.policy(channel)
+        pol = self.policy(channel, timeout=self.config.model_wait)
         group = "holdout" if self.in_holdout(member_id, channel) else "treatment"
         common: dict[str, Any] = {
             "event_id": event_id, "member_id": member_id, "channel": channel, "group": group,

@@ -114,3 +114,11 @@ class StorageError(BanditEngineError):
 
     code = "storage_error"
     status = 503
+
+
+class ModelLoading(BanditEngineError):
+    """The channel's model is still being built from the feedback log (a start, a policy
+    change): retry shortly. Not the caller's fault."""
+
+    code = "model_loading"
+    status = 503

@@ -205,3 +205,58 @@ def test_the_learner_rides_out_a_database_outage(postgres_url: str, tmp_path: Pa
         eng.ledger.close()
     said = (tmp_path / "learner.err").read_text()
     assert "database error, retrying in" in said, said
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_replaced_during_a_database_outage_boots_once_it_is_back(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A worker replaced while the database was down failed to boot, and gunicorn stops the
+    whole server when a worker fails to boot: it stayed down after the database came back.
+    The replacement retries until the database answers."""
+    from sqlalchemy.engine import make_url
+
+    direct = make_url(postgres_url)
+    proxy = _Proxy((direct.host or "127.0.0.1", direct.port or 5432))
+    via_proxy = direct.set(port=proxy.port).render_as_string(hide_password=False)
+    eng = open_engine(postgres_url)
+    eng.add_offer(Offer("o1", ["email"], cost=1.0))
+    key = open_governance(eng).create_key("decide", name="outage")[0]
+    headers = {"Authorization": f"Bearer {key}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bandit_engine.cli", "--database-url", via_proxy, "serve",
+         "--workers", "2", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+
+    def choose_ok() -> bool:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        try:
+            r = requests.post(f"{base}/v1/choose", json={"member_id": "m", "channel": "email"},
+                              headers=headers, timeout=10)  # fmt: skip
+        except requests.RequestException:
+            return False
+        return r.status_code == 200
+
+    try:
+        _wait(choose_ok, "the server to serve")
+        _wait(lambda: len(_children(proc.pid)) == 2, "two workers")
+        proxy.cut()
+        gone = min(_children(proc.pid))
+        os.kill(gone, signal.SIGKILL)
+        _wait(lambda: len(_children(proc.pid) - {gone}) == 2, "a replacement worker")
+        time.sleep(3.0)  # the replacement tries to boot against the missing database
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        proxy.restore()
+        _wait(choose_ok, "the server to serve again")
+        for _ in range(6):  # both workers, the replacement among them
+            assert choose_ok()
+        assert "database unreachable, retrying" in (tmp_path / "serve.log").read_text()
+    finally:
+        stop_server(proc)
+        log.close()
+        proxy.cut()
+        eng.ledger.close()

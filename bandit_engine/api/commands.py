@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -87,11 +87,42 @@ def serve_app(config: dict[str, Any], host: str, port: int, workers: int, **opti
         def load(self) -> Any:  # in the worker, after the fork
             from . import create_app
 
-            app = create_app(config)
+            app = _with_database_retries(lambda: create_app(config))
             app.extensions["bandit_engine.syncer"].start()  # loads the models before traffic
             return app
 
     _App().run()
+
+
+BOOT_RETRY_SECONDS = 30.0  # a worker's retries of an unreachable database, inside its 60 s timeout
+
+
+def _with_database_retries(boot: Callable[[], Any]) -> Any:
+    """``boot()`` (a worker's app), retried with backoff while the database cannot be reached.
+
+    gunicorn stops the whole server when a worker fails to boot: one replaced during a
+    database outage (a crash, a timeout, a restart) took every worker down with it, and the
+    server stayed down once the database was back. A worker keeps trying for
+    ``BOOT_RETRY_SECONDS``, then exits like any worker that died, so the master replaces it and
+    the next one tries again; the workers that are up answer 503 meanwhile."""
+    from sqlalchemy.exc import DBAPIError
+
+    from ..errors import StorageError
+
+    deadline, delay = time.monotonic() + BOOT_RETRY_SECONDS, 0.5
+    while True:
+        try:
+            return boot()
+        except (StorageError, DBAPIError) as exc:
+            said = " ".join(str(getattr(exc, "message", exc)).split())[:300]
+            if time.monotonic() + delay > deadline:
+                print(f"worker {os.getpid()}: database unreachable, exiting to be replaced: {said}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                sys.exit(1)  # not gunicorn's boot-error code (3), which stops the master
+            print(f"worker {os.getpid()}: database unreachable, retrying in {delay:g} s: {said}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 @contextmanager

@@ -1,0 +1,141 @@
+"""Building a model from the feedback log (a start, a restart, a policy change): it never stops
+the other channels deciding, a choose waits for it at most ``model_wait``, and a checkpoint
+that cannot be restored is replayed around, not served as an error."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bandit_engine import Engine, Offer, PolicySpec
+from bandit_engine.engine import EngineConfig
+from bandit_engine.errors import InvalidArgument, ModelLoading
+from bandit_engine.ledger.sql import SqlLedger
+from bandit_engine.policies.registry import make_policy
+
+
+def _seeded(url: str) -> Engine:
+    """An engine with offers on email and push, and rewards on both."""
+    eng = Engine.open(url, seed=5)
+    for ch in ("email", "push"):
+        eng.add_offer(Offer(f"{ch}-a", [ch], cost=1.0, features={"category": "home"}))
+        eng.add_offer(Offer(f"{ch}-b", [ch], cost=1.0, features={"category": "toys"}))
+        for i in range(30):
+            d = eng.choose(f"m{i}", ch)
+            eng.reward(d.event_id, float(i % 3 == 0))
+    return eng
+
+
+class _SlowLog:
+    """A real ledger whose feedback-log reads take ``delay`` seconds while ``slow`` is set: a
+    log long enough that replaying it takes seconds, without writing one."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.slow = threading.Event()
+        self.delay = 0.0
+
+    def feedback_after(self, seq: int, limit: int) -> Any:
+        if self.slow.is_set():
+            time.sleep(self.delay)
+        return self.inner.feedback_after(seq, limit)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_model_being_built_blocks_neither_other_channels_nor_its_own_for_long(tmp_path) -> None:
+    """A rebuild replayed the log under the engine's lock: every choose on every channel waited
+    for it (a 240 000-event rebuild: every request 60 s, then a 500 as gunicorn killed the
+    worker, whose replacement started the rebuild over). Now the other channels decide as
+    usual, and a choose on the channel being built gets ModelLoading after ``model_wait``."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.3)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        eng.sync()  # both models built, quickly
+        # a policy change: email's model must be built again, from the whole log
+        changed = PolicySpec("thompson", {"prior_alpha": 2.0})
+        writer.set_channel(dataclasses.replace(writer.channel("email"), policy=changed))
+        eng._refresh_catalog(force=True)
+        slow.delay = 2.0
+        slow.slow.set()
+        syncing = threading.Thread(target=eng.sync)
+        syncing.start()
+        time.sleep(0.2)  # the sync is inside email's build
+        t0 = time.monotonic()
+        assert eng.choose("m-push", "push").offer_id is not None
+        assert time.monotonic() - t0 < 1.0  # not the 2 s the build takes
+        t0 = time.monotonic()
+        with pytest.raises(ModelLoading, match="retry"):
+            eng.choose("m-email", "email")
+        assert 0.25 < time.monotonic() - t0 < 1.5
+        syncing.join(10)
+        assert not syncing.is_alive()
+        slow.slow.clear()
+        d = eng.choose("m-email", "email")  # built: served
+        assert d.offer_id is not None
+        assert eng.policy("email").serialize() == writer.policy("email").serialize()
+    finally:
+        slow.slow.clear()
+        eng.ledger.close()
+        writer.ledger.close()
+
+
+def test_without_model_wait_a_choose_builds_its_model_and_waits_for_it(tmp_path: Path) -> None:
+    """The embedded default: nothing to retry, the first choose pays for the build."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        slow.delay = 0.5
+        slow.slow.set()
+        t0 = time.monotonic()
+        assert eng.choose("m", "email").offer_id is not None
+        assert time.monotonic() - t0 >= 0.5
+        assert eng.policy("email").serialize() == writer.policy("email").serialize()
+    finally:
+        eng.ledger.close()
+        writer.ledger.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_checkpoint_that_cannot_be_restored_is_replayed_around(ledger_url, damage) -> None:
+    """A corrupt latest snapshot failed every choose on its channel (a 500 for a truncated
+    one, a 422 "not a bandit_engine policy snapshot" for an overwritten one) and stopped the
+    background sync of every channel. The model is rebuilt from the log instead."""
+    if ledger_url == "memory://":
+        pytest.skip("two engines share a database, not a process's memory")
+    writer = _seeded(ledger_url)
+    try:
+        writer.snapshot()
+        truth = writer.policy("email").serialize()  # learned in process: what a replay gives
+        snap = writer.ledger.latest_snapshot("email")
+        assert snap is not None
+        data = snap.data[:-7] if damage == "truncated" else b"\x00" * len(snap.data)
+        writer.ledger.save_snapshot(dataclasses.replace(snap, data=data))
+        with pytest.raises((ValueError, InvalidArgument)):  # it is unusable indeed
+            make_policy(writer.channel("email").policy, seed=5).restore(data)
+        reader = Engine.open(ledger_url, seed=5, learn_in_process=False)
+        try:
+            assert reader.choose("m-after", "email").offer_id is not None
+            assert reader.policy("email").serialize() == truth
+            reader.sync()  # loads every channel's model: it failed on email's checkpoint
+            d = writer.choose("m-push", "push")
+            writer.reward(d.event_id, 1.0)
+            before = reader.policy("push").version
+            reader.sync()  # the other channels learn
+            assert reader.policy("push").version == before + 1
+        finally:
+            reader.ledger.close()
+    finally:
+        writer.ledger.close()
