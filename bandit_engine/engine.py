@@ -110,7 +110,7 @@ class EngineConfig:
                 f"gap_grace must be a number of seconds in [0, 3600], got {shown(grace)}"
             )
         wait = self.model_wait
-        ok = wait is None or (is_finite_number(wait) and 0 <= wait <= 3600)  # type: ignore[operator]
+        ok = wait is None or (is_finite_number(wait) and 0 <= wait <= 3600)  # type: ignore
         if not ok:
             raise InvalidArgument(
                 f"model_wait must be None or a number of seconds in [0, 3600], got {shown(wait)}"
@@ -939,7 +939,9 @@ class Engine:
         if not is_finite_number(value):
             raise InvalidArgument(f"reward must be a finite number, got {shown(value)}")
         if abs(value) > REWARD_LIMIT:
-            raise InvalidArgument(f"reward must be between {-REWARD_LIMIT:g} and {REWARD_LIMIT:g}, got {shown(value)}")
+            raise InvalidArgument(
+                f"reward must be between {-REWARD_LIMIT:g} and {REWARD_LIMIT:g}, got {shown(value)}"
+            )
         cost_cents = None if cost is None else to_cents("cost", cost)
         if reward_id is not None:
             check_id("reward_id", reward_id)

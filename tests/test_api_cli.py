@@ -359,7 +359,8 @@ def test_the_commands_that_set_a_database_up_still_create_it(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
     r = CliRunner().invoke(main, ["--database-url", url, "db", "current"])
     missing = f"base (empty: the SQLite file '{tmp_path / 'new.db'}' does not exist)"
-    assert r.exit_code == 0 and r.output.startswith(f"schema at revision {missing}; head is "), r.output
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"schema at revision {missing}; head is "), r.output
     assert not list(tmp_path.iterdir())
     assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
     assert (tmp_path / "new.db").is_file()
