@@ -43,6 +43,7 @@ from .errors import (
     Conflict,
     InvalidArgument,
     ModelLoading,
+    StorageError,
     UnknownChannel,
     UnknownEvent,
     UnknownModelGroup,
@@ -126,6 +127,16 @@ class _ChannelPolicy:
 
 
 @dataclass
+class _Build:
+    """A model being built from the log: ``done`` once it is installed, dropped or failed
+    (``error``); ``thread`` when it runs in the background."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+    thread: threading.Thread | None = None
+
+
+@dataclass
 class _Catalog:
     version: int = -1
     offers: dict[str, Offer] = field(default_factory=dict)
@@ -192,9 +203,10 @@ class Engine:
         self._lock = threading.RLock()  # policies are not thread-safe (VW); one learner
         self._catalog = _Catalog()
         self._policies: dict[str, _ChannelPolicy] = {}
-        # models being built from the log, by (model, spec key): set once built (or failed)
-        self._builds: dict[tuple[str, str], threading.Event] = {}
+        # models being built from the log, by (model, spec key)
+        self._builds: dict[tuple[str, str], _Build] = {}
         self._builds_lock = threading.Lock()
+        self._closed = False
         self._since_snapshot = 0
         self._spec_keys: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
         if not self.ledger.channels():
@@ -219,6 +231,13 @@ class Engine:
         return cls(ledger, clock=clock, config=EngineConfig(**config))
 
     def close(self) -> None:
+        """Checkpoint the policies and close the ledger, once the models being built in the
+        background have stopped (a build left running would open a connection after it)."""
+        self._closed = True
+        with self._builds_lock:
+            threads = [b.thread for b in self._builds.values() if b.thread is not None]
+        for thread in threads:
+            thread.join(30)
         self.snapshot()
         self.ledger.close()
 
@@ -507,58 +526,70 @@ class Engine:
 
         A model is built (a first use, a restart, a policy change) without the engine's lock, so
         decisions on other channels go on meanwhile, and once per process: a thread that needs a
-        model another thread is building waits for it. ``timeout`` (seconds) bounds that wait
-        and has the build run in the background; past it, :class:`ModelLoading`. ``None`` waits
-        as long as it takes, building in the calling thread when nobody else is."""
-        cfg = self.channel(channel)
-        key = self._spec_key(cfg)
-        model = cfg.model_key
+        model another thread is building waits for it, and gets its error if it fails. A build
+        whose policy is no longer the channel's when it ends (changed meanwhile) is dropped.
+        ``timeout`` (seconds) bounds the wait and has the build run in the background; past it,
+        :class:`ModelLoading`. ``None`` waits as long as it takes, building in the calling
+        thread when nobody else is."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            cfg = self.channel(channel)
+            key = self._spec_key(cfg)
+            model = cfg.model_key
             cp = self._policies.get(model)
             if cp is not None and cp.spec_key == key:
                 return cp.policy
             if self._lock._is_owned():  # type: ignore[attr-defined]
                 # a builder installs under this lock: waiting for one here would deadlock
-                self._install(model, self._build(model, cfg, key))
+                built = self._build(model, cfg, key)
+                if built is not None:
+                    self._install(model, built, channel)
                 continue
             with self._builds_lock:
-                done = self._builds.get((model, key))
-                start = done is None
-                if done is None:
-                    done = self._builds[model, key] = threading.Event()
+                build = self._builds.get((model, key))
+                start = build is None
+                if build is None:
+                    build = self._builds[model, key] = _Build()
             if start and timeout is None:
-                self._run_build(model, cfg, key, done)
+                self._run_build(model, cfg, key, build)
                 continue
             if start:
-                threading.Thread(target=self._run_build, args=(model, cfg, key, done, True),
-                                 name=f"build-{model}", daemon=True).start()  # fmt: skip
+                thread = threading.Thread(target=self._run_build,
+                                          args=(model, cfg, key, build, True),
+                                          name=f"build-{model}", daemon=True)  # fmt: skip
+                build.thread = thread
+                thread.start()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not done.wait(left):
+            if not build.done.wait(left):
                 raise ModelLoading(
                     f"the model of channel {channel!r} is being built from the feedback log "
                     f"(a start, or a policy change); retry in a few seconds"
                 )
+            if build.error is not None:  # one failed build is one error, not a storm of builds
+                raise build.error
 
     def _run_build(
-        self, model: str, cfg: ChannelConfig, key: str, done: threading.Event,
-        background: bool = False,
+        self, model: str, cfg: ChannelConfig, key: str, build: _Build, background: bool = False,
     ) -> None:
         try:
-            self._install(model, self._build(model, cfg, key))
-        except Exception:
+            built = self._build(model, cfg, key)
+            if built is not None:
+                self._install(model, built, cfg.name)
+        except Exception as exc:
+            build.error = exc
             if not background:
                 raise
-            log.exception("building the model %r failed; the next choose on it tries again", model)
+            log.error("building the model %r failed: %s", model, exc)
         finally:
             with self._builds_lock:
                 self._builds.pop((model, key), None)
-            done.set()
+            build.done.set()
 
-    def _build(self, model: str, cfg: ChannelConfig, key: str) -> _ChannelPolicy:
+    def _build(self, model: str, cfg: ChannelConfig, key: str) -> _ChannelPolicy | None:
         """A model of ``cfg``'s policy from its latest snapshot (one that cannot be restored is
         logged and the log replayed from its start instead) plus the log tail, learned into a
-        model no other thread sees yet, so without the engine's lock."""
+        model no other thread sees yet, so without the engine's lock. None if the channel's
+        policy changed meanwhile (checked between chunks: a superseded build stops early)."""
         pol = make_policy(cfg.policy, seed=self.config.seed)
         applied = 0
         snap = self.ledger.latest_snapshot(model)
@@ -573,13 +604,21 @@ class Engine:
                 pol = make_policy(cfg.policy, seed=self.config.seed)
         cp = _ChannelPolicy(key, pol, applied, pol.version)
         while batch := self.ledger.feedback_after(cp.applied_seq, 5000):
+            if self._closed:
+                raise StorageError("the engine was closed while a model was being built")
+            if self._spec_key(self.channel(cfg.name)) != key:
+                return None
             self._learn_chunk(batch, *self._read_chunk(batch, {model}), {model: cp})
         return cp
 
-    def _install(self, model: str, cp: _ChannelPolicy) -> None:
-        """Serve ``cp`` for ``model``, caught up with what was logged since its build last read
-        (unless a build of the same policy was installed first)."""
+    def _install(self, model: str, cp: _ChannelPolicy, channel: str) -> None:
+        """Serve ``cp`` for ``model``, caught up with what was logged since its build last read,
+        unless the channel's policy is no longer ``cp``'s (a build that started before a policy
+        change must not replace the new model) or a build of it was installed first."""
+        current_key = self._spec_key(self.channel(channel))
         with self._lock:
+            if self._closed or cp.spec_key != current_key:
+                return
             current = self._policies.get(model)
             if current is not None and current.spec_key == cp.spec_key:
                 return

@@ -14,9 +14,13 @@ import pytest
 
 from bandit_engine import Engine, Offer, PolicySpec
 from bandit_engine.engine import EngineConfig
-from bandit_engine.errors import InvalidArgument, ModelLoading
+from bandit_engine.errors import InvalidArgument, ModelLoading, StorageError
 from bandit_engine.ledger.sql import SqlLedger
 from bandit_engine.policies.registry import make_policy
+
+
+def _build_threads(model: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"build-{model}"]
 
 
 def _seeded(url: str) -> Engine:
@@ -39,8 +43,13 @@ class _SlowLog:
         self.inner = inner
         self.slow = threading.Event()
         self.delay = 0.0
+        self.down = False  # every log read fails, as with the database away
+        self.reads = 0
 
     def feedback_after(self, seq: int, limit: int) -> Any:
+        self.reads += 1
+        if self.down:
+            raise StorageError("ledger database error: the database is away")
         if self.slow.is_set():
             time.sleep(self.delay)
         return self.inner.feedback_after(seq, limit)
@@ -137,5 +146,80 @@ def test_a_checkpoint_that_cannot_be_restored_is_replayed_around(ledger_url, dam
             assert reader.policy("push").version == before + 1
         finally:
             reader.ledger.close()
+    finally:
+        writer.ledger.close()
+
+
+def test_a_build_of_a_policy_changed_meanwhile_is_dropped(tmp_path: Path) -> None:
+    """A background build that started before a policy change installed the old policy's model
+    over the new one when it ended: chooses then waited for a rebuild, and a checkpoint written
+    meanwhile stored the old policy as the channel's latest."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.05)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        slow.delay = 1.0
+        slow.slow.set()
+        with pytest.raises(ModelLoading):  # a background build of thompson starts
+            eng.choose("m", "email")
+        (old_build,) = _build_threads("email")
+        changed = PolicySpec("lin_ts", {"dim": 16})
+        writer.set_channel(dataclasses.replace(writer.channel("email"), policy=changed))
+        eng._refresh_catalog(force=True)
+        slow.slow.clear()
+        new = eng.policy("email")  # built in this thread, quickly
+        assert new.family == "lin_ts"
+        old_build.join(10)
+        assert not old_build.is_alive()
+        assert eng.policy("email") is new  # not replaced by the thompson build
+        assert eng.snapshot() == 1  # the one model this engine has loaded: the new one
+        assert slow.latest_snapshot("email").policy_name == eng._spec_key(eng.channel("email"))
+    finally:
+        slow.slow.clear()
+        eng.ledger.close()
+        writer.ledger.close()
+
+
+def test_a_failing_build_is_one_error_not_a_storm_of_builds(tmp_path: Path) -> None:
+    """With model_wait set, a build that failed (the database away) was started again and again
+    until the deadline (11 000 builds in 10 s, a logged traceback each) and the caller got
+    ModelLoading, "retry in a few seconds", whatever the cause. It gets the build's error."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False, model_wait=2.0)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        slow.down = True
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match="away"):
+            eng.choose("m", "email")
+        assert time.monotonic() - t0 < 1.5 and slow.reads == 1
+        slow.down = False
+        assert eng.choose("m", "email").offer_id is not None  # the next choose builds again
+    finally:
+        eng.ledger.close()
+        writer.ledger.close()
+
+
+def test_close_stops_the_builds_running_in_the_background(tmp_path: Path) -> None:
+    """A build left running after close() opened a connection once the ledger had closed its
+    own (a PostgreSQL backend left open)."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.05)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        slow.delay = 0.5
+        slow.slow.set()
+        with pytest.raises(ModelLoading):
+            eng.choose("m", "email")
+        (build,) = _build_threads("email")
+        eng.close()
+        assert not build.is_alive()
+        assert "email" not in eng._policies  # it stopped, and installed nothing
     finally:
         writer.ledger.close()
