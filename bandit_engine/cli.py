@@ -93,7 +93,11 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
               help="The revision to go back to: e.g. 0004, -1 for one step, base for none.")
 @click.pass_context
 def db_downgrade(ctx: click.Context, revision: str) -> None:
-    """Undo migrations down to REVISION (stop the servers first: they expect the newer schema)."""
+    """Undo migrations down to REVISION (stop the servers first: they expect the newer schema).
+
+    Undoing a migration drops what it added (below 0004 the stored settings, below 0003 the
+    kinds of feedback events, below 0002 keys, changes and the audit log), and upgrading again
+    does not bring it back: back the database up first."""
     from .ledger.migrate import downgrade_schema
 
     click.echo(f"schema at revision {_schema_at(ctx, downgrade_schema, revision)}")
@@ -166,7 +170,7 @@ def prune(ctx: click.Context, older_than: float, archive: str | None, no_archive
         if archive is None:
             report = engine.prune(older_than, None, batch=batch)
         else:
-            with open(archive, "a", encoding="utf-8") as out:
+            with open(archive, "a+", encoding="utf-8") as out:  # a+: a torn last line is cut
                 report = engine.prune(older_than, out, batch=batch)
     finally:
         engine.ledger.close()  # not engine.close(): this command loads no policy to checkpoint

@@ -1100,13 +1100,25 @@ class Engine:
         def write(pruned: list[Pruned]) -> None:
             if archive is None:
                 return
-            archive.write("".join(json.dumps(p.to_json(), separators=(",", ":")) + "\n" for p in pruned))
-            archive.flush()
+            lines = "".join(json.dumps(p.to_json(), separators=(",", ":")) + "\n" for p in pruned)
             try:
                 fd = archive.fileno()
             except (AttributeError, io.UnsupportedOperation):  # not a file (a StringIO, say)
+                archive.write(lines)
+                archive.flush()
                 return
-            os.fsync(fd)  # on disk before the batch's delete commits
+            archive.flush()
+            end = _whole_lines(fd)
+            try:
+                data = memoryview(lines.encode("utf-8"))
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)  # on disk before the batch's delete commits
+            except BaseException:
+                # a batch that failed (a full disk) leaves no half line: its delete never runs,
+                # and a re-run appends after whole lines, which read_archive can read back
+                os.ftruncate(fd, end)
+                raise
 
         n = self.ledger.prune(before, covered, write, batch=batch)
         held = tuple(
@@ -1117,6 +1129,29 @@ class Engine:
             )
         )  # fmt: skip
         return PruneReport(n, before, covered, held)
+
+
+def _whole_lines(fd: int) -> int:
+    """The size of the file at ``fd`` once cut back to its last whole line, and cut there: a
+    line torn by a crash in mid-write (its batch's delete never committed: those decisions are
+    still in the ledger) would otherwise run into the next batch's first line. A file opened
+    for writing only cannot be read: it is left as it is."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    end = size
+    while end > 0:
+        start = max(0, end - 65_536)
+        try:
+            chunk = os.pread(fd, end - start, start)
+        except OSError:
+            return size
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end != size:
+        os.ftruncate(fd, end)
+    return end
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,39 @@ def test_an_upgrade_that_failed_midway_through_0005_can_be_run_again(postgres_ur
             assert _index(conn, "ix_feedback_event") == (True, False)
     finally:
         engine.dispose()
+
+
+def test_0007_keeps_every_row_and_numbers_after_the_newest_ever(tmp_path) -> None:
+    """0007 copies SQLite's decisions and feedback into AUTOINCREMENT tables: every row (and
+    its number) survives the copy both ways, the CHECK constraint holds, and after it a number
+    deleted from the top is never handed out again."""
+    from bandit_engine import Engine, Offer
+
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    eng = Engine.open(url, seed=1)
+    eng.add_offer(Offer("o", ["email"], cost=1.0, budget=100.0))
+    for i in range(20):
+        eng.reward(eng.choose(f"m{i}", "email").event_id, float(i % 2))
+    eng.ledger.close()
+    engine = make_engine(url)
+
+    def rows() -> tuple[list[tuple[object, ...]], ...]:
+        with engine.connect() as c:
+            return tuple(c.exec_driver_sql(f"SELECT * FROM {t} ORDER BY seq").fetchall()
+                         for t in ("decisions", "feedback"))  # fmt: skip
+
+    before = rows()
+    assert len(before[0]) == 20 and len(before[1]) == 20
+    downgrade_schema(engine, "0006")
+    assert rows() == before
+    upgrade_schema(engine)
+    assert current_revision(engine) == head_revision() and rows() == before
+    checks = {c["name"] for c in inspect(engine).get_check_constraints("decisions")}
+    assert "ck_decisions_spent" in checks
+    top = before[1][-1][0]
+    with engine.begin() as c:
+        c.exec_driver_sql("DELETE FROM feedback WHERE seq = ?", (top,))
+        c.exec_driver_sql("INSERT INTO feedback (event_id, channel, reward, learn, kind) "
+                          "VALUES ('e', 'email', 0, 1, 'final')")  # fmt: skip
+        assert c.exec_driver_sql("SELECT max(seq) FROM feedback").scalar() == top + 1
+    engine.dispose()

@@ -4,6 +4,7 @@ still reads (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import threading
@@ -307,3 +308,77 @@ def test_a_worker_passes_the_holes_a_prune_leaves_with_one_wait(engine: Engine, 
     elapsed = time.monotonic() - start
     assert got == kept
     assert grace <= elapsed < 3 * grace  # one wait; one per hole was 30 x 0.5 s
+
+
+def test_events_after_a_prune_of_the_newest_rows_are_learned(ledger_url: str, clock) -> None:
+    """SQLite numbered a new row max(seq) + 1: once a prune had deleted the newest feedback
+    events (an idle ledger, every row old enough), the next ones took numbers at or below the
+    checkpoint's log position, and neither the running engine nor one restoring the checkpoint
+    ever learned them. Numbers are never handed out twice now (migration 0007)."""
+    engine = Engine.open(ledger_url, clock=clock, seed=7)
+    try:
+        for o in catalog(3):
+            engine.add_offer(o)
+        for i in range(10):
+            engine.reward(engine.choose(f"m-{i}", "email", {"tier": "gold"}).event_id, 1.0)
+        engine.snapshot()
+        log = getattr(engine.ledger, "inner", engine.ledger)  # the raw log (no gap-safe reader)
+        top = max(f.seq for f in log.feedback_after(0, 1000))
+        clock.advance(days=200)
+        assert engine.prune(120, None).pruned == 10
+        assert log.feedback_after(0, 1000) == []  # the newest events went too
+        learned = engine.policy("email").version
+        for i in range(3):
+            engine.reward(engine.choose(f"n-{i}", "email", {"tier": "gold"}).event_id, 1.0)
+        assert [f.seq > top for f in log.feedback_after(0, 1000)] == [True] * 3
+        assert engine.policy("email").version == learned + 3  # learned in process
+        state = engine.policy("email").serialize()
+    finally:
+        engine.ledger.close()
+    fresh = Engine.open(ledger_url, clock=clock, seed=7, learn_in_process=False)
+    try:  # restores the checkpoint, then replays what came after it
+        assert fresh.policy("email").serialize() == state
+    finally:
+        fresh.ledger.close()
+
+
+def test_an_archive_write_that_fails_leaves_no_torn_line(tmp_path, clock) -> None:
+    """A batch whose archive write failed part-way (a full disk) deleted nothing, but left half
+    a line in the archive; the re-run appended after it and the whole archive no longer read
+    back (read_archive, evaluate --archive). A failed batch is cut from the file, and a torn
+    last line already there (a crash in mid-write) is cut before the next batch."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    e = Engine.open(url, clock=clock, seed=7)
+    try:
+        for o in catalog(3):
+            e.add_offer(o)
+        for i in range(300):
+            e.reward(e.choose(f"m-{i}", "email", {"tier": "gold"}).event_id, float(i % 2))
+        e.snapshot()
+        first = next(iter(e.ledger.decisions(limit=1)))
+    finally:
+        e.ledger.close()
+    archive = tmp_path / "archive.jsonl"
+    whole = json.dumps(Pruned(dataclasses.replace(first, event_id="earlier")).to_json())
+    archive.write_text(whole + "\n" + whole[:40])  # an earlier run's line, then a torn one
+    cmd = [sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "prune",
+           "--older-than", "180", "--archive", str(archive), "--batch", "200"]  # fmt: skip
+
+    def small_disk() -> None:  # files stop growing past 150 kB, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    r = subprocess.run(cmd, preexec_fn=small_disk, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "File too large" in r.stderr, r.stderr[-500:]
+    text = archive.read_text()
+    assert text.endswith("\n") and text.startswith(whole + "\n")  # the torn line is gone
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    with archive.open(encoding="utf-8") as f:
+        ids = [p.decision.event_id for p in read_archive(f)]
+    assert ids[0] == "earlier" and len(ids) == 1 + 300

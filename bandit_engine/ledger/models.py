@@ -114,6 +114,8 @@ class DecisionRow(Base):
         Index("ix_decisions_status_deadline", "status", "deadline"),
         Index("ix_decisions_channel_seq", "channel", "seq"),
         CheckConstraint("spent_cents <= reserved_cents", name="ck_decisions_spent"),
+        # SQLite: a number is never handed out twice, even once prune deleted the newest rows
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -141,7 +143,11 @@ class FeedbackRow(Base):
     # 'final', 'provisional' or 'correction' (see records.Feedback)
     kind: Mapped[str] = mapped_column(String(16), default="final", server_default="final")
 
-    __table_args__ = (Index("ix_feedback_event", "event_id"),)  # pruning finds a decision's events
+    __table_args__ = (
+        Index("ix_feedback_event", "event_id"),  # pruning finds a decision's events
+        # SQLite: a number is never handed out twice (a checkpoint's position stays behind it)
+        {"sqlite_autoincrement": True},
+    )
 
 
 class SnapshotRow(Base):
