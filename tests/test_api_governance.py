@@ -318,6 +318,31 @@ def test_holdout_outcomes_are_reported_and_the_lift_report_measures_them(api: Ap
     assert lift["lift"]["ci95"][0] < diff < lift["lift"]["ci95"][1]
 
 
+def test_the_spend_report_projects_from_money_spent_within_the_campaign(api: Api) -> None:
+    """spend_per_day counted open reservations as spend (50.0 a day with nothing redeemed),
+    kept shrinking once the campaign had ended, and projected_exhaustion fell after the
+    campaign's end (even past year 9999): none of those is a date a budget can run out."""
+    day = 86_400_000
+    start = api.clock.now_ms()
+    api.engine.add_offer(Offer("held", ["site"], cost=5.0, budget=1000.0, ends_at=start + 10 * day))
+    api.clock.advance(days=1)
+    events = [choose(api, f"m-held-{i}", "site")["event_id"] for i in range(4)]
+
+    def row() -> dict[str, Any]:
+        rows = api.call("GET", "/v1/reports/spend", "analyst").json["offers"]
+        return next(r for r in rows if r["offer_id"] == "held")
+
+    r = row()
+    assert r["committed"] == 20.0 and r["spent"] == 0.0
+    assert r["spend_per_day"] == 0.0 and r["projected_exhaustion"] is None
+    api.call("POST", "/v1/reward", "decide", json={"event_id": events[0], "reward": 1})
+    api.clock.advance(days=1)  # 5.00 spent in 2 days: 2.50 a day, 975 left: 390 days > the end
+    r = row()
+    assert r["spend_per_day"] == pytest.approx(2.5) and r["projected_exhaustion"] is None
+    api.clock.advance(days=20)  # the campaign ended 12 days ago: its rate stays its own
+    assert row()["spend_per_day"] == pytest.approx(0.5)
+
+
 def test_the_lift_report_waits_for_reward_windows_to_close(api: Api) -> None:
     """A redemption settles its decision at once, a miss only when its window closes: the
     report counted the settled decisions of open windows, i.e. mostly redemptions (the audit

@@ -1018,3 +1018,23 @@ def test_a_channels_default_offer_stays_an_offer_of_that_channel(engine: Engine)
         engine.update_channel("email", default_offer="b")
     engine.update_channel("email", default_offer=None)
     engine.update_offer("a", channels=["push"])
+
+
+def test_the_memory_ledger_holds_the_stored_caps_not_a_callers_stale_copy(clock) -> None:
+    """Two engines on one memory ledger (as workers on one database): the one whose catalog was
+    not refreshed yet reserved against the budget and impression cap it had read, past the
+    lowered ones (committed 20.00 against a budget of 5.00, 4 impressions against a cap of 1).
+    The SQL ledgers' guarded update reads the stored values; the memory ledger does too."""
+    from bandit_engine.ledger.memory import MemoryLedger
+
+    ledger = MemoryLedger()
+    a, b = Engine(ledger, clock=clock), Engine(ledger, clock=clock)
+    for e in (a, b):
+        e.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    a.add_offer(Offer("o", ["email"], cost=5, budget=100, max_impressions=100))
+    b.offers()  # b reads the catalog: budget 100, cap 100 (and keeps it for a second)
+    assert b.choose("m0", "email").offer_id == "o"
+    a.update_offer("o", budget=5, max_impressions=1)  # = spent + committed, and impressions
+    assert [b.choose(f"m{i}", "email").offer_id for i in range(1, 4)] == [None] * 3
+    st = a.offer_state("o")
+    assert (st.committed_cents, st.impressions) == (500, 1)

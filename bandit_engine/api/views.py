@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, current_app, request
 
 from .. import pacing
-from ..catalog import ChannelConfig, MemberCap, Offer, check_id, same_features
+from ..catalog import MAX_EPOCH_MS, ChannelConfig, MemberCap, Offer, check_id, same_features
 from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument
@@ -438,14 +438,18 @@ def spend() -> Any:
     rows = []
     for o in offers:
         st = states[o.offer_id]
-        used = st.spent_cents + st.committed_cents
         remaining = st.remaining_cents(o.budget_cents)
         exhaustion = None
         per_day = None
         if o.starts_at is not None and now > o.starts_at:
-            per_day = used / ((now - o.starts_at) / MS_PER_DAY) / 100
-            if remaining is not None and used > 0:
-                exhaustion = now + int(remaining / (used / (now - o.starts_at)))
+            # money spent (redemptions), not held: a reservation is not spend until redeemed;
+            # over the campaign's time so far (it does not dilute once the campaign has ended)
+            elapsed = max(1, min(now, o.ends_at or now) - o.starts_at)
+            per_day = st.spent_cents / (elapsed / MS_PER_DAY) / 100
+            if remaining is not None and st.spent_cents > 0:
+                at = now + int(remaining / (st.spent_cents / elapsed))
+                # none when the budget outlasts the campaign (it cannot run out by spending)
+                exhaustion = at if at <= min(o.ends_at or MAX_EPOCH_MS, MAX_EPOCH_MS) else None
         rows.append({
             "offer_id": o.offer_id, "active": o.active,
             "budget": None if o.budget_cents is None else o.budget_cents / 100,

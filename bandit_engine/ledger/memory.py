@@ -140,6 +140,9 @@ class MemoryLedger:
                 return existing.with_(resent=True), None
             if offer is not None:
                 self._check_member_caps(decision, member_caps)
+                # the stored caps, as the SQL ledgers' guarded update reads them: the caller's
+                # copy of the offer may predate a lowered budget or cap (its catalog refresh)
+                offer = self._offers.get(offer.offer_id, offer)
                 st = self._state[offer.offer_id]
                 cost = decision.reserved_cents
                 if (
