@@ -369,6 +369,33 @@ def test_the_lift_report_waits_for_reward_windows_to_close(api: Api) -> None:
     assert treatment()["n"] == 4 and treatment()["rate"] == 0.5
 
 
+def test_redemption_rates_get_intervals_that_do_not_collapse_to_a_point(api: Api) -> None:
+    """With 0/1 rewards, the normal interval of a group with no redemption (or all) was [0, 0]
+    (or [1, 1]) however small the group: certainty from 10 members. Each group gets Wilson's
+    score interval and the difference Newcombe's (checked against their closed forms: 0 of n
+    has the upper bound z^2 / (n + z^2))."""
+    api.engine.set_channel(dataclasses.replace(api.engine.channel("push"), holdout_fraction=0.5))
+    api.engine.add_offer(Offer("rate", ["push"], cost=1.0))
+    decisions = [choose(api, f"m-rate-{i}", "push") for i in range(60)]
+    treated = [d for d in decisions if d["group"] == "treatment"][:12]
+    for d in treated[:3]:  # 3 redemptions among the treated, none in the hold-out
+        api.call("POST", "/v1/reward", "decide", json={"event_id": d["event_id"], "reward": 1})
+    api.clock.advance(days=8)
+    report = api.call("GET", "/v1/reports/lift?channel=push", "analyst").json["channels"][0]
+    t, h = report["treatment"], report["holdout"]
+    z2 = 1.959963984540054**2
+    assert h["rate"] == 0 and h["ci95"] == [0.0, pytest.approx(z2 / (h["n"] + z2))]
+    p, n = t["rate"], t["n"]
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = (z2 * (p * (1 - p) / n + z2 / (4 * n * n))) ** 0.5 / (1 + z2 / n)
+    assert t["ci95"] == [pytest.approx(centre - half), pytest.approx(centre + half)]
+    lo, hi = report["lift"]["ci95"]
+    diff = report["lift"]["difference"]
+    assert diff == p
+    assert lo == pytest.approx(diff - ((p - t["ci95"][0]) ** 2 + h["ci95"][1] ** 2) ** 0.5)
+    assert hi == pytest.approx(t["ci95"][1]) and lo < diff < hi  # the hold-out's rate: 0 to 0
+
+
 def test_one_outcome_has_a_rate_but_no_interval(api: Api) -> None:
     api.engine.add_offer(Offer("lone", ["site"], cost=1.0))
     e = choose(api, "m-lone", "site")["event_id"]

@@ -386,7 +386,18 @@ def audit() -> Any:
 
 
 # reports -------------------------------------------------------------------------------------
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    """The Wilson score 95 % interval of a proportion ``p`` of ``n``."""
+    z2 = Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _rate(values: list[float]) -> dict[str, Any]:
+    """A group's mean reward with its 95 % interval: Wilson's when every reward is 0 or 1
+    (redeemed or not; the normal interval collapsed to a point, e.g. [0, 0] for no redemption
+    in 10, however small the group), the normal one otherwise."""
     n = len(values)
     if n == 0:
         return {"n": 0, "rate": None, "ci95": None}
@@ -394,16 +405,31 @@ def _rate(values: list[float]) -> dict[str, Any]:
     if n == 1:  # one outcome says nothing about its spread: no interval, not a zero-width one
         return {"n": 1, "rate": m, "ci95": None}
     var = sum((x - m) ** 2 for x in values) / (n - 1)
+    if all(x in (0.0, 1.0) for x in values):
+        return {"n": n, "rate": m, "ci95": list(_wilson(m, n)), "_var": var, "_binary": True}
     half = Z95 * math.sqrt(var / n)
-    return {"n": n, "rate": m, "ci95": [m - half, m + half], "_var": var}
+    return {"n": n, "rate": m, "ci95": [m - half, m + half], "_var": var, "_binary": False}
+
+
+def _difference(t: dict[str, Any], h: dict[str, Any]) -> list[float]:
+    """95 % interval of treatment - hold-out: Newcombe's hybrid score interval from the two
+    Wilson intervals when both groups' rewards are 0 or 1, the normal one otherwise."""
+    diff = t["rate"] - h["rate"]
+    if t["_binary"] and h["_binary"]:
+        (l1, u1), (l2, u2) = t["ci95"], h["ci95"]
+        lo = math.hypot(t["rate"] - l1, u2 - h["rate"])
+        hi = math.hypot(u1 - t["rate"], h["rate"] - l2)
+        return [diff - lo, diff + hi]
+    half = Z95 * math.sqrt(t["_var"] / t["n"] + h["_var"] / h["n"])
+    return [diff - half, diff + half]
 
 
 @bp.get("/reports/lift")
 @requires("analyst")
 def lift() -> Any:
     """Treatment vs hold-out mean reward over the decisions whose reward window has closed
-    (:func:`settled_by`: a redemption settles at once, a miss only at the close), with normal
-    95 % intervals."""
+    (:func:`settled_by`: a redemption settles at once, a miss only at the close), with 95 %
+    intervals (:func:`_rate`, :func:`_difference`)."""
     eng = engine()
     name = request.args.get("channel")
     names = [eng.channel(name).name] if name is not None else sorted(eng.channels())
@@ -419,11 +445,10 @@ def lift() -> Any:
         t, h = _rate(groups["treatment"]), _rate(groups["holdout"])
         lift_ = None
         if t["n"] > 1 and h["n"] > 1:
-            diff = t["rate"] - h["rate"]
-            half = Z95 * math.sqrt(t["_var"] / t["n"] + h["_var"] / h["n"])
-            lift_ = {"difference": diff, "ci95": [diff - half, diff + half]}
+            lift_ = {"difference": t["rate"] - h["rate"], "ci95": _difference(t, h)}
         for g_ in (t, h):
             g_.pop("_var", None)
+            g_.pop("_binary", None)
         out.append({"channel": ch, "treatment": t, "holdout": h, "lift": lift_})
     return {"channels": out}
 
