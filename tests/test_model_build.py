@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +60,29 @@ class _SlowLog:
         return getattr(self.inner, name)
 
 
+@contextmanager
+def _slow_engine(tmp_path: Path, model_wait: float | None = None) -> Iterator[tuple[Any, ...]]:
+    """(writer, slow, eng): a seeded SQLite ledger, a serving-like engine reading it through a
+    :class:`_SlowLog`, and the engine that wrote it; every one closed afterwards."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    writer = _seeded(url)
+    slow = _SlowLog(SqlLedger(url))
+    config = EngineConfig(seed=5, learn_in_process=False, model_wait=model_wait)
+    eng = Engine(slow, config=config)  # type: ignore[arg-type]
+    try:
+        yield writer, slow, eng
+    finally:
+        slow.slow.clear()
+        eng.ledger.close()
+        writer.ledger.close()
+
+
 def test_a_model_being_built_blocks_neither_other_channels_nor_its_own_for_long(tmp_path) -> None:
     """A rebuild replayed the log under the engine's lock: every choose on every channel waited
     for it (a 240 000-event rebuild: every request 60 s, then a 500 as gunicorn killed the
     worker, whose replacement started the rebuild over). Now the other channels decide as
     usual, and a choose on the channel being built gets ModelLoading after ``model_wait``."""
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    writer = _seeded(url)
-    slow = _SlowLog(SqlLedger(url))
-    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.3)
-    eng = Engine(slow, config=config)  # type: ignore[arg-type]
-    try:
+    with _slow_engine(tmp_path, 0.3) as (writer, slow, eng):
         eng.sync()  # both models built, quickly
         # a policy change: email's model must be built again, from the whole log
         changed = PolicySpec("thompson", {"prior_alpha": 2.0})
@@ -92,29 +106,17 @@ def test_a_model_being_built_blocks_neither_other_channels_nor_its_own_for_long(
         d = eng.choose("m-email", "email")  # built: served
         assert d.offer_id is not None
         assert eng.policy("email").serialize() == writer.policy("email").serialize()
-    finally:
-        slow.slow.clear()
-        eng.ledger.close()
-        writer.ledger.close()
 
 
 def test_without_model_wait_a_choose_builds_its_model_and_waits_for_it(tmp_path: Path) -> None:
     """The embedded default: nothing to retry, the first choose pays for the build."""
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    writer = _seeded(url)
-    slow = _SlowLog(SqlLedger(url))
-    config = EngineConfig(seed=5, learn_in_process=False)
-    eng = Engine(slow, config=config)  # type: ignore[arg-type]
-    try:
+    with _slow_engine(tmp_path) as (writer, slow, eng):
         slow.delay = 0.5
         slow.slow.set()
         t0 = time.monotonic()
         assert eng.choose("m", "email").offer_id is not None
         assert time.monotonic() - t0 >= 0.5
         assert eng.policy("email").serialize() == writer.policy("email").serialize()
-    finally:
-        eng.ledger.close()
-        writer.ledger.close()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
@@ -154,12 +156,7 @@ def test_a_build_of_a_policy_changed_meanwhile_is_dropped(tmp_path: Path) -> Non
     """A background build that started before a policy change installed the old policy's model
     over the new one when it ended: chooses then waited for a rebuild, and a checkpoint written
     meanwhile stored the old policy as the channel's latest."""
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    writer = _seeded(url)
-    slow = _SlowLog(SqlLedger(url))
-    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.05)
-    eng = Engine(slow, config=config)  # type: ignore[arg-type]
-    try:
+    with _slow_engine(tmp_path, 0.05) as (writer, slow, eng):
         slow.delay = 1.0
         slow.slow.set()
         with pytest.raises(ModelLoading):  # a background build of thompson starts
@@ -176,22 +173,13 @@ def test_a_build_of_a_policy_changed_meanwhile_is_dropped(tmp_path: Path) -> Non
         assert eng.policy("email") is new  # not replaced by the thompson build
         assert eng.snapshot() == 1  # the one model this engine has loaded: the new one
         assert slow.latest_snapshot("email").policy_name == eng._spec_key(eng.channel("email"))
-    finally:
-        slow.slow.clear()
-        eng.ledger.close()
-        writer.ledger.close()
 
 
 def test_a_failing_build_is_one_error_not_a_storm_of_builds(tmp_path: Path) -> None:
     """With model_wait set, a build that failed (the database away) was started again and again
     until the deadline (11 000 builds in 10 s, a logged traceback each) and the caller got
     ModelLoading, "retry in a few seconds", whatever the cause. It gets the build's error."""
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    writer = _seeded(url)
-    slow = _SlowLog(SqlLedger(url))
-    config = EngineConfig(seed=5, learn_in_process=False, model_wait=2.0)
-    eng = Engine(slow, config=config)  # type: ignore[arg-type]
-    try:
+    with _slow_engine(tmp_path, 2.0) as (writer, slow, eng):
         slow.down = True
         t0 = time.monotonic()
         with pytest.raises(StorageError, match="away"):
@@ -199,20 +187,12 @@ def test_a_failing_build_is_one_error_not_a_storm_of_builds(tmp_path: Path) -> N
         assert time.monotonic() - t0 < 1.5 and slow.reads == 1
         slow.down = False
         assert eng.choose("m", "email").offer_id is not None  # the next choose builds again
-    finally:
-        eng.ledger.close()
-        writer.ledger.close()
 
 
 def test_close_stops_the_builds_running_in_the_background(tmp_path: Path) -> None:
     """A build left running after close() opened a connection once the ledger had closed its
     own (a PostgreSQL backend left open)."""
-    url = f"sqlite:///{tmp_path / 'l.db'}"
-    writer = _seeded(url)
-    slow = _SlowLog(SqlLedger(url))
-    config = EngineConfig(seed=5, learn_in_process=False, model_wait=0.05)
-    eng = Engine(slow, config=config)  # type: ignore[arg-type]
-    try:
+    with _slow_engine(tmp_path, 0.05) as (writer, slow, eng):
         slow.delay = 0.5
         slow.slow.set()
         with pytest.raises(ModelLoading):
@@ -221,5 +201,3 @@ def test_close_stops_the_builds_running_in_the_background(tmp_path: Path) -> Non
         eng.close()
         assert not build.is_alive()
         assert "email" not in eng._policies  # it stopped, and installed nothing
-    finally:
-        writer.ledger.close()
