@@ -117,6 +117,11 @@ def _product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a * b
 
 
+def _undefined(name: str, n: int) -> Estimate:
+    """An estimate the logs cannot give (no weight on any logged action): nan, unbounded."""
+    return Estimate(name, float("nan"), float("inf"), -float("inf"), float("inf"), n, 0.0)
+
+
 def _from_terms(name: str, terms: np.ndarray, w: np.ndarray) -> Estimate:
     v, se = _mean_se(name, terms)
     return Estimate(name, v, se, v - Z95 * se, v + Z95 * se, terms.size, _ess(w))
@@ -128,7 +133,7 @@ def ips(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -> Es
     if not np.any(w > 0):
         # no logged action has the target's probability: the logs say nothing of its value, and
         # the all-zero terms read as 0 with a zero-width interval (as SNIPS, undefined instead)
-        return Estimate("ips", float("nan"), float("inf"), -float("inf"), float("inf"), w.size, 0.0)
+        return _undefined("ips", w.size)
     return _from_terms("ips", _product(w, r), w)
 
 
@@ -139,7 +144,7 @@ def snips(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -> 
     u = w / _scale(w)  # SNIPS is scale-free in the weights: sum(w) cannot overflow
     su = float(u.sum())
     if su <= 0:
-        return Estimate("snips", float("nan"), float("inf"), -float("inf"), float("inf"), n, 0.0)
+        return _undefined("snips", n)
     sr = _scale(r)
     v = float((u * (r / sr)).sum() / su) * sr
     # delta method: influence of row i is n * w_i (r_i - v) / sum(w)
