@@ -294,3 +294,40 @@ def test_0007_keeps_every_row_and_numbers_after_the_newest_ever(tmp_path) -> Non
                           "VALUES ('e', 'email', 0, 1, 'final')")  # fmt: skip
         assert c.exec_driver_sql("SELECT max(seq) FROM feedback").scalar() == top + 1
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_0008_moves_the_booked_cost_of_open_decisions_into_settled(
+    backend: str, request: pytest.FixtureRequest, tmp_path
+) -> None:
+    """Before 0008 a redemption on a ``sum`` channel entered an offer's ``settled_cents`` only
+    when its window closed. Downgraded, the counter reads as the old code left it (short of the
+    open decisions' booked cost); upgraded again, ``settled + committed`` is every reservation
+    ever made, as the engine now keeps it."""
+    from bandit_engine import ChannelConfig, Engine, Offer, PolicySpec
+
+    url = (f"sqlite:///{tmp_path / 'l.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_url"))  # fmt: skip
+    eng = Engine.open(url, seed=1)
+    eng.set_channel(ChannelConfig("push", policy=PolicySpec("uniform"), aggregation="sum"))
+    eng.add_offer(Offer("o", ["push"], cost=2.0, budget=100.0))
+    eng.add_offer(Offer("idle", ["push"], cost=1.0, budget=100.0, active=False))
+    events = [eng.choose(f"m{i}", "push").event_id for i in range(5)]
+    eng.reward(events[0], 1.0)  # books 2.00
+    eng.reward(events[1], 1.0, cost=0.5)
+    eng.ledger.close()
+    engine = make_engine(url)
+
+    def settled() -> dict[str, tuple[int, int]]:
+        with engine.connect() as c:
+            rows = c.exec_driver_sql("SELECT offer_id, settled_cents, committed_cents FROM offers")
+            return {r[0]: (r[1], r[2]) for r in rows}
+
+    try:
+        assert settled() == {"o": (250, 750), "idle": (0, 0)}
+        downgrade_schema(engine, "0007")
+        assert settled() == {"o": (0, 750), "idle": (0, 0)}
+        upgrade_schema(engine)
+        assert settled() == {"o": (250, 750), "idle": (0, 0)}
+    finally:
+        engine.dispose()

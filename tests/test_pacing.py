@@ -63,3 +63,42 @@ def test_pacing_spreads_the_budget_and_beats_a_hard_stop() -> None:
     assert paced[end] - paced[q3] >= 0.08 * budget
     assert hard[q3] >= 0.99 * budget  # ... whereas the hard stop ran dry before it
     assert paced_reward > hard_reward * 1.03
+
+
+def test_a_redemption_on_a_summing_channel_prices_as_one_on_a_first_reward_channel(
+    engine: Engine, clock: ManualClock
+) -> None:
+    """The redemption rate that projects an offer's liability divides by every reservation ever
+    made (``settled + committed``). A ``sum`` channel books a redemption's cost at once but
+    keeps its decision open until the window closes; the reservation must leave ``committed``
+    for ``settled`` then, not at the close, or the rate reads high (here 0.50 for 0.375) and
+    so does the price. Same history on both channels: same counters, same price, before and
+    after the windows close."""
+    from bandit_engine.pacing import price
+
+    start = clock.now_ms()
+    offers = {}
+    for ch, agg in (("email", "first"), ("push", "sum")):
+        engine.set_channel(ChannelConfig(ch, policy=PolicySpec("uniform"), reward_window_days=2,
+                                         aggregation=agg))  # fmt: skip
+        offers[ch] = Offer(f"o-{ch}", [ch], cost=2.0, budget=20.0, starts_at=start,
+                           ends_at=start + 10 * MS_PER_DAY)  # fmt: skip
+        engine.add_offer(offers[ch])
+        for i in range(4):
+            d = engine.choose(f"m{i}", ch)
+            if i < 2:
+                engine.reward(d.event_id, 1.0)
+
+    def counters(ch: str) -> tuple[int, int, int]:
+        st = engine.offer_state(f"o-{ch}")
+        assert st.settled_cents + st.committed_cents == 200 * st.impressions
+        return st.spent_cents, st.committed_cents, st.settled_cents
+
+    clock.advance(days=1)
+    assert counters("push") == counters("email") == (400, 400, 400)
+    now = clock.now_ms()
+    prices = [price(offers[ch], engine.offer_state(f"o-{ch}"), now) for ch in ("email", "push")]
+    assert prices[0] > 0 and prices[1] == pytest.approx(prices[0])
+    clock.advance(days=2)
+    engine.expire()
+    assert counters("push") == counters("email") == (400, 0, 800)

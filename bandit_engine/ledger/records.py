@@ -23,7 +23,7 @@ class OfferState:
     spent_cents: int = 0
     committed_cents: int = 0
     impressions: int = 0
-    settled_cents: int = 0  # reservations of decisions that have settled (rewarded or expired)
+    settled_cents: int = 0  # reservations no longer held: booked into spent or released
 
     def remaining_cents(self, budget_cents: int | None) -> int | None:
         if budget_cents is None:

@@ -15,19 +15,23 @@ class OfferDelta:
 
     spent: int = 0
     committed: int = 0
-    settled: int = 0
+    settled: int = 0  # reservation no longer held: booked into spent or released
 
     def __add__(self, other: OfferDelta) -> OfferDelta:
         return OfferDelta(self.spent + other.spent, self.committed + other.committed, self.settled + other.settled)
 
 
 def _delta(old: Decision, new: Decision) -> OfferDelta:
+    """A settlement only ever lowers what a decision holds, and what leaves ``committed`` enters
+    ``settled`` then, whether booked or released: ``settled + committed`` stays every
+    reservation ever made, which pacing's redemption rate divides by. (A redemption of a
+    ``sum`` channel books its cost but keeps the decision open until its window closes.)"""
     held_before = old.reserved_cents - old.spent_cents
     held_after = new.reserved_cents - new.spent_cents
     return OfferDelta(
         spent=new.spent_cents - old.spent_cents,
         committed=held_after - held_before,
-        settled=old.reserved_cents if new.status != "open" else 0,
+        settled=held_before - held_after,
     )
 
 
