@@ -43,6 +43,7 @@ from .errors import (
     Conflict,
     InvalidArgument,
     ModelLoading,
+    OfferExists,
     StorageError,
     UnknownChannel,
     UnknownEvent,
@@ -332,7 +333,7 @@ class Engine:
 
     def add_offer(self, offer: Offer, *, exist_ok: bool = True) -> None:
         """Add an offer, or update one (its features are immutable: a new offer id is a new arm).
-        With ``exist_ok=False`` an existing offer id is a :class:`Conflict` (create only).
+        With ``exist_ok=False`` an existing offer id is an :class:`OfferExists` (create only).
 
         A budgeted offer with an end and no start is paced from the moment it is added."""
         if not isinstance(offer, Offer):
@@ -359,7 +360,7 @@ class Engine:
         old = cat.offers.get(offer.offer_id)
         if old is not None:
             if not exist_ok:
-                raise Conflict(f"offer {offer.offer_id!r} already exists")
+                raise OfferExists(f"offer {offer.offer_id!r} already exists")
             if not same_features(old.features, offer.features):
                 raise Conflict(
                     f"offer {offer.offer_id!r} exists with other features; features are immutable "

@@ -77,6 +77,10 @@ class Conflict(BanditEngineError):
     status = 409
 
 
+class OfferExists(Conflict):
+    """An offer is created under an id the catalog already holds."""
+
+
 class CatalogChanged(Conflict):
     """A catalog write conditioned on the catalog version it read found a newer one (another
     writer came first); the engine re-reads and retries it."""

@@ -18,6 +18,7 @@ from bandit_engine import (
     InvalidArgument,
     MemberCap,
     Offer,
+    OfferExists,
     PolicySpec,
     RewardWindowClosed,
     Rule,
@@ -972,7 +973,7 @@ def test_an_offer_update_never_undoes_a_write_it_did_not_see(engine: Engine, clo
     assert (o.cost_cents, o.budget_cents) == (200, 1000)
     assert len(calls) == 3  # other's write, this one's refused first try, its retry
     racing_create = lambda: other.add_offer(Offer("d", ["email"], cost=5.0))  # noqa: E731
-    with _racing(engine, "put_offer", racing_create), pytest.raises(Conflict, match="already exists"):
+    with _racing(engine, "put_offer", racing_create), pytest.raises(OfferExists, match="already exists"):
         engine.add_offer(Offer("d", ["email"], cost=1.0), exist_ok=False)  # the racing create won
     assert engine.get_offer("d").cost_cents == 500
 

@@ -11,7 +11,7 @@ from .. import pacing
 from ..catalog import MAX_EPOCH_MS, ChannelConfig, MemberCap, Offer, check_id, same_features
 from ..clock import MS_PER_DAY
 from ..engine import Engine
-from ..errors import Conflict, InvalidArgument
+from ..errors import Conflict, InvalidArgument, OfferExists
 from ..governance import CHANGE_STATUSES, CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
 from ..ledger.settle import settled_by
 from . import validate as v
@@ -166,10 +166,8 @@ def create_offer() -> Any:
 def _create(eng: Engine, offer: Offer) -> None:
     try:
         eng.add_offer(offer, exist_ok=False)  # two admins racing to create one id: one wins
-    except Conflict as exc:
-        if "already exists" not in exc.message:
-            raise
-        raise Conflict(
+    except OfferExists:
+        raise OfferExists(
             f"offer {offer.offer_id!r} already exists; use PATCH /v1/offers/{{id}}"
         ) from None
 
