@@ -43,8 +43,9 @@ def make_machine(url_factory, max_examples: int, steps: int):
                 url_factory(), clock=self.clock, seed=1,
                 member_cap=MemberCap(max=4, window_days=2),
             )  # fmt: skip
-            for ch in CHANNELS:
-                self.engine.set_channel(ChannelConfig(ch, reward_window_days=1.0))
+            for ch in CHANNELS:  # push sums its rewards: it settles a redemption at the close
+                self.engine.set_channel(ChannelConfig(
+                    ch, reward_window_days=1.0, aggregation="sum" if ch == "push" else "first"))
             self.offers = [
                 Offer("cheap", CHANNELS, cost=1.00, budget=5.00),
                 Offer("dear", CHANNELS, cost=4.00, budget=9.00, max_impressions=6),
@@ -121,6 +122,8 @@ def make_machine(url_factory, max_examples: int, steps: int):
                 if o.max_impressions is not None:
                     assert s.impressions <= o.max_impressions
                 assert s.spent_cents == self.booked[o.offer_id]
+                # every reservation ever made is held or settled (pacing's rate divides by it)
+                assert s.settled_cents + s.committed_cents == s.impressions * o.cost_cents
 
         @invariant()
         def member_caps_hold(self) -> None:
