@@ -306,9 +306,12 @@ class Engine:
             raise UnknownOffer(f"unknown offer {offer_id!r}")
         return o
 
-    def channel(self, name: str) -> ChannelConfig:
-        cfg = self._refresh_catalog().channels.get(name)
-        if cfg is None:
+    def channel(self, name: str, *, fresh: bool = False) -> ChannelConfig:
+        """A channel's settings, from the catalog as of at most ``catalog_refresh_seconds`` ago
+        (the request path's read), or as the ledger holds them now with ``fresh`` (a read to
+        show or to change them: other processes' writes included)."""
+        cfg = self._refresh_catalog(force=fresh).channels.get(name)
+        if cfg is None and not fresh:
             cfg = self._refresh_catalog(force=True).channels.get(name)
         if cfg is None:
             raise UnknownChannel(f"unknown channel {name!r}; known: {sorted(self._catalog.channels)}")

@@ -43,7 +43,8 @@ OFFER_GOVERNED: tuple[str, ...] = ("budget", "max_impressions", "member_cap")
 # the salt decides which members are in the hold-out: changing it reshuffles the groups
 CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction", "salt")
 # "applying": claimed by an approver whose apply step has not finished (see Governance.decide)
-CHANGE_STATUSES: tuple[str, ...] = ("pending", "applying", "approved", "rejected")
+CHANGE_KINDS: tuple[str, ...] = ("offer", "channel", "settings")
+CHANGE_STATUSES: tuple[str, ...] = ("pending", "applying", "approved", "rejected", "withdrawn")
 KEY_PREFIX = "bek_"
 AUTH_CACHE_SECONDS = 1.0  # a revoked key stops working within this delay on every worker
 # a change claimed for applying longer ago than this was abandoned (its decider died mid-apply);
@@ -232,8 +233,8 @@ class Governance:
         """Record a pending change. ``activate``: approving it also switches the offer on.
         ``creates``: the offer was just created with these (governed) settings held back; it
         cannot be switched on or off until this change is decided."""
-        if kind not in ("offer", "channel", "settings"):
-            raise InvalidArgument(f"change kind must be 'offer', 'channel' or 'settings', got {kind!r}")
+        if kind not in CHANGE_KINDS:
+            raise InvalidArgument(f"change kind must be one of {list(CHANGE_KINDS)}, got {kind!r}")
         now = self.clock.now_ms()
         with self._tx(write=True) as c:
             cid = c.execute(
@@ -294,13 +295,7 @@ class Governance:
         ``APPLY_TIMEOUT_MS`` it can be approved again (applying it twice sets the same values,
         and the approval is then recorded), but not rejected (its settings may be in force) unless
         newer approved changes have set every setting it sets since."""
-        if reason is not None and (
-            not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason
-            or not is_text(reason)
-        ):  # fmt: skip
-            raise InvalidArgument(
-                "reason must be text of at most 1000 characters, without NUL characters"
-            )
+        _check_reason(reason)
         ch = self.get_change(change_id)  # unknown change -> 404 before anything else
         now = self.clock.now_ms()
         with self._tx(write=True) as c:
@@ -376,10 +371,47 @@ class Governance:
                         {"change_id": change_id, "reason": reason})  # fmt: skip
         return self.get_change(change_id)
 
+    def withdraw(self, change_id: int, proposer: Principal, *, reason: str | None = None) -> Change:
+        """The key that proposed a pending change takes it back (status ``withdrawn``): setting
+        the old value again would not (the change would still be there to approve), and only
+        an approver may reject. Nothing is applied; a withdrawn creation change leaves its
+        offer stored without its governed settings and switched off, as a rejection does."""
+        _check_reason(reason)
+        self.get_change(change_id)  # unknown change -> 404 before anything else
+        with self._tx(write=True) as c:  # the row lock orders it with a decider of the change
+            ch = _change(c.execute(
+                select(ChangeRow).where(ChangeRow.id == change_id).with_for_update()
+            ).one())  # fmt: skip
+            if ch.proposed_by != proposer.key_id:
+                raise Forbidden(
+                    f"change {change_id} was proposed by another key; only its proposer can "
+                    "withdraw it (an approver can reject it)"
+                )
+            if ch.status != "pending":
+                what = "being approved" if ch.status == "applying" else ch.status
+                raise ChangeNotApproved(f"change {change_id} is {what}, not pending")
+            c.execute(
+                update(ChangeRow).where(ChangeRow.id == change_id)
+                .values(status="withdrawn", decided_at=self.clock.now_ms(), reason=reason)
+            )  # fmt: skip
+            self._audit(c, proposer.actor, "change.withdraw", f"{ch.kind}:{ch.target}",
+                        {"change_id": change_id, "reason": reason})  # fmt: skip
+        return self.get_change(change_id)
+
     def audit_log(self, *, after: int = 0, limit: int = 500) -> list[AuditEntry]:
         q = select(AuditRow).where(AuditRow.id > after).order_by(AuditRow.id).limit(limit)
         with self._tx() as c:
             return [AuditEntry(r.id, r.at, r.actor, r.action, r.target, r.detail) for r in c.execute(q)]
+
+
+def _check_reason(reason: object) -> None:
+    if reason is not None and (
+        not isinstance(reason, str) or len(reason) > 1000 or "\x00" in reason
+        or not is_text(reason)
+    ):  # fmt: skip
+        raise InvalidArgument(
+            "reason must be text of at most 1000 characters, without NUL characters"
+        )
 
 
 def _lapsed(ch: Change, now_ms: int) -> bool:
@@ -394,7 +426,7 @@ def _change(r: Any) -> Change:
 
 
 __all__ = [
-    "APPLY_TIMEOUT_MS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES",
+    "APPLY_TIMEOUT_MS", "CHANGE_KINDS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES",
     "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange", "UnknownKey",
     "check_role", "hash_key",
 ]  # fmt: skip

@@ -38,7 +38,7 @@ class ChangeRow(Base):
     settings: Mapped[dict[str, Any]] = mapped_column(JSON)
     activate: Mapped[bool] = mapped_column(default=False, server_default=false())
     creates: Mapped[bool] = mapped_column(default=False, server_default=false())  # its offer
-    status: Mapped[str] = mapped_column(String(16))  # pending | approved | rejected
+    status: Mapped[str] = mapped_column(String(16))  # governance.CHANGE_STATUSES
     proposed_by: Mapped[int] = mapped_column(BigInteger)
     decided_by: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str | None] = mapped_column(String(1024))

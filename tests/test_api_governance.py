@@ -407,14 +407,16 @@ def test_one_outcome_has_a_rate_but_no_interval(api: Api) -> None:
 
 def test_a_pending_offer_cannot_be_paused_or_activated_before_approval(api: Api) -> None:
     """Approval activates a created offer, so a pause sent while it waits would be overridden
-    silently: it is refused, and withdrawing the offer means rejecting the change."""
+    silently: it is refused, and withdrawing the offer means withdrawing (or rejecting) the
+    change. Sending the value it has (a full-body edit) is no change, and is not refused."""
     r = api.call("POST", "/v1/offers", "admin", json={
         "offer_id": "waiting", "channels": ["email"], "cost": 1, "budget": 10})
     cid = r.json["change_id"]
     before = api.state()
-    for active in (False, True):
-        r = api.call("PATCH", "/v1/offers/waiting", "admin", json={"active": active})
-        assert r.status_code == 409 and "reject the change" in r.json["error"]["message"]
+    r = api.call("PATCH", "/v1/offers/waiting", "admin", json={"active": True})
+    assert r.status_code == 409 and "proposer can withdraw it" in r.json["error"]["message"]
+    r = api.call("PATCH", "/v1/offers/waiting", "admin", json={"active": False, "cost": 1})
+    assert r.status_code == 200 and r.json["active"] is False
     assert api.state() == before
     assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
     assert api.call("GET", "/v1/offers/waiting", "analyst").json["active"] is True
@@ -481,9 +483,8 @@ def test_an_offer_created_inactive_with_caps_cannot_be_switched_on_before_they_a
     cid = r.json["change_id"]
     change = api.call("GET", "/v1/changes?status=pending", "analyst").json["changes"][-1]
     assert (change["change_id"], change["creates"], change["activate"]) == (cid, True, False)
-    for active in (True, False):
-        r = api.call("PATCH", "/v1/offers/staged", "admin", json={"active": active})
-        assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
+    r = api.call("PATCH", "/v1/offers/staged", "admin", json={"active": True})
+    assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
     assert choose(api, "m-0", "site")["offer_id"] is None  # site's only offer: not live yet
     assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
     got = api.call("GET", "/v1/offers/staged", "analyst").json
@@ -509,3 +510,140 @@ def test_change_requests_are_listed_page_by_page(api: Api) -> None:
     assert seen == ids
     r = api.call("GET", "/v1/changes?limit=0", "analyst")
     assert r.status_code == 422 and r.json["error"]["code"] == "invalid_argument"
+
+
+def test_an_offer_switched_on_with_a_budget_goes_live_when_the_budget_is_approved(api: Api) -> None:
+    """A PATCH that switches an inactive offer on together with a governed setting used to
+    switch it on at once, serving with no budget while the budget waited (and still after a
+    rejection). The switch now waits for the change, and a rejection leaves the offer off."""
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "promo", "channels": ["sms"], "cost": 1.0, "budget": 10.0})
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/reject", "approver").status_code == 200
+    for attempt in ("reject", "approve"):
+        r = api.call("PATCH", "/v1/offers/promo", "admin", json={"active": True, "budget": 2.0})
+        assert r.status_code == 202, r.json
+        change = api.gov.get_change(r.json["change_id"])
+        assert change.activate and dict(change.settings) == {"budget": 2.0}
+        got = api.call("GET", "/v1/offers/promo", "analyst").json
+        assert (got["active"], got["budget"]) == (False, None)
+        assert choose(api, f"m-{attempt}", "sms")["offer_id"] == "solo"  # not promo
+        r = api.call("POST", f"/v1/changes/{change.change_id}/{attempt}", "approver")
+        assert r.status_code == 200
+    got = api.call("GET", "/v1/offers/promo", "analyst").json
+    assert (got["active"], got["budget"]) == (True, 2.0)
+
+
+def test_a_cap_below_the_impressions_counted_is_refused_when_proposed(api: Api) -> None:
+    """An impression cap the offer has already passed could never be approved (the approval
+    fails with 409 and the change stays pending for ever): it is refused at once, as a budget
+    below what is spent and committed is, and nothing is recorded."""
+    for i in range(3):
+        choose(api, f"m-cap-{i}", "sms")
+    counted = api.engine.offer_state("solo").impressions
+    assert counted >= 3
+    before = api.state()
+    r = api.call("PATCH", "/v1/offers/solo", "admin", json={"max_impressions": counted - 1})
+    assert r.status_code == 409 and "impressions already counted" in r.json["error"]["message"]
+    assert api.state() == before
+    r = api.call("PATCH", "/v1/offers/solo", "admin", json={"max_impressions": counted})
+    assert r.status_code == 202
+
+
+def test_the_proposer_withdraws_its_own_pending_change(api: Api) -> None:
+    """Setting the old value again left the change there to be approved, and only an approver
+    could reject it: the proposing key can withdraw it. Another key cannot (an approver rejects
+    instead); a decided change cannot be withdrawn, nor a withdrawn one approved."""
+    cid = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 500.0}).json["change_id"]
+    r = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 50.0})  # the old value
+    assert r.status_code == 200 and api.gov.get_change(cid).status == "pending"
+    other_admin, _ = api.gov.create_key("admin", name="other-admin")
+    before = api.state()
+    r = api.call("POST", f"/v1/changes/{cid}/withdraw", key=other_admin)
+    assert r.status_code == 403 and "only its proposer" in r.json["error"]["message"]
+    assert api.call("POST", f"/v1/changes/{cid}/withdraw", "approver").status_code == 403
+    assert api.call("POST", "/v1/changes/999999/withdraw", "admin").status_code == 404
+    assert api.state() == before
+    r = api.call("POST", f"/v1/changes/{cid}/withdraw", "admin", json={"reason": "typo"})
+    assert r.status_code == 200 and (r.json["status"], r.json["reason"]) == ("withdrawn", "typo")
+    r = api.call("POST", f"/v1/changes/{cid}/approve", "approver")
+    assert r.status_code == 409 and r.json["error"]["code"] == "change_not_approved"
+    assert api.engine.get_offer("capped").budget == 50.0
+    r = api.call("POST", f"/v1/changes/{cid}/withdraw", "admin")
+    assert r.status_code == 409 and "withdrawn, not pending" in r.json["error"]["message"]
+    entries = api.call("GET", "/v1/audit", "analyst").json["entries"]
+    assert [e["detail"] for e in entries if e["action"] == "change.withdraw"] == [
+        {"change_id": cid, "reason": "typo"}]
+    listed = api.call("GET", "/v1/changes?status=withdrawn", "analyst").json["changes"]
+    assert [c["change_id"] for c in listed] == [cid]
+    # a withdrawn creation change leaves its offer off, without its caps, as a rejection does
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "second-thoughts", "channels": ["email"], "cost": 1, "budget": 5})
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/withdraw", "admin").status_code == 200
+    got = api.call("GET", "/v1/offers/second-thoughts", "analyst").json
+    assert (got["active"], got["budget"], got["pending_changes"]) == (False, None, [])
+
+
+def test_changes_are_filtered_by_kind_and_target(api: Api) -> None:
+    """``kind`` and ``target`` were ignored: every change came back."""
+    offer = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 70.0}).json["change_id"]
+    other = api.call("PATCH", "/v1/offers/solo", "admin", json={"budget": 70.0}).json["change_id"]
+    channel = api.call("PUT", "/v1/channels/email", "admin",
+                       json={"holdout_fraction": 0.1}).json["change_id"]  # fmt: skip
+
+    def ids(query: str) -> list[int]:
+        r = api.call("GET", f"/v1/changes?{query}", "analyst")
+        assert r.status_code == 200, r.json
+        return [c["change_id"] for c in r.json["changes"]]
+
+    assert ids("kind=offer&target=capped") == [offer]
+    assert ids("kind=offer") == [offer, other]
+    assert ids("kind=channel&status=pending") == [channel]
+    assert ids("target=email") == [channel]
+    for bad in ("kind=offers", "target=", "target=" + "x" * 200):
+        r = api.call("GET", f"/v1/changes?{bad}", "analyst")
+        assert r.status_code in (400, 422) and r.json["error"]["code"] == "invalid_argument", bad
+
+
+def test_channel_settings_are_read_and_compared_as_stored_now(tmp_path) -> None:
+    """Two workers on one database: a PUT compared the body with the channel as this worker
+    last read it (up to ``catalog_refresh_seconds`` old), so setting back a hold-out another
+    worker had just approved looked like no change, answered 200, and left it in force."""
+    from bandit_engine.api import create_app
+
+    a = make_api(tmp_path)
+    slow = Engine.open(f"sqlite:///{tmp_path / 'api.db'}", clock=a.clock, seed=12,
+                       learn_in_process=False, catalog_refresh_seconds=3600.0)  # fmt: skip
+    app = create_app({"ENGINE": slow, "SYNC_INTERVAL": 0.0, "CLOCK": a.clock})
+    b = dataclasses.replace(a, app=app, client=app.test_client())
+    try:
+        assert b.call("GET", "/v1/channels/email", "analyst").json["holdout_fraction"] == 0.0
+        cid = a.call("PUT", "/v1/channels/email", "admin",
+                     json={"holdout_fraction": 0.5}).json["change_id"]  # fmt: skip
+        assert a.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+        assert b.call("GET", "/v1/channels/email", "analyst").json["holdout_fraction"] == 0.5
+        r = b.call("PUT", "/v1/channels/email", "admin", json={"holdout_fraction": 0.0})
+        assert r.status_code == 202 and r.json["holdout_fraction"] == 0.5
+        assert b.gov.get_change(r.json["change_id"]).settings == {"holdout_fraction": 0.0}
+    finally:
+        b.engine.ledger.close()
+        a.engine.ledger.close()
+
+
+def test_a_creation_change_being_applied_still_holds_its_offer(api: Api) -> None:
+    """While an approver applies a creation change (``applying``: for a minute if its process
+    died) the offer was shown with no pending change and a PATCH could switch it on, serving
+    without the caps about to be applied."""
+    from sqlalchemy import update
+
+    from bandit_engine.governance_models import ChangeRow
+
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "midway", "channels": ["email"], "cost": 1, "budget": 5})
+    cid = r.json["change_id"]
+    with api.gov._engine.begin() as c:  # as a decider that claimed it and has not finished
+        c.execute(update(ChangeRow).where(ChangeRow.id == cid)
+                  .values(status="applying", decided_at=api.clock.now_ms()))  # fmt: skip
+    assert api.call("GET", "/v1/offers/midway", "analyst").json["pending_changes"] == [cid]
+    r = api.call("PATCH", "/v1/offers/midway", "admin", json={"active": True})
+    assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
+    assert api.engine.get_offer("midway").active is False

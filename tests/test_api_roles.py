@@ -58,6 +58,8 @@ ROUTES: list[tuple[str, str, tuple[str, ...], Prep]] = [
      lambda a: (f"/v1/changes/{_pending_change(a)}/approve", None)),
     ("POST", "/v1/changes/{change_id}/reject", ("approver",),
      lambda a: (f"/v1/changes/{_pending_change(a)}/reject", None)),
+    ("POST", "/v1/changes/{change_id}/withdraw", ("admin",),  # the proposing key: admin's
+     lambda a: (f"/v1/changes/{_pending_change(a)}/withdraw", None)),
     ("GET", "/v1/audit", ("analyst", "admin", "approver"), lambda a: ("/v1/audit", None)),
     ("GET", "/v1/reports/lift", ("analyst",), lambda a: ("/v1/reports/lift?channel=email", None)),
     ("GET", "/v1/reports/spend", ("analyst",), lambda a: ("/v1/reports/spend", None)),

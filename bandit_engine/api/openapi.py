@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import __version__
 from ..catalog import REWARD_LIMIT
-from ..governance import CHANGE_STATUSES
+from ..governance import CHANGE_KINDS, CHANGE_STATUSES
 
 ID = {"type": "string", "minLength": 1, "maxLength": 128, "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$"}
 NUM = {"type": "number"}
@@ -173,6 +173,9 @@ def openapi_document() -> dict[str, Any]:
             READERS, {"200": _ok("changes")}, params=[
                 {"name": "status", "in": "query", "required": False,
                  "schema": {"enum": list(CHANGE_STATUSES)}},
+                {"name": "kind", "in": "query", "required": False,
+                 "schema": {"enum": list(CHANGE_KINDS)}},
+                {"name": "target", "in": "query", "required": False, "schema": ID},
                 {"name": "after", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 0}},
                 {"name": "limit", "in": "query", "required": False,
@@ -186,6 +189,11 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [_path("change_id", CHANGE_ID)],
             "post": _op("Reject a change", ["approver"], {
                 "200": _ok("rejected"), "404": _err("unknown change"), "409": _err("not pending")}, REASON)},  # fmt: skip
+        "/v1/changes/{change_id}/withdraw": {
+            "parameters": [_path("change_id", CHANGE_ID)],
+            "post": _op("Withdraw a pending change (only by the key that proposed it)", ["admin"], {
+                "200": _ok("withdrawn"), "404": _err("unknown change"),
+                "409": _err("not pending")}, REASON)},  # fmt: skip
         "/v1/audit": {"get": _op("The audit log", READERS, {"200": _ok("entries")}, params=[
             {"name": "after", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}},
             {"name": "limit", "in": "query", "required": False,

@@ -12,7 +12,14 @@ from ..catalog import MAX_EPOCH_MS, ChannelConfig, MemberCap, Offer, check_id, s
 from ..clock import MS_PER_DAY
 from ..engine import Engine
 from ..errors import Conflict, InvalidArgument, OfferExists
-from ..governance import CHANGE_STATUSES, CHANNEL_GOVERNED, OFFER_GOVERNED, Change, Governance
+from ..governance import (
+    CHANGE_KINDS,
+    CHANGE_STATUSES,
+    CHANNEL_GOVERNED,
+    OFFER_GOVERNED,
+    Change,
+    Governance,
+)
 from ..ledger.settle import settled_by
 from . import validate as v
 from .auth import READERS, principal, requires
@@ -93,7 +100,9 @@ def activate(event_id: str) -> Any:
 
 # offers --------------------------------------------------------------------------------------
 def _pending_offer_changes(offer_id: str) -> list[Change]:
-    return gov().changes("pending", kind="offer", target=offer_id)
+    """The offer's changes not decided yet: pending, or being applied by an approver."""
+    return [c for c in gov().changes(kind="offer", target=offer_id)
+            if c.status in ("pending", "applying")]  # fmt: skip
 
 
 def offer_view(o: Offer, st: Any, now: int, pending: list[Change]) -> dict[str, Any]:
@@ -212,33 +221,41 @@ def patch_offer(offer_id: str) -> Any:
     old_gov, new_gov = _governed_offer_settings(old), _governed_offer_settings(new)
     governed = {k: new_gov[k] for k in OFFER_GOVERNED if new_gov[k] != old_gov[k]}
     creating = [c for c in _pending_offer_changes(offer_id) if c.creates or c.activate]
-    if "active" in body and creating:  # its caps are not in force yet: neither on nor off is heard
+    if new.active != old.active and creating:  # its caps are not in force yet
         raise Conflict(
             f"offer {offer_id!r} awaits the decision on change {creating[0].change_id}, which "
-            "holds the budget and caps it was created with; it is switched on or off only after "
-            "that change is approved (reject the change to withdraw it)"
+            "holds the budget and caps it is to be switched on with; it is switched on or off "
+            "only after that change is decided (its proposer can withdraw it)"
         )
+    # switched on together with governed settings: on when they are approved, not before
+    activate = bool(governed) and new.active and not old.active
     od, nd = old.to_dict(), new.to_dict()
-    changes = {k: val for k, val in nd.items() if k not in OFFER_GOVERNED and val != od[k]}
+    changes = {k: val for k, val in nd.items()
+               if k not in OFFER_GOVERNED and val != od[k] and not (activate and k == "active")}
     if governed:  # validate the proposal against the live state before applying anything
-        _check_offer_budget(eng, new)
+        _check_offer_caps(eng, new)
     if changes:  # only what this request changes: an approval meanwhile keeps its settings
         eng.update_offer(offer_id, **changes)
         gov().audit(principal().actor, "offer.update", f"offer:{offer_id}",
                     {k: val for k, val in body.items() if k not in OFFER_GOVERNED})  # fmt: skip
     if not governed:
         return _offer_get(offer_id), 200
-    ch = gov().propose("offer", offer_id, governed, principal())
+    ch = gov().propose("offer", offer_id, governed, principal(), activate=activate)
     return {"offer_id": offer_id, "change_id": ch.change_id, "status": "pending"}, 202
 
 
-def _check_offer_budget(eng: Engine, offer: Offer) -> None:
+def _check_offer_caps(eng: Engine, offer: Offer) -> None:
+    """A proposal the live counters already break could never be approved: refuse it now
+    (the engine refuses it again when an approval applies it)."""
     st = eng.ledger.offer_states([offer.offer_id]).get(offer.offer_id)
-    if st is not None and offer.budget_cents is not None and (
-        offer.budget_cents < st.spent_cents + st.committed_cents
-    ):
+    if st is None:
+        return
+    if offer.budget_cents is not None and offer.budget_cents < st.spent_cents + st.committed_cents:
         raise Conflict(f"budget {offer.budget_cents / 100:.2f} of {offer.offer_id!r} is below "
                        f"what is already spent and committed")  # fmt: skip
+    if offer.max_impressions is not None and offer.max_impressions < st.impressions:
+        raise Conflict(f"max_impressions {offer.max_impressions} of {offer.offer_id!r} is below "
+                       f"the {st.impressions} impressions already counted")  # fmt: skip
 
 
 # channels ------------------------------------------------------------------------------------
@@ -251,7 +268,7 @@ def list_channels() -> Any:
 @bp.get("/channels/<path:name>")
 @requires(*READERS)
 def get_channel(name: str) -> Any:
-    return engine().channel(name).to_dict()
+    return engine().channel(name, fresh=True).to_dict()
 
 
 @bp.put("/channels/<path:name>")
@@ -263,7 +280,7 @@ def put_channel(name: str) -> Any:
         raise InvalidArgument("name in the body must match the URL")
     v.obj(body, "policy")
     eng = engine()
-    old = eng.channel(name)
+    old = eng.channel(name, fresh=True)  # compared with the body: another worker's write counts
     if body.get("default_offer") is not None:  # 404 for an unknown one (the engine checks it too)
         eng.get_offer(v.string(body, "default_offer"))
     try:
@@ -335,9 +352,16 @@ def list_changes() -> Any:
     status = request.args.get("status")
     if status is not None and status not in CHANGE_STATUSES:
         raise InvalidArgument(f"status must be one of {list(CHANGE_STATUSES)}, got {status!r}"[:200])
+    kind = request.args.get("kind")
+    if kind is not None and kind not in CHANGE_KINDS:
+        raise InvalidArgument(f"kind must be one of {list(CHANGE_KINDS)}, got {kind!r}"[:200])
+    target = request.args.get("target")
+    if target is not None:
+        check_id("target", target)
     after = v.query_int("after", 0, 0, 2**62)
     limit = v.query_int("limit", 1000, 1, 10_000)
-    return {"changes": [c.to_dict() for c in gov().changes(status, after=after, limit=limit)]}
+    changes = gov().changes(status, kind=kind, target=target, after=after, limit=limit)
+    return {"changes": [c.to_dict() for c in changes]}
 
 
 def _apply_change(ch: Change) -> None:
@@ -373,6 +397,13 @@ def approve(change_id: int) -> Any:
 def reject(change_id: int) -> Any:
     reason = _decision_body()
     return gov().decide(change_id, principal(), approve=False, reason=reason).to_dict()
+
+
+@bp.post("/changes/<int:change_id>/withdraw")
+@requires("admin")
+def withdraw(change_id: int) -> Any:
+    reason = _decision_body()
+    return gov().withdraw(change_id, principal(), reason=reason).to_dict()
 
 
 @bp.get("/audit")
