@@ -277,7 +277,8 @@ class Governance:
 
     def decide(
         self, change_id: int, decider: Principal, *, approve: bool,
-        apply: Callable[[Change], None] | None = None, reason: str | None = None,
+        apply: Callable[[Change], Mapping[str, Any] | None] | None = None,
+        reason: str | None = None,
     ) -> Change:  # fmt: skip
         """Approve (running ``apply``) or reject a pending change. The proposer can never decide
         its own change, and a change cannot be approved once a newer change to the same
@@ -290,7 +291,7 @@ class Governance:
         settings of the same target can be approved (409, try again): otherwise an older change
         checked before a newer one was approved could be applied after it and undo it. If
         ``apply`` fails, the change goes back to where it was and the error propagates (nothing
-        changed). Once applied, the approval and its audit entry are written. If that write
+        changed); what it returns (the values it replaced) is recorded in the audit entry. Once applied, the approval and its audit entry are written. If that write
         fails, or the approving process dies between the two, the claim stays; after
         ``APPLY_TIMEOUT_MS`` it can be approved again (applying it twice sets the same values,
         and the approval is then recorded), but not rejected (its settings may be in force) unless
@@ -352,9 +353,10 @@ class Governance:
                 )  # fmt: skip
         if not approve:
             return self.get_change(change_id)
+        before: Mapping[str, Any] | None = None
         try:
             if apply is not None:
-                apply(ch)
+                before = apply(ch)
         except BaseException:
             with self._tx(write=True) as c:  # as it was: pending, or a lapsed claim
                 c.execute(update(ChangeRow).where(ChangeRow.id == change_id)
@@ -367,8 +369,10 @@ class Governance:
                     reason=reason,
                 )
             )  # fmt: skip
-            self._audit(c, decider.actor, "change.approve", f"{ch.kind}:{ch.target}",
-                        {"change_id": change_id, "reason": reason})  # fmt: skip
+            detail = {"change_id": change_id, "reason": reason, "settings": dict(ch.settings)}
+            if before is not None:  # what the approval replaced, as ``apply`` read it
+                detail["before"] = dict(before)
+            self._audit(c, decider.actor, "change.approve", f"{ch.kind}:{ch.target}", detail)
         return self.get_change(change_id)
 
     def withdraw(self, change_id: int, proposer: Principal, *, reason: str | None = None) -> Change:

@@ -647,3 +647,27 @@ def test_a_creation_change_being_applied_still_holds_its_offer(api: Api) -> None
     r = api.call("PATCH", "/v1/offers/midway", "admin", json={"active": True})
     assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
     assert api.engine.get_offer("midway").active is False
+
+
+def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
+    """An approval's entry held only the change's id, and an edit's the request body: the
+    values in force before could not be read back from the log. Each entry now holds what was
+    written and what it replaced."""
+    r = api.call("PATCH", "/v1/offers/capped", "admin",
+                 json={"budget": 75.0, "cost": 1.5, "max_impressions": 500})  # fmt: skip
+    cid = r.json["change_id"]
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    cap = api.call("PUT", "/v1/channels/email", "admin", json={"holdout_fraction": 0.2,
+                                                                "reward_window_days": 3})
+    assert api.call("POST", f"/v1/changes/{cap.json['change_id']}/approve", "approver").status_code == 200
+    entries = api.call("GET", "/v1/audit", "analyst").json["entries"]
+    got = [(e["action"], e["target"], {k: v for k, v in e["detail"].items() if k != "reason"})
+           for e in entries if e["action"] in ("offer.update", "channel.update", "change.approve")]
+    assert got[-4:] == [
+        ("offer.update", "offer:capped", {"cost": 1.5, "before": {"cost": 1.0}}),
+        ("change.approve", "offer:capped",
+         {"change_id": cid, "settings": {"budget": 75.0}, "before": {"budget": 50.0}}),
+        ("channel.update", "channel:email", {"reward_window_days": 3, "before": {"reward_window_days": 7.0}}),
+        ("change.approve", "channel:email", {"change_id": cap.json["change_id"],
+         "settings": {"holdout_fraction": 0.2}, "before": {"holdout_fraction": 0.0}}),
+    ]

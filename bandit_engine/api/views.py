@@ -237,7 +237,7 @@ def patch_offer(offer_id: str) -> Any:
     if changes:  # only what this request changes: an approval meanwhile keeps its settings
         eng.update_offer(offer_id, **changes)
         gov().audit(principal().actor, "offer.update", f"offer:{offer_id}",
-                    {k: val for k, val in body.items() if k not in OFFER_GOVERNED})  # fmt: skip
+                    {**changes, "before": {k: od[k] for k in changes}})  # fmt: skip
     if not governed:
         return _offer_get(offer_id), 200
     ch = gov().propose("offer", offer_id, governed, principal(), activate=activate)
@@ -295,7 +295,7 @@ def put_channel(name: str) -> Any:
     if changes:  # only what this request changes: an approval meanwhile keeps its settings
         eng.update_channel(name, **changes)
         gov().audit(principal().actor, "channel.update", f"channel:{name}",
-                    {k: val for k, val in body.items() if k not in CHANNEL_GOVERNED})  # fmt: skip
+                    {**changes, "before": {k: od[k] for k in changes}})  # fmt: skip
     out = eng.channel(name).to_dict()
     if not governed:
         return out, 200
@@ -364,17 +364,22 @@ def list_changes() -> Any:
     return {"changes": [c.to_dict() for c in changes]}
 
 
-def _apply_change(ch: Change) -> None:
+def _apply_change(ch: Change) -> dict[str, Any]:
+    """Apply an approved change; returns the values it replaced, for the audit log."""
     eng = engine()
     if ch.kind == "offer":
         changes = dict(ch.settings)
         if ch.activate:
             changes["active"] = True
+        old = eng.get_offer(ch.target).to_dict()
         eng.update_offer(ch.target, **changes)
     elif ch.kind == "settings":
+        old = _settings()
         eng.set_member_cap(ch.settings["member_cap"])
     else:
+        old = eng.channel(ch.target, fresh=True).to_dict()
         eng.update_channel(ch.target, **ch.settings)
+    return {k: old.get(k) for k in (*ch.settings, *(("active",) if ch.activate else ()))}
 
 
 def _decision_body() -> str | None:
