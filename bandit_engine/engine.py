@@ -361,7 +361,15 @@ class Engine:
             if c not in cat.channels:
                 raise UnknownChannel(f"offer {offer.offer_id!r}: unknown channel {c!r}")
         old = cat.offers.get(offer.offer_id)
-        if old is not None:
+        if old is None:
+            for k in offer.features:
+                if k == "offer" or "=" in k:
+                    raise InvalidArgument(
+                        f"offer {offer.offer_id!r}: feature name {k!r} is reserved: exports "
+                        "name the offer id 'offer', and a string feature is named key=value "
+                        "('=' in a name would collide)"
+                    )
+        else:
             if not exist_ok:
                 raise OfferExists(f"offer {offer.offer_id!r} already exists")
             if not same_features(old.features, offer.features):
@@ -763,8 +771,13 @@ class Engine:
                     self._learn_one(cp.policy, known[f.event_id], f)
                 cp.applied_seq = f.seq
                 self._since_snapshot += 1
-            if self._since_snapshot >= self.config.snapshot_every:
+            due = self._since_snapshot >= self.config.snapshot_every
+        if due:  # a checkpoint is an optimization: its failure must not fail the reward
+            try:
                 self.snapshot()
+            except (StorageError, MemoryError):
+                log.exception("checkpointing the models failed; the next one is tried after "
+                              "%d more feedback events", self.config.snapshot_every)
 
     def snapshot(self, *, if_newer: bool = False) -> int:
         """Checkpoint every loaded policy. Returns how many snapshots were written.
@@ -828,10 +841,11 @@ class Engine:
         if len(ctx) > MAX_CONTEXT_KEYS:
             raise InvalidArgument(f"context has {len(ctx)} keys; at most {MAX_CONTEXT_KEYS}")
         for k in ctx:
-            if k == "channel" or k.startswith("member."):
+            if k == "channel" or k.startswith(("member.", "o.")) or "=" in k:
                 raise InvalidArgument(
                     f"context key {k!r} is reserved: the engine adds the member's history as "
-                    "'member.*' features, and the request's channel as 'channel'"
+                    "'member.*' and 'o.*' features and the request's channel as 'channel', "
+                    "and names a string feature key=value ('=' in a key would collide)"
                 )
         if not isinstance(active, bool) or not isinstance(consent, bool):
             raise InvalidArgument("active and consent must be booleans")
@@ -1180,7 +1194,7 @@ def to_dsjson(d: Decision, offers: Mapping[str, Offer]) -> dict[str, Any]:
     multi = []
     for oid in d.eligible:
         features = dict(offers[oid].features) if oid in offers else {}
-        action: dict[str, Any] = {"A": {"offer": oid, **features}}
+        action: dict[str, Any] = {"A": {**features, "offer": oid}}  # the id wins
         if d.offer_context.get(oid):
             action["H"] = dict(d.offer_context[oid])
         multi.append(action)

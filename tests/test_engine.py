@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -29,6 +31,8 @@ from bandit_engine import (
 )
 from bandit_engine.clock import MS_PER_DAY
 from bandit_engine.engine import EngineConfig
+from bandit_engine.errors import StorageError
+from bandit_engine.ledger.memory import MemoryLedger
 
 from .conftest import catalog
 
@@ -1039,3 +1043,50 @@ def test_the_memory_ledger_holds_the_stored_caps_not_a_callers_stale_copy(clock)
     assert [b.choose(f"m{i}", "email").offer_id for i in range(1, 4)] == [None] * 3
     st = a.offer_state("o")
     assert (st.committed_cents, st.impressions) == (500, 1)
+
+
+def test_names_that_would_collide_with_the_engines_own_are_refused(engine: Engine, clock) -> None:
+    """A string feature is named ``key=value``, so a context key ``a=b`` was the feature
+    ``a`` = ``b`` to every family; ``o.seen`` was lin_ts's own history feature ``seen``; an
+    offer feature ``offer`` replaced the offer's id in exports. New names are refused; an
+    offer stored before (read from the ledger as it is) exports under its own id."""
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    engine.add_offer(Offer("a", ["email"], cost=0.0))
+    for key in ("a=b", "o.seen", "member.visits", "channel"):
+        with pytest.raises(InvalidArgument, match=f"context key '{key}' is reserved"):
+            engine.choose("m", "email", {key: 1})
+    for name in ("offer", "kind=x"):
+        with pytest.raises(InvalidArgument, match=f"feature name '{name}' is reserved"):
+            engine.add_offer(Offer("b", ["email"], cost=0.0, features={name: "v"}))
+    assert engine.ledger.count_decisions() == 0 and [o.offer_id for o in engine.offers()] == ["a"]
+    old = Offer("spring-10", ["email"], cost=0.0, features={"offer": "discount"})
+    engine.ledger.put_offer(old)  # as an earlier version stored it
+    engine.update_offer("a", active=False)
+    d = engine.choose("m", "email")
+    assert d.offer_id == "spring-10"
+    buf = io.StringIO()
+    engine.reward(d.event_id, 1.0)
+    clock.advance(days=60)  # exports hold decisions whose window has closed
+    assert engine.export_dsjson(buf) == 1
+    assert json.loads(buf.getvalue())["c"]["_multi"][0]["A"]["offer"] == "spring-10"
+
+
+class _NoRoomLedger(MemoryLedger):
+    """A ledger that cannot store a model checkpoint (a value past the database's limit)."""
+
+    def save_snapshot(self, snap: Any) -> None:
+        raise StorageError("string or blob too big")
+
+
+def test_a_checkpoint_that_cannot_be_stored_does_not_fail_the_reward(caplog) -> None:
+    """A reward that landed on the checkpoint cadence raised the checkpoint's StorageError (a
+    5xx) after the reward was recorded; the checkpoint is an optimization: it is logged."""
+    engine = Engine(_NoRoomLedger(), config=EngineConfig(snapshot_every=2))
+    engine.set_channel(ChannelConfig("email"))
+    engine.add_offer(Offer("a", ["email"], cost=1.0))
+    events = [engine.choose(f"m{i}", "email").event_id for i in range(3)]
+    with caplog.at_level(logging.ERROR, logger="bandit_engine.engine"):
+        outs = [engine.reward(e, 1.0) for e in events]
+    assert [o.status for o in outs] == ["recorded"] * 3
+    assert engine.policy("email").version == 3
+    assert "checkpointing the models failed" in caplog.text

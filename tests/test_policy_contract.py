@@ -89,7 +89,9 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("fixed", {}, InvalidArgument, r"fixed: offers must be a non-empty list.*\(\)"),
     ("fixed", {"offers": "o1"}, InvalidArgument, r"offers must be a non-empty list.*'o1'"),
     ("fixed", {"offers": ["ok", "not ok"]}, InvalidArgument, r"fixed: offers: .*'not ok'"),
-    ("thompson", {"prior_alpha": 0}, InvalidArgument, r"prior_alpha must be .*> 0, got 0"),
+    ("thompson", {"prior_alpha": 0}, InvalidArgument, r"prior_alpha must be a number in \[1e-06, 1e\+06\], got 0"),
+    # a prior this small lost to rounding on the first reward (a Beta(a, 0) draw: ValueError)
+    ("thompson", {"prior_beta": 1e-17}, InvalidArgument, r"prior_beta must be a number in .*got 1e-17"),
     ("thompson", {"prior_beta": -1.0}, InvalidArgument, r"prior_beta must be .*got -1\.0"),
     ("thompson", {"prior_alpha": math.nan}, InvalidArgument, r"prior_alpha .*got nan"),
     ("thompson", {"prior_beta": "1"}, InvalidArgument, r"prior_beta .*got '1'"),
@@ -107,6 +109,11 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("lin_ts", {"noise_variance": -0.25}, InvalidArgument, r"noise_variance .*got -0\.25"),
     ("lin_ts", {"noise_variance": math.inf}, InvalidArgument, r"noise_variance .*got inf"),
     ("lin_ts", {"propensity_draws": 0}, InvalidArgument, r"propensity_draws .*got 0"),
+    # scores went NaN (every pmf piled on the first offer)
+    ("lin_ts", {"noise_variance": 1e-300}, InvalidArgument, r"noise_variance must be a number in .*1e-300"),
+    ("lin_ts", {"prior_variance": 1e300}, InvalidArgument, r"prior_variance must be a number in .*1e\+300"),
+    # a snapshot of eight offers passed the 1 GB a database value can hold
+    ("lin_ts", {"dim": 4096}, InvalidArgument, r"lin_ts: dim must be an integer in \[2, 1024\], got 4096"),
     ("shared_ts", {"interactions": "ca"}, InvalidArgument, r"shared_ts: interactions must be a list.*'ca'"),
     ("shared_ts", {"interactions": ["cx"]}, InvalidArgument, r"shared_ts: an interaction must be .*'cx'"),
     ("shared_ts", {"interactions": ["cc"]}, InvalidArgument, r"an interaction must be two different.*'cc'"),
@@ -115,6 +122,8 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("shared_ts", {"noise_variance": math.nan}, InvalidArgument, r"shared_ts: noise_variance .*got nan"),
     ("shared_ts", {"propensity_draws": 0}, InvalidArgument, r"shared_ts: propensity_draws .*got 0"),
     ("shared_ts", {"max_features": 0}, InvalidArgument, r"shared_ts: max_features .*got 0"),
+    ("shared_ts", {"max_features": 16384}, InvalidArgument, r"max_features must be an integer in \[1, 4096\]"),
+    ("shared_ts", {"noise_variance": 1e-300}, InvalidArgument, r"shared_ts: noise_variance must be a number in"),
     ("shared_ts", {"exploration_scale": 0}, InvalidArgument, r"shared_ts: exploration_scale .*got 0"),
     ("shared_ts", {"exploration_scale": -0.5}, InvalidArgument, r"shared_ts: exploration_scale .*got -0\.5"),
     ("shared_ts", {"exploration_scale": math.nan}, InvalidArgument, r"shared_ts: exploration_scale .*got nan"),
@@ -147,6 +156,9 @@ BAD_PARAMS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("vw", {"extra_args": ["-p", "/tmp/vw-p"]}, InvalidArgument, r"only the learning options.*'-p'"),
     ("vw", {"extra_args": ["--cache_file=/tmp/vw-c"]}, InvalidArgument, r"only the learning options.*cache_file"),
     ("vw", {"extra_args": ["-l", "/tmp/x"]}, InvalidArgument, r"-l needs a value"),
+    # 2^30 weights took 12 s to checkpoint, every channel waiting on the engine's lock
+    ("vw", {"extra_args": ["-b", "30"]}, InvalidArgument, r"-b must be an integer in \[1, 24\], got '30'"),
+    ("vw", {"extra_args": ["--bit_precision=2.5"]}, InvalidArgument, r"--bit_precision must be an integer"),
     ("vw", {"extra_args": ["--cb_type", "nope"]}, InvalidArgument, r"VW rejected .*nope"),
     ("nope", {}, UnknownPolicy, r"unknown policy family 'nope'"),
 ]
@@ -972,3 +984,19 @@ def test_shared_ts_restores_only_into_the_same_feature_map(
     with pytest.raises(InvalidArgument, match=message):
         make(Case("shared_ts", policy)).restore(src.serialize())
     make(Case("shared_ts", snapshot)).restore(src.serialize())  # the same settings restore
+
+
+def test_shared_ts_draws_score_the_model_it_learns_when_a_feature_repeats() -> None:
+    """A row holding one feature twice (a context key ``a=b`` beside ``a`` = ``b``, as a
+    catalog's older offers may still name features) is summed by learning; the draws kept one
+    copy (last write wins), so the pmf sampled a model other than the one learned: draw means
+    1.33/0.27 against 0.82/0.58 here."""
+    offers = tuple(Offer(f"o{i}", channels=["email"], features={"cat": c}) for i, c in enumerate("xy"))
+    pol = registry.make_policy({"family": "shared_ts", "params": {
+        "exploration_scale": 0.001, "propensity_draws": 512}}, seed=1)
+    for t in range(200):
+        pol.learn(Scoring("m", {"a": "b"}, offers), t % 2, 0.5, 1.0 if t % 2 == 0 else 0.0)
+        pol.learn(Scoring("m", {"k": "z"}, offers), t % 2, 0.5, 0.3 if t % 2 == 0 else 0.9)
+    s = Scoring("m", {"a": "b", "a=b": True, "k": "z"}, offers)
+    draws = pol._draws(s, event_rng(0, "e"))
+    np.testing.assert_allclose(draws.mean(axis=0), pol.mean(s), atol=0.01)

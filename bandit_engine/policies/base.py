@@ -26,10 +26,19 @@ from ..exploration import apply_floor, apply_pacing, check_pmf, pmf_from_draws
 _MAGIC = b"BEPOLICY1"
 
 
+# a prior or noise scale, pseudo-count or width: outside this range the arithmetic breaks
+# before the model means anything (a Beta prior of 1e-17 lost to rounding on its first reward,
+# a variance of 1e-300 made every score NaN)
+POSITIVE_RANGE = (1e-6, 1e6)
+
+
 def positive_param(family: str, name: str, value: object) -> float:
-    """A policy parameter that must be a finite number > 0 (a clear error otherwise)."""
-    if not is_finite_number(value) or value <= 0:  # type: ignore[operator]
-        raise InvalidArgument(f"{family}: {name} must be a finite number > 0, got {shown(value)}")
+    """A policy parameter that must be a number in ``POSITIVE_RANGE`` (a clear error otherwise)."""
+    lo, hi = POSITIVE_RANGE
+    if not is_finite_number(value) or not lo <= value <= hi:  # type: ignore[operator]
+        raise InvalidArgument(
+            f"{family}: {name} must be a number in [{lo:g}, {hi:g}], got {shown(value)}"
+        )
     return float(value)
 
 

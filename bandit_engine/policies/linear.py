@@ -44,6 +44,8 @@ from ..errors import InvalidArgument
 from ..features import FeatureHasher, squash
 from .base import Policy, Scoring, int_param, positive_param
 
+MAX_DIM = 1024
+
 _POOL_SIZE = 1 << 20
 _POOL_SEED = 20_240_601
 _pool: np.ndarray | None = None
@@ -88,7 +90,9 @@ class LinTS(Policy):
         propensity_draws: int = 128,
     ) -> None:
         super().__init__(seed=seed)
-        self.dim = int_param("lin_ts", "dim", dim, 2, 4096)
+        # a snapshot holds dim x dim floats per offer: 8 MB each at 1024 (4096 put eight offers
+        # past the 1 GB a database value can hold, and every checkpoint failed)
+        self.dim = int_param("lin_ts", "dim", dim, 2, MAX_DIM)
         self.prior_variance = positive_param("lin_ts", "prior_variance", prior_variance)
         self.noise_variance = positive_param("lin_ts", "noise_variance", noise_variance)
         self.propensity_draws = int_param("lin_ts", "propensity_draws", propensity_draws, 1, 100_000)

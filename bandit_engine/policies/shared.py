@@ -137,6 +137,9 @@ from .base import Policy, Scoring, int_param, positive_param
 from .linear import standard_normals
 
 FAMILY = "shared_ts"
+# the covariance is n x n floats: 128 MB in a snapshot at 4096 (16 384 passed the 1 GB a
+# database value can hold, and every reward updated 2 GB)
+MAX_FEATURES = 4096
 NAMESPACES = "caihm"  # context, offer features, offer id, member x offer history, matches
 DEFAULT_INTERACTIONS = ("ca",)
 
@@ -241,7 +244,7 @@ class SharedTS(Policy):
         self.prior_variance = positive_param(FAMILY, "prior_variance", prior_variance)
         self.noise_variance = positive_param(FAMILY, "noise_variance", noise_variance)
         self.propensity_draws = int_param(FAMILY, "propensity_draws", propensity_draws, 1, 100_000)
-        self.max_features = int_param(FAMILY, "max_features", max_features, 1, 16_384)
+        self.max_features = int_param(FAMILY, "max_features", max_features, 1, MAX_FEATURES)
         self.exploration_scale = positive_param(FAMILY, "exploration_scale", exploration_scale)
         if self.exploration_scale > 10.0:
             raise InvalidArgument(
@@ -470,14 +473,14 @@ class SharedTS(Policy):
             else:
                 block = self._cov[np.ix_(used, used)]
             phi = np.zeros((k, used.size))
-            phi[f.rows[known], inv] = f.v[known]  # a row never holds a feature twice
+            np.add.at(phi, (f.rows[known], inv), f.v[known])  # summed, as learning sums them
             m = phi @ self._mu[used]
             cov += phi @ block @ phi.T
         if not known.all():  # never learned: independent prior, shared by the offers having it
             unk = ~known
             _, inv = np.unique(f.x[unk] * _CODE + f.y[unk], return_inverse=True)
             phu = np.zeros((k, int(inv.max()) + 1))
-            phu[f.rows[unk], inv] = f.v[unk]
+            np.add.at(phu, (f.rows[unk], inv), f.v[unk])
             cov += self.prior_variance * (phu @ phu.T)
         chol = _factor(0.5 * (cov + cov.T))
         draws = standard_normals(rng, self.propensity_draws, k) @ chol.T

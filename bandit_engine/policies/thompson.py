@@ -38,6 +38,7 @@ from ..errors import InvalidArgument
 from .base import Policy, Scoring, int_param, positive_param
 
 _PRIOR_SEGMENT = "*"  # never a JSON list, so never a real segment key
+_TINY = 1e-300  # the smallest pseudo-count handed to the Beta sampler
 
 
 class Thompson(Policy):
@@ -126,8 +127,9 @@ class Thompson(Policy):
             "has_uint32": 0,
             "uinteger": 0,
         }  # fmt: skip
+        # pseudo-counts stay >= the prior (>= 1e-6) but rounding must never make one 0
         self._bank[:, r] = self._gen.beta(
-            self._alpha[r], self._beta[r], size=self.propensity_draws
+            max(self._alpha[r], _TINY), max(self._beta[r], _TINY), size=self.propensity_draws
         )
 
     def _segment(self, context: Mapping[str, Any]) -> str:
@@ -161,7 +163,7 @@ class Thompson(Policy):
         row = seg_rows.get(oid)
         if row is None:
             seg_rows[oid] = self._new_row(
-                segment, oid, self.prior_alpha + r, self.prior_beta + 1.0 - r, 1
+                segment, oid, self.prior_alpha + r, self.prior_beta + (1.0 - r), 1
             )
             return
         self._alpha[row] += r

@@ -99,6 +99,7 @@ _EXTRA_OPTIONS: dict[str, re.Pattern[str] | None] = {
     "--noconstant": None, "--coin": None, "--sgd": None, "--adaptive": None, "--normalized": None,
     "--invariant": None, "--first_only": None,
 }  # fmt: skip
+MAX_BITS = 24  # -b / --bit_precision
 _NAMESPACES = "UAHM"  # shared context, offer, member x offer history, member id
 
 _ESCAPES = str.maketrans({"%": "%25", " ": "%20", "\t": "%09", "\n": "%0A", "\r": "%0D",
@@ -160,6 +161,14 @@ def _check_extra_args(args: Sequence[str]) -> None:
             if value is None or not kind.fullmatch(value):
                 raise InvalidArgument(
                     f"vw: extra_args: {flag} needs a value, got {shown(value, 40)}"
+                )
+            if flag in ("-b", "--bit_precision") and not (
+                value.isdigit() and 1 <= int(value) <= MAX_BITS
+            ):  # fmt: skip
+                raise InvalidArgument(
+                    f"vw: extra_args: {flag} must be an integer in [1, {MAX_BITS}], got "
+                    f"{shown(value, 40)} (each checkpoint serializes 2^bits weights under the "
+                    "engine's lock: 0.1 s at 24 bits, 12 s at 30)"
                 )
             i += 1
         i += 1
