@@ -291,11 +291,12 @@ class Governance:
         settings of the same target can be approved (409, try again): otherwise an older change
         checked before a newer one was approved could be applied after it and undo it. If
         ``apply`` fails, the change goes back to where it was and the error propagates (nothing
-        changed); what it returns (the values it replaced) is recorded in the audit entry. Once applied, the approval and its audit entry are written. If that write
-        fails, or the approving process dies between the two, the claim stays; after
-        ``APPLY_TIMEOUT_MS`` it can be approved again (applying it twice sets the same values,
-        and the approval is then recorded), but not rejected (its settings may be in force) unless
-        newer approved changes have set every setting it sets since."""
+        changed). Once applied, the approval and its audit entry are written, with what
+        ``apply`` returned (the values it replaced). If that write fails, or the approving
+        process dies between the two, the claim stays; after ``APPLY_TIMEOUT_MS`` it can be
+        approved again (applying it twice sets the same values, and the approval is then
+        recorded), but not rejected (its settings may be in force) unless newer approved
+        changes have set every setting it sets since."""
         _check_reason(reason)
         ch = self.get_change(change_id)  # unknown change -> 404 before anything else
         now = self.clock.now_ms()
@@ -430,7 +431,7 @@ def _change(r: Any) -> Change:
 
 
 __all__ = [
-    "APPLY_TIMEOUT_MS", "CHANGE_KINDS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED", "ROLES",
-    "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange", "UnknownKey",
-    "check_role", "hash_key",
+    "APPLY_TIMEOUT_MS", "CHANGE_KINDS", "CHANGE_STATUSES", "CHANNEL_GOVERNED", "OFFER_GOVERNED",
+    "ROLES", "AuditEntry", "Change", "Governance", "KeyRecord", "Principal", "UnknownChange",
+    "UnknownKey", "check_role", "hash_key",
 ]  # fmt: skip
