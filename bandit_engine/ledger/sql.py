@@ -14,6 +14,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -95,6 +96,22 @@ PG_CONNECT_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _wal(cur: Any, wait_s: float = 30.0) -> None:
+    """Put the database in WAL mode (it stays so: a no-op once it is). Switching needs the
+    database to itself, and SQLite answers "database is locked" at once, without its busy
+    wait, when processes opening a new database together race to switch it: retried here."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
     """A SQLAlchemy engine configured for the ledger (SQLite pragmas, explicit BEGINs).
 
@@ -117,7 +134,7 @@ def make_engine(url: str, *, autocheckpoint: bool = True) -> Engine:
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            _wal(cur)
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             if not autocheckpoint:
