@@ -258,13 +258,16 @@ class Governance:
         return _change(r)
 
     def changes(
-        self, status: str | None = None, *, kind: str | None = None, target: str | None = None,
-        after: int = 0, limit: int | None = None,
+        self, status: str | tuple[str, ...] | None = None, *, kind: str | None = None,
+        target: str | None = None, after: int = 0, limit: int | None = None,
     ) -> list[Change]:  # fmt: skip
         """Change requests in id order: those with an id above ``after``, at most ``limit``
-        (None: all; a caller pages with ``after`` = the last id it got)."""
+        (None: all; a caller pages with ``after`` = the last id it got); ``status``: one, or
+        any of several."""
         q = select(ChangeRow).where(ChangeRow.id > after).order_by(ChangeRow.id)
-        if status is not None:
+        if isinstance(status, tuple):
+            q = q.where(ChangeRow.status.in_(status))
+        elif status is not None:
             q = q.where(ChangeRow.status == status)
         if kind is not None:
             q = q.where(ChangeRow.kind == kind)

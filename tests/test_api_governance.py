@@ -644,6 +644,8 @@ def test_a_creation_change_being_applied_still_holds_its_offer(api: Api) -> None
         c.execute(update(ChangeRow).where(ChangeRow.id == cid)
                   .values(status="applying", decided_at=api.clock.now_ms()))  # fmt: skip
     assert api.call("GET", "/v1/offers/midway", "analyst").json["pending_changes"] == [cid]
+    listed = {o["offer_id"]: o for o in api.call("GET", "/v1/offers", "analyst").json["offers"]}
+    assert listed["midway"]["pending_changes"] == [cid]  # the list says what the offer's GET says
     r = api.call("PATCH", "/v1/offers/midway", "admin", json={"active": True})
     assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
     assert api.engine.get_offer("midway").active is False

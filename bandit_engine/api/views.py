@@ -99,10 +99,10 @@ def activate(event_id: str) -> Any:
 
 
 # offers --------------------------------------------------------------------------------------
-def _pending_offer_changes(offer_id: str) -> list[Change]:
-    """The offer's changes not decided yet: pending, or being applied by an approver."""
-    return [c for c in gov().changes(kind="offer", target=offer_id)
-            if c.status in ("pending", "applying")]  # fmt: skip
+def _pending_offer_changes(offer_id: str | None = None) -> list[Change]:
+    """Offer changes not decided yet (pending, or being applied by an approver): of one offer,
+    or of every offer with None."""
+    return gov().changes(("pending", "applying"), kind="offer", target=offer_id)
 
 
 def offer_view(o: Offer, st: Any, now: int, pending: list[Change]) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def list_offers() -> Any:
     offers = eng.offers()
     states = eng.ledger.offer_states([o.offer_id for o in offers])
     pending: dict[str, list[Change]] = {}
-    for c in gov().changes("pending", kind="offer"):
+    for c in _pending_offer_changes():
         pending.setdefault(c.target, []).append(c)
     now = eng.clock.now_ms()
     return {"offers": [offer_view(o, states[o.offer_id], now, pending.get(o.offer_id, []))
