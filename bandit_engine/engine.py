@@ -44,11 +44,13 @@ from .errors import (
     InvalidArgument,
     ModelLoading,
     OfferExists,
+    PolicyUnavailable,
     StorageError,
     UnknownChannel,
     UnknownEvent,
     UnknownModelGroup,
     UnknownOffer,
+    UnknownPolicy,
 )
 from .exploration import event_rng, sample
 from .features import HISTORY_DAYS, HISTORY_LIMIT, summarize_history
@@ -210,6 +212,7 @@ class Engine:
         self._closed = False
         self._since_snapshot = 0
         self._spec_keys: dict[tuple[int, tuple[str, ...]], tuple[Any, str]] = {}
+        self._unavailable: set[tuple[str, str]] = set()  # (channel, spec key) sync has logged
         if not self.ledger.channels():
             self.ledger.put_channels(default_channels().values())
         self._refresh_catalog(force=True)
@@ -602,7 +605,7 @@ class Engine:
         logged and the log replayed from its start instead) plus the log tail, learned into a
         model no other thread sees yet, so without the engine's lock. None if the channel's
         policy changed meanwhile (checked between chunks: a superseded build stops early)."""
-        pol = make_policy(cfg.policy, seed=self.config.seed)
+        pol = self._make_stored(cfg)
         applied = 0
         snap = self.ledger.latest_snapshot(model)
         if snap is not None and snap.policy_name == key:
@@ -613,7 +616,7 @@ class Engine:
                 log.error("the snapshot of model %r at log position %d cannot be restored (%s); "
                           "replaying the log from its start instead", model, snap.feedback_seq,
                           " ".join(str(exc).split())[:300])  # fmt: skip
-                pol = make_policy(cfg.policy, seed=self.config.seed)
+                pol = self._make_stored(cfg)
         cp = _ChannelPolicy(key, pol, applied, pol.version)
         while batch := self.ledger.feedback_after(cp.applied_seq, 5000):
             if self._closed:
@@ -622,6 +625,19 @@ class Engine:
                 return None
             self._learn_chunk(batch, *self._read_chunk(batch, {model}), {model: cp})
         return cp
+
+    def _make_stored(self, cfg: ChannelConfig) -> Policy:
+        """A fresh policy of ``cfg``'s stored spec. The spec was checked when it was written, so
+        a refusal now is the server's configuration, not the request's: a family this process
+        does not register, or parameters that a newer version refuses."""
+        try:
+            return make_policy(cfg.policy, seed=self.config.seed)
+        except (InvalidArgument, UnknownPolicy) as exc:
+            raise PolicyUnavailable(
+                f"channel {cfg.name!r} cannot serve: its stored policy cannot be built here "
+                f"({exc.message}); an admin must set a valid policy for it "
+                f"(PUT /v1/channels/{cfg.name})"
+            ) from None
 
     def _install(self, model: str, cp: _ChannelPolicy, channel: str) -> None:
         """Serve ``cp`` for ``model``, caught up with what was logged since its build last read,
@@ -664,6 +680,13 @@ class Engine:
         for ch in channels:  # load (and catch up) a channel seen for the first time
             try:
                 self.policy(ch)
+            except PolicyUnavailable as exc:
+                # a configuration for an admin to fix, which the channel's chooses report: not
+                # a failure of the other channels' learning (logged once per stored spec)
+                key = (ch, self._spec_key(channels[ch]))
+                if key not in self._unavailable:
+                    self._unavailable.add(key)
+                    log.error("%s", exc.message)
             except Exception as exc:  # the other channels go on learning; raised below
                 log.exception("the model of channel %r could not be loaded", ch)
                 failed = failed or exc

@@ -126,3 +126,12 @@ class ModelLoading(BanditEngineError):
 
     code = "model_loading"
     status = 503
+
+
+class PolicyUnavailable(BanditEngineError):
+    """The channel's stored policy configuration cannot be built in this process (a family not
+    registered here, or parameters a newer version refuses): an operator must set a valid
+    policy. Not the caller's fault, and retrying will not help until then."""
+
+    code = "policy_unavailable"
+    status = 503

@@ -19,6 +19,7 @@ from bandit_engine.engine import EngineConfig
 from bandit_engine.errors import InvalidArgument, ModelLoading, StorageError
 from bandit_engine.ledger.sql import SqlLedger
 from bandit_engine.policies.registry import make_policy
+from tests.api_fixtures import make_api, seed
 
 
 def _build_threads(model: str) -> list[threading.Thread]:
@@ -201,3 +202,38 @@ def test_close_stops_the_builds_running_in_the_background(tmp_path: Path) -> Non
         eng.close()
         assert not build.is_alive()
         assert "email" not in eng._policies  # it stopped, and installed nothing
+
+
+@pytest.mark.parametrize("stored", [
+    {"family": "lin_ts", "params": {"dim": 4096}},  # parameters a newer version bounds
+    {"family": "retired_family", "params": {}},  # a family this process does not register
+], ids=["out_of_bounds", "unknown_family"])  # fmt: skip
+def test_a_stored_policy_that_cannot_be_built_is_the_servers_error(tmp_path: Path, stored) -> None:
+    """A channel whose stored policy this process cannot build (written by another version, or
+    by a process that registered a plugin family) answered every choose with 422
+    ``invalid_argument`` or ``unknown_policy``, blaming a request that had nothing wrong. It is
+    a 503 ``policy_unavailable`` that names the cause and the fix; other channels serve on, and
+    once an admin sets a valid policy the channel serves again."""
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    first = make_api(tmp_path, url=url)
+    seed(first)
+    email = first.engine.channel("email")
+    first.engine.ledger.put_channels([dataclasses.replace(email, policy=PolicySpec(**stored))])
+    first.engine.ledger.close()
+    api = make_api(tmp_path, url=url)  # a restart on the stored catalog
+    try:
+        before = api.state()
+        r = api.call("POST", "/v1/choose", "decide", json={"member_id": "m-2", "channel": "email"})
+        assert r.status_code == 503, r.json
+        assert r.json["error"]["code"] == "policy_unavailable"
+        message = r.json["error"]["message"]
+        assert stored["family"] in message and "PUT /v1/channels/email" in message
+        assert api.state() == before
+        r = api.call("POST", "/v1/choose", "decide", json={"member_id": "m-2", "channel": "sms"})
+        assert r.status_code == 200, r.json
+        r = api.call("PUT", "/v1/channels/email", "admin", json={"policy": {"family": "thompson"}})
+        assert r.status_code == 200, r.json
+        r = api.call("POST", "/v1/choose", "decide", json={"member_id": "m-2", "channel": "email"})
+        assert r.status_code == 200 and r.json["offer_id"] is not None, r.json
+    finally:
+        api.engine.ledger.close()

@@ -40,7 +40,8 @@ def _op(summary: str, roles: list[str], responses: dict[str, Any], body: dict[st
     common = {"401": _err("missing or unknown key"), "403": _err("wrong role"),
               "400": _err("malformed request"), "422": _err("invalid values"),
               "413": _err("body over 64 KiB"),
-              "503": _err("database unavailable or busy, or the model loading; retry")}  # fmt: skip
+              "503": _err("database unavailable or busy, or the model loading (retry); or the "
+                          "channel's stored policy cannot be built (policy_unavailable)")}  # fmt: skip
     op: dict[str, Any] = {"summary": summary, "x-roles": roles, "security": [{"bearer": []}],
                           "responses": {**common, **responses}}  # fmt: skip
     if body is not None:
