@@ -440,7 +440,19 @@ class Engine:
             raise InvalidArgument(f"channels configured twice: {sorted(c.name for c in new)}")
         self._catalog_write(lambda cat: self._put_channels(cat, new))
 
+    def check_channel(self, channel: ChannelConfig) -> None:
+        """Raise the error :meth:`set_channel` would raise for ``channel`` against the current
+        catalog, storing nothing (what a proposed change is checked with before it waits for
+        an approver)."""
+        if not isinstance(channel, ChannelConfig):
+            raise InvalidArgument(f"a channel configuration must be a ChannelConfig, got {type(channel).__name__}")
+        self._check_channels(self._refresh_catalog(force=True), [channel])
+
     def _put_channels(self, cat: _Catalog, new: list[ChannelConfig]) -> None:
+        self._check_channels(cat, new)
+        self.ledger.put_channels(new, expect_version=cat.version)
+
+    def _check_channels(self, cat: _Catalog, new: list[ChannelConfig]) -> None:
         for channel in new:
             pol = make_policy(channel.policy, seed=self.config.seed)  # validate before storing
             if channel.provisional_reward is not None and not pol.supports_correction:
@@ -476,7 +488,6 @@ class Engine:
                         "group share one model, so they need the same policy (change a group's "
                         "policy on all its channels at once: set_group_policy)"
                     )
-        self.ledger.put_channels(new, expect_version=cat.version)
 
     def set_group_policy(self, group: str, policy: PolicySpec | Mapping[str, Any]) -> list[ChannelConfig]:
         """Switch the policy of every channel of ``model_group`` ``group`` at once (one model,

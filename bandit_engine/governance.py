@@ -40,8 +40,13 @@ T = TypeVar("T")
 Role = Literal["decide", "analyst", "admin", "approver"]
 ROLES: tuple[str, ...] = ("admin", "analyst", "approver", "decide")
 OFFER_GOVERNED: tuple[str, ...] = ("budget", "max_impressions", "member_cap")
-# the salt decides which members are in the hold-out: changing it reshuffles the groups
-CHANNEL_GOVERNED: tuple[str, ...] = ("aggregation", "default_reward", "holdout_fraction", "salt")
+# what a channel optimizes (the reward: how rewards add up, what an unanswered decision is
+# worth, how long a redemption counts) and how its hold-out measures lift (its size, who is in it:
+# the salt reshuffles the groups, what its members get)
+CHANNEL_GOVERNED: tuple[str, ...] = (
+    "aggregation", "default_reward", "reward_window_days", "holdout_fraction", "salt",
+    "default_offer",
+)
 # "applying": claimed by an approver whose apply step has not finished (see Governance.decide)
 CHANGE_KINDS: tuple[str, ...] = ("offer", "channel", "settings")
 CHANGE_STATUSES: tuple[str, ...] = ("pending", "applying", "approved", "rejected", "withdrawn")

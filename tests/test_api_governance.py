@@ -433,6 +433,27 @@ def test_the_holdout_salt_is_governed(api: Api) -> None:
     assert api.call("GET", "/v1/channels/email", "analyst").json["salt"] == "reshuffled"
 
 
+def test_the_reward_window_and_the_default_offer_are_governed(api: Api) -> None:
+    """The reward window is part of the reward (a redemption on day 5 counts under a 7-day
+    window, not a 3-day one) and the default offer is what the hold-out gets, i.e. what the
+    lift is measured against: an admin could change either alone. A proposal an approval could
+    not apply (a default offer not on the channel) was only refused at approval; now at once,
+    with nothing written."""
+    r = api.call("PUT", "/v1/channels/email", "admin",
+                 json={"reward_window_days": 3, "default_offer": "plain-b"})  # fmt: skip
+    assert r.status_code == 202, r.json
+    assert r.json["reward_window_days"] == 7.0 and r.json["default_offer"] is None
+    got = api.call("GET", "/v1/channels/email", "analyst").json
+    assert got["reward_window_days"] == 7.0 and got["default_offer"] is None
+    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
+    got = api.call("GET", "/v1/channels/email", "analyst").json
+    assert got["reward_window_days"] == 3 and got["default_offer"] == "plain-b"
+    before = api.state()
+    r = api.call("PUT", "/v1/channels/sms", "admin", json={"default_offer": "plain-a", "exploration_floor": 0.2})
+    assert r.status_code == 422 and "not offered on channel 'sms'" in r.json["error"]["message"], r.json
+    assert api.state() == before  # neither the pending change nor the ungoverned field
+
+
 def test_ids_with_a_slash_reach_their_routes_and_consent_travels(api: Api) -> None:
     r = api.call("POST", "/v1/offers", "admin", json={"offer_id": "promo/2026", "channels": ["push"], "cost": 1})
     assert r.status_code == 201
@@ -454,8 +475,8 @@ def test_channel_and_model_group_names_with_a_slash_reach_their_routes(api: Api)
     api.engine.set_channel(ChannelConfig("web/eu", model_group="g/1"))
     for path in ("/v1/channels/web/eu", "/v1/channels/web%2Feu"):
         assert api.call("GET", path, "analyst").json["name"] == "web/eu"
-    r = api.call("PUT", "/v1/channels/web%2Feu", "admin", json={"reward_window_days": 2})
-    assert r.status_code == 200 and r.json["reward_window_days"] == 2
+    r = api.call("PUT", "/v1/channels/web%2Feu", "admin", json={"exploration_floor": 0.05})
+    assert r.status_code == 200 and r.json["exploration_floor"] == 0.05
     policy = {"family": "thompson", "params": {"prior_alpha": 2}}
     for path in ("/v1/model-groups/g/1", "/v1/model-groups/g%2F1"):
         r = api.call("PUT", path, "admin", json={"policy": policy})
@@ -660,7 +681,7 @@ def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
     cid = r.json["change_id"]
     assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
     cap = api.call("PUT", "/v1/channels/email", "admin", json={"holdout_fraction": 0.2,
-                                                                "reward_window_days": 3})
+                                                                "exploration_floor": 0.05})
     assert api.call("POST", f"/v1/changes/{cap.json['change_id']}/approve", "approver").status_code == 200
     entries = api.call("GET", "/v1/audit", "analyst").json["entries"]
     got = [(e["action"], e["target"], {k: v for k, v in e["detail"].items() if k != "reason"})
@@ -669,7 +690,7 @@ def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
         ("offer.update", "offer:capped", {"cost": 1.5, "before": {"cost": 1.0}}),
         ("change.approve", "offer:capped",
          {"change_id": cid, "settings": {"budget": 75.0}, "before": {"budget": 50.0}}),
-        ("channel.update", "channel:email", {"reward_window_days": 3, "before": {"reward_window_days": 7.0}}),
+        ("channel.update", "channel:email", {"exploration_floor": 0.05, "before": {"exploration_floor": 0.01}}),
         ("change.approve", "channel:email", {"change_id": cap.json["change_id"],
          "settings": {"holdout_fraction": 0.2}, "before": {"holdout_fraction": 0.0}}),
     ]

@@ -153,7 +153,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/channels/{name}": {
             "parameters": [_path("name")],
             "get": _op("One channel's settings", READERS, {"200": _ok("channel"), "404": _err("unknown channel")}),
-            "put": _op("Configure a channel (objective and hold-out are governed)", ["admin"], {
+            "put": _op("Configure a channel (objective, reward window and hold-out are governed)", ["admin"], {
                 "200": _ok("applied"), "202": _ok("change pending", PENDING),
                 "404": _err("unknown channel or default offer")},
                 _body({"type": "object", "additionalProperties": False, "properties": CHANNEL_PROPS}))},  # fmt: skip
