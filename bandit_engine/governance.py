@@ -332,6 +332,16 @@ class Governance:
                 )
             if ch.proposed_by == decider.key_id:
                 raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
+            # a key's name says whose it is: one person's admin and approver keys are one pair
+            # of eyes (an unnamed key is named after its role, so two unnamed keys differ)
+            proposer = c.execute(
+                select(ApiKeyRow.name).where(ApiKeyRow.id == ch.proposed_by)
+            ).scalar()
+            if proposer == decider.name:
+                raise Forbidden(
+                    f"change {change_id} was proposed by another key named {proposer!r}; "
+                    "someone else must decide it"
+                )
             if not approve:
                 c.execute(
                     update(ChangeRow).where(ChangeRow.id == change_id).values(

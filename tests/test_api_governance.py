@@ -36,6 +36,24 @@ def test_proposer_can_never_approve(api: Api) -> None:
     assert api.engine.get_offer("capped").budget == 50.0
 
 
+def test_a_key_of_the_proposers_name_cannot_decide_its_change(api: Api) -> None:
+    """Four eyes are two people: alice's approver key could approve what alice's admin key
+    proposed, since only the key was compared. Names say whose a key is; an approver of
+    another name decides it."""
+    alice_admin = api.gov.create_key("admin", name="alice")[0]
+    alice_approver = api.gov.create_key("approver", name="alice")[0]
+    r = api.call("PATCH", "/v1/offers/capped", key=alice_admin, json={"budget": 80.0})
+    assert r.status_code == 202
+    cid = r.json["change_id"]
+    for action in ("approve", "reject"):
+        r = api.call("POST", f"/v1/changes/{cid}/{action}", key=alice_approver)
+        assert r.status_code == 403 and "named 'alice'" in r.json["error"]["message"], r.json
+    assert api.gov.get_change(cid).status == "pending"
+    assert api.engine.get_offer("capped").budget == 50.0
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    assert api.engine.get_offer("capped").budget == 80.0
+
+
 def test_pending_budget_change_has_no_effect_until_approved(tmp_path) -> None:
     api = make_api(tmp_path)
     try:
