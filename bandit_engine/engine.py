@@ -445,7 +445,8 @@ class Engine:
         catalog, storing nothing (what a proposed change is checked with before it waits for
         an approver)."""
         if not isinstance(channel, ChannelConfig):
-            raise InvalidArgument(f"a channel configuration must be a ChannelConfig, got {type(channel).__name__}")
+            kind = type(channel).__name__
+            raise InvalidArgument(f"a channel configuration must be a ChannelConfig, got {kind}")
         self._check_channels(self._refresh_catalog(force=True), [channel])
 
     def _put_channels(self, cat: _Catalog, new: list[ChannelConfig]) -> None:

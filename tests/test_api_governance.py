@@ -463,12 +463,15 @@ def test_the_reward_window_and_the_default_offer_are_governed(api: Api) -> None:
     assert r.json["reward_window_days"] == 7.0 and r.json["default_offer"] is None
     got = api.call("GET", "/v1/channels/email", "analyst").json
     assert got["reward_window_days"] == 7.0 and got["default_offer"] is None
-    assert api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver").status_code == 200
+    cid = r.json["change_id"]
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
     got = api.call("GET", "/v1/channels/email", "analyst").json
     assert got["reward_window_days"] == 3 and got["default_offer"] == "plain-b"
     before = api.state()
-    r = api.call("PUT", "/v1/channels/sms", "admin", json={"default_offer": "plain-a", "exploration_floor": 0.2})
-    assert r.status_code == 422 and "not offered on channel 'sms'" in r.json["error"]["message"], r.json
+    r = api.call("PUT", "/v1/channels/sms", "admin",
+                 json={"default_offer": "plain-a", "exploration_floor": 0.2})  # fmt: skip
+    assert r.status_code == 422, r.json
+    assert "not offered on channel 'sms'" in r.json["error"]["message"]
     assert api.state() == before  # neither the pending change nor the ungoverned field
 
 
@@ -708,7 +711,8 @@ def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
         ("offer.update", "offer:capped", {"cost": 1.5, "before": {"cost": 1.0}}),
         ("change.approve", "offer:capped",
          {"change_id": cid, "settings": {"budget": 75.0}, "before": {"budget": 50.0}}),
-        ("channel.update", "channel:email", {"exploration_floor": 0.05, "before": {"exploration_floor": 0.01}}),
+        ("channel.update", "channel:email",
+         {"exploration_floor": 0.05, "before": {"exploration_floor": 0.01}}),
         ("change.approve", "channel:email", {"change_id": cap.json["change_id"],
          "settings": {"holdout_fraction": 0.2}, "before": {"holdout_fraction": 0.0}}),
     ]

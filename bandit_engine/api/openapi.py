@@ -40,8 +40,9 @@ def _op(summary: str, roles: list[str], responses: dict[str, Any], body: dict[st
     common = {"401": _err("missing or unknown key"), "403": _err("wrong role"),
               "400": _err("malformed request"), "422": _err("invalid values"),
               "413": _err("body over 64 KiB"),
-              "503": _err("database unavailable or busy, or the model loading (retry); or the "
-                          "channel's stored policy cannot be built (policy_unavailable)")}  # fmt: skip
+              "503": _err("database unavailable or busy, or the model loading (retry); "
+                          "or the channel's stored policy cannot be built "
+                          "(policy_unavailable)")}  # fmt: skip
     op: dict[str, Any] = {"summary": summary, "x-roles": roles, "security": [{"bearer": []}],
                           "responses": {**common, **responses}}  # fmt: skip
     if body is not None:
@@ -153,7 +154,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/channels/{name}": {
             "parameters": [_path("name")],
             "get": _op("One channel's settings", READERS, {"200": _ok("channel"), "404": _err("unknown channel")}),
-            "put": _op("Configure a channel (objective, reward window and hold-out are governed)", ["admin"], {
+            "put": _op("Configure a channel (its reward and hold-out are governed)", ["admin"], {
                 "200": _ok("applied"), "202": _ok("change pending", PENDING),
                 "404": _err("unknown channel or default offer")},
                 _body({"type": "object", "additionalProperties": False, "properties": CHANNEL_PROPS}))},  # fmt: skip

@@ -292,7 +292,7 @@ def put_channel(name: str) -> Any:
     od, nd = old.to_dict(), new.to_dict()
     governed = {k: nd[k] for k in CHANNEL_GOVERNED if nd[k] != od[k]}
     changes = {k: val for k, val in nd.items() if k not in CHANNEL_GOVERNED and val != od[k]}
-    if governed:  # a proposal an approval could not apply is refused now, before anything is written
+    if governed:  # a proposal an approval could not apply is refused now, with nothing written
         eng.check_channel(new)
     if changes:  # only what this request changes: an approval meanwhile keeps its settings
         eng.update_channel(name, **changes)
