@@ -121,7 +121,8 @@ def expire(ctx: click.Context) -> None:
     # closes windows and writes their feedback, learns nothing: a model learned here and
     # checkpointed on close could step past a reward a server is still committing (a lower
     # seq), which restarted workers would then never learn. The serving workers learn it.
-    with Engine.open(existing_database(database_url(ctx)), learn_in_process=False) as engine:
+    with Engine.open(existing_database(database_url(ctx)), upgrade=False,
+                     learn_in_process=False) as engine:  # fmt: skip
         n = engine.expire()
     click.echo(f"expired {n} decisions")
 
@@ -165,7 +166,7 @@ def prune(ctx: click.Context, older_than: float, archive: str | None, no_archive
 
     if (archive is None) == (not no_archive):
         raise click.UsageError("give --archive FILE (keep a copy) or --no-archive (discard)")
-    engine = Engine.open(existing_database(database_url(ctx)))
+    engine = Engine.open(existing_database(database_url(ctx)), upgrade=False)
     try:
         if archive is None:
             report = engine.prune(older_than, None, batch=batch)

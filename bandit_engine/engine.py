@@ -219,11 +219,13 @@ class Engine:
 
     @classmethod
     def open(
-        cls, url: str = "sqlite:///bandit.db", *, clock: Clock | None = None, **config: Any
-    ) -> Engine:
+        cls, url: str = "sqlite:///bandit.db", *, clock: Clock | None = None, upgrade: bool = True,
+        **config: Any,
+    ) -> Engine:  # fmt: skip
         """Open an engine on a ledger URL: ``sqlite:///file.db`` (default), ``sqlite://``
         (in-memory SQLite), ``postgresql+psycopg://...``, or ``memory://`` (the in-memory
-        ledger for simulations). Creates or upgrades the schema."""
+        ledger for simulations). Creates or upgrades the schema; with ``upgrade=False`` the
+        schema must be this version's newest already (:class:`SqlLedger`)."""
         if url == "memory://":
             from .ledger.memory import MemoryLedger
 
@@ -231,7 +233,7 @@ class Engine:
         else:
             from .ledger.sql import SqlLedger
 
-            ledger = SqlLedger(url)
+            ledger = SqlLedger(url, upgrade=upgrade)
         return cls(ledger, clock=clock, config=EngineConfig(**config))
 
     def close(self) -> None:

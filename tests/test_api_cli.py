@@ -303,13 +303,19 @@ def test_a_database_host_that_never_answers_is_an_error_within_seconds() -> None
 
 def test_read_commands_never_migrate_the_schema(tmp_path) -> None:
     """`keys list` upgraded a schema an operator had just downgraded for the older servers
-    being rolled back to; it says what to run instead, and changes nothing."""
+    being rolled back to, and so did `evaluate`, `export-dsjson`, `expire`, `prune` and the
+    `learner` (an analyst's newer checkout evaluating against production locked the running
+    servers out); each says what to run instead, and changes nothing."""
     url = f"sqlite:///{tmp_path / 'c.db'}"
     assert CliRunner().invoke(main, ["--database-url", url, "db", "upgrade"]).exit_code == 0
     down = ["--database-url", url, "db", "downgrade", "--revision", "-1"]
     assert CliRunner().invoke(main, down).exit_code == 0
     before = CliRunner().invoke(main, ["--database-url", url, "db", "current"]).output
-    for command in (["keys", "list"], ["keys", "revoke", "1"]):
+    for command in (
+        ["keys", "list"], ["keys", "revoke", "1"], ["expire"], ["learner", "--once"],
+        ["export-dsjson"], ["evaluate", "--channel", "email", "--policy", "thompson"],
+        ["prune", "--older-than", "365", "--no-archive"],
+    ):  # fmt: skip
         r = _cli("--database-url", url, *command)
         assert r.returncode == 2 and "run `bandit-engine db upgrade`" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

@@ -40,13 +40,14 @@ DEFAULTS: dict[str, Any] = {
 
 
 def open_engine(url: str, *, seed: int = 0, clock: Any = None, gap_grace: float = DEFAULT_GAP_GRACE,
-                model_wait: float = MODEL_WAIT) -> Engine:  # fmt: skip
+                model_wait: float = MODEL_WAIT, upgrade: bool = True) -> Engine:  # fmt: skip
     """An Engine for a serving worker: learning happens by replaying the ordered feedback log
     (``sync``), never from this process's own writes, so every worker and the learner agree.
     On PostgreSQL the engine reads that log through a :class:`GapSafeLedger`. A choose whose
     channel's model is still being built waits ``model_wait`` seconds for it, then is a 503
     (``model_loading``), well inside gunicorn's worker timeout (60 s): a long rebuild (a large
-    log, no usable snapshot) no longer gets the worker killed and rebuilt again from zero."""
+    log, no usable snapshot) no longer gets the worker killed and rebuilt again from zero.
+    ``upgrade=False``: the schema must be at head already (the learner: :class:`SqlLedger`)."""
     if url == "memory://":
         from ..ledger.memory import MemoryLedger
 
@@ -54,7 +55,8 @@ def open_engine(url: str, *, seed: int = 0, clock: Any = None, gap_grace: float 
     else:
         from ..ledger.sql import SqlLedger
 
-        ledger = SqlLedger(url, background_checkpoints=True)  # no WAL checkpoint in a request
+        # no WAL checkpoint in a request
+        ledger = SqlLedger(url, background_checkpoints=True, upgrade=upgrade)
     config = EngineConfig(seed=seed, learn_in_process=False, gap_grace=gap_grace,
                           model_wait=model_wait)
     return Engine(ledger, clock=clock, config=config)

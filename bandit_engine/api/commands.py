@@ -277,7 +277,7 @@ def learner(ctx: click.Context, every: float, poll: float, once: bool) -> None:
     from ..errors import StorageError
     from . import open_engine
 
-    eng = open_engine(_existing_url(ctx))
+    eng = open_engine(_existing_url(ctx), upgrade=False)
     learned, last, backoff = 0, time.monotonic(), poll
     try:
         while True:

@@ -106,16 +106,17 @@ def from_decisions(
 
 
 def open_existing(url: str) -> Engine:
-    """An engine on an existing ledger, to read its logs. ``Engine.open`` creates a SQLite file
-    that is not there: for a command that only reads, a mistyped path would then read as an
-    empty ledger ("0 settled decisions") and leave an empty database behind."""
+    """An engine on an existing ledger, to read its logs, whose schema must be this version's
+    newest (reading never migrates it). ``Engine.open`` creates a SQLite file that is not
+    there: for a command that only reads, a mistyped path would then read as an empty ledger
+    ("0 settled decisions") and leave an empty database behind."""
     from ..engine import Engine
     from ..ledger.sql import sqlite_file
 
     db = sqlite_file(url)  # None for what is not a SQLite file (not a URL: Engine.open says so)
     if db is not None and not db.is_file():
         raise InvalidArgument(f"no ledger at {url}: the SQLite file {str(db)!r} does not exist")
-    return Engine.open(url)
+    return Engine.open(url, upgrade=False)  # reading a ledger never migrates it
 
 
 def from_engine(engine: Any, channel: str | None = None, *, archives: Iterable[str | Path] = ()) -> LoggedData:

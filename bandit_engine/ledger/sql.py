@@ -230,8 +230,12 @@ class WalCheckpointer:
 
 
 class SqlLedger:
-    """The ledger on SQLite or PostgreSQL. ``background_checkpoints=True`` (servers) moves
-    SQLite's WAL checkpoints to a :class:`WalCheckpointer` thread."""
+    """The ledger on SQLite or PostgreSQL. Opening it creates or upgrades the schema; with
+    ``upgrade=False`` (the commands that read or maintain a ledger without setting it up) the
+    schema must already be this version's newest and is never migrated: a newer checkout's
+    ``evaluate`` must not migrate a ledger under the older servers that use it.
+    ``background_checkpoints=True`` (servers) moves SQLite's WAL checkpoints to a
+    :class:`WalCheckpointer` thread."""
 
     def __init__(self, url: str, *, upgrade: bool = True, background_checkpoints: bool = False) -> None:
         self.url = url
@@ -242,10 +246,9 @@ class SqlLedger:
         self.commits_out_of_seq_order = self._dialect == "postgresql"
         self._hot = HotPath(self._engine)
         self._catalog_seen: int | None = None  # the catalog version this ledger last read
-        if upgrade:
-            from .migrate import upgrade_schema
+        from .migrate import require_head, upgrade_schema
 
-            self._guard(lambda: upgrade_schema(self._engine))
+        self._guard(lambda: (upgrade_schema if upgrade else require_head)(self._engine))
         database = self._engine.url.database
         self._checkpointer = (
             WalCheckpointer(database)
