@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -86,6 +87,32 @@ def _first_request_bounded(uri: str) -> Iterator[None]:
             os.environ.pop(name, None)
 
 
+def _check_sqlite_store(uri: str) -> None:
+    """A SQLite store must be a database file this process can open. MLflow retried a file it
+    could not open for 1 min 45 s, and its error then read as the ledger's ("database error"); an
+    in-memory store took the runs and lost them when the command ended."""
+    from .ledger.sql import sqlite_file
+
+    if not uri.startswith("sqlite:"):
+        return
+    db = sqlite_file(uri)
+    if db is None:
+        raise InvalidArgument(
+            f"MLflow tracking URI {uri!r} is an in-memory database, lost when the command ends; "
+            "give a file: sqlite:///path/to/mlflow.db"
+        )
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(f"file:{db}?mode=rwc", uri=True, timeout=5)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except (sqlite3.Error, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise InvalidArgument(f"MLflow tracking URI {uri!r} cannot be used: {db}: {why}") from None
+
+
 def safe_file_name(name: str) -> str:
     """``name`` as one file name (a scenario named ``promo/q3`` is not a directory).
 
@@ -121,7 +148,9 @@ class Tracker:
         :class:`InvalidArgument` naming the URI (the CLI's exit 2), not MLflow's traceback."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        from sqlalchemy.exc import SQLAlchemyError
 
+        _check_sqlite_store(self.uri)
         try:
             with _first_request_bounded(self.uri):
                 self._client = MlflowClient(self.uri)
@@ -135,7 +164,7 @@ class Tracker:
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
             else:
                 exp_id = exp.experiment_id
-        except (MlflowException, OSError) as exc:
+        except (MlflowException, OSError, SQLAlchemyError) as exc:
             self._client = None
             if ":" not in self.uri:  # a bare path: MLflow's file store, which MLflow 3 refuses
                 why = "is not a tracking URI; give sqlite:///path/to/mlflow.db or http://host:port"
@@ -230,7 +259,6 @@ class Tracker:
         out.mkdir()
         for name, fig in plots(result, oracle).items():
             fig.savefig(out / f"{name}.png", dpi=80)
-            _close(fig)
         for name, data in result.artifacts.items():  # compare(artifacts=True): log sample, snapshots
             (out / name).write_bytes(data)
         self._client.log_artifacts(rid, str(out))
@@ -251,33 +279,25 @@ class Tracker:
         (out / "summary.md").write_text(comparison.table() + "\n")
         fig = comparison_plot(comparison)
         fig.savefig(out / "comparison.png", dpi=80)
-        _close(fig)
         self._client.log_artifacts(self.parent_id, str(out))
 
 
 # plots -----------------------------------------------------------------------------------------
-def _pyplot() -> Any:
-    import sys
+def _figure(**kw: Any) -> Any:
+    """A figure of its own, outside pyplot's list of open figures: nothing to close, no backend
+    to choose (it renders with Agg), and a notebook shows only the figures a cell returns (plots
+    made through pyplot stayed open, and the inline backend showed every one at the cell's end)."""
+    from matplotlib.figure import Figure
 
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:  # headless by default; a notebook keeps its backend
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _close(fig: Any) -> None:
-    _pyplot().close(fig)
+    return Figure(**kw)
 
 
 def plots(result: RunResult, oracle: RunResult | None = None) -> dict[str, Any]:
     """Figures of one run: cumulative reward and regret, spend vs pace, offer mix by segment."""
-    plt = _pyplot()
     c = result.curve
     figs: dict[str, Any] = {}
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = _figure(figsize=(9, 3.2))
+    ax = fig.subplots(1, 2)
     ax[0].plot(c["step"], c["expected_reward"], label=result.policy)
     if oracle is not None:
         ax[0].plot(oracle.curve["step"], oracle.curve["expected_reward"], "--", label=oracle.policy)
@@ -288,7 +308,8 @@ def plots(result: RunResult, oracle: RunResult | None = None) -> dict[str, Any]:
     ax[1].set(title="regret vs oracle", xlabel="decisions")
     fig.tight_layout()
     figs["reward_regret"] = fig
-    fig, ax1 = plt.subplots(figsize=(4.5, 3.2))
+    fig = _figure(figsize=(4.5, 3.2))
+    ax1 = fig.subplots()
     if "budget_used" in c:
         ax1.plot(c["time_fraction"], c["budget_used"], label="budget used")
         ax1.plot([0, 1], [0, 1], ":", label="pace")
@@ -299,7 +320,8 @@ def plots(result: RunResult, oracle: RunResult | None = None) -> dict[str, Any]:
     ax1.legend()
     fig.tight_layout()
     figs["spend_pace"] = fig
-    fig, ax2 = plt.subplots(figsize=(6, 3.2))
+    fig = _figure(figsize=(6, 3.2))
+    ax2 = fig.subplots()
     segs = sorted(result.offer_mix)
     offers = sorted({o for m in result.offer_mix.values() for o in m})
     bottom = [0.0] * len(segs)
@@ -319,8 +341,8 @@ def plots(result: RunResult, oracle: RunResult | None = None) -> dict[str, Any]:
 
 def comparison_plot(comparison: Comparison) -> Any:
     """Cumulative expected reward of every policy (first seed)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = _figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     seed = comparison.runs[0].seed if comparison.runs else 0
     for r in comparison.runs:
         if r.seed == seed:

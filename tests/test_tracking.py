@@ -217,11 +217,19 @@ def test_a_sqlite_store_elsewhere_keeps_its_artifacts_beside_its_database(tmp_pa
     ("/tmp/notauri", "is not a tracking URI; give sqlite:///path/to/mlflow.db or http://host:port"),
     ("foo://bar", "cannot be used: "),
     ("http://127.0.0.1:9", "cannot be used: "),  # nothing listens on the discard port: refused at once
+    # it took the runs and lost them at exit (the artifacts landed in ./mlruns)
+    ("sqlite://", "is an in-memory database, lost when the command ends"),
+    # a SQLite file that is not a database read as the ledger's error ("database error: ..."),
+    # and one that cannot be opened had MLflow retry for 1 min 45 s first
+    ("sqlite:///notdb.db", "cannot be used: notdb.db: file is not a database"),
+    ("sqlite:///afile/mlflow.db", "cannot be used: afile/mlflow.db: "),
 ])  # fmt: skip
 def test_a_tracking_uri_mlflow_cannot_use_is_one_line_and_exit_2(
     uri: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notdb.db").write_text("not a database\n")
+    (tmp_path / "afile").write_text("a file, where the store's directory would be\n")
     monkeypatch.setattr(sys, "argv", ["bandit-engine", "simulate", str(ROOT / "simulations/default.toml"),
                                       "--policies", "segment_rules", "--seeds", "1", "--decisions", "50",
                                       "--no-progress", "--tracking-uri", uri])  # fmt: skip
