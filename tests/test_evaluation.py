@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from bandit_engine import ChannelConfig, Engine, ManualClock, Offer, PolicySpec
 from bandit_engine.cli import main, run
 from bandit_engine.engine import to_dsjson
-from bandit_engine.errors import InvalidArgument, UnknownChannel
+from bandit_engine.errors import BanditEngineError, InvalidArgument, UnknownChannel
 from bandit_engine.evaluation import (
     LoggedData,
     LoggedRow,
@@ -338,6 +338,19 @@ def test_evaluate_command_on_a_sqlite_ledger_and_on_dsjson(tmp_path: Path) -> No
     for args in (["--floor", "0"], ["--floor", "1.5"], ["--seed", "-1"], ["--train-fraction", "1"]):
         res3 = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "log.dsjson"), "--policy", "uniform", *args])
         assert res3.exit_code == 2 and "Invalid value" in res3.output, (args, res3.output)
+    # --channel with a dsjson file was ignored: every line was evaluated, the channel unchecked
+    res4 = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "log.dsjson"),
+                                "--policy", "uniform", "--channel", "no_such_channel"])  # fmt: skip
+    assert res4.exit_code == 2 and "a dsjson file is evaluated whole" in res4.output, res4.output
+    # too few decisions was click's "Error: ..." and exit 1, where every other refusal is the
+    # console script's one line "error: ..." and exit 2
+    (tmp_path / "one.dsjson").write_text(
+        (tmp_path / "log.dsjson").read_text().splitlines()[0] + "\n", encoding="utf-8"
+    )  # fmt: skip
+    few = runner.invoke(main, ["evaluate", "--dsjson", str(tmp_path / "one.dsjson"),
+                               "--policy", "uniform"])  # fmt: skip
+    assert isinstance(few.exception, BanditEngineError), few.output
+    assert str(few.exception) == "only 1 settled decisions to evaluate; at least 2 are needed"
 
 
 # windows past their deadline that no expire closed yet; inactive decisions -------------------

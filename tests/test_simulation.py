@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -41,13 +42,13 @@ BAD_SCENARIOS = [
     ({"offers": [{"id": "x", "kind": "points", "depth": 1.5}]}, r"depth must be in \[0, 1\)"),
     ({"policies": [{"name": "p"}]}, r"exactly one of family or baseline"),
     ({"policies": [{"name": "p", "baseline": "magic"}]}, r"baseline must be one of"),
-    ({"decisions": 0}, r"decisions must be an integer >= 1"),
+    ({"decisions": 0}, r"decisions must be an integer in \[1, 10_000_000\], got 0"),
     ({"world": {"fatigue": -1}}, r"world.fatigue must be >= 0"),
     ({"aggregation": "max"}, r"aggregation must be 'first' or 'sum'"),
     # wrong types: one clear error each, not a crash (some of them mid-simulation)
-    ({"members": "4000"}, r"members must be an integer >= 1, got '4000'"),
-    ({"days": "28"}, r"days must be a number > 0, got '28'"),
-    ({"decisions": 2.5}, r"decisions must be an integer >= 1"),
+    ({"members": "4000"}, r"members must be an integer in \[1, 1_000_000\], got '4000'"),
+    ({"days": "28"}, r"days must be a number > 0 and <= 3660, got '28'"),
+    ({"decisions": 2.5}, r"decisions must be an integer in \[1, "),
     ({"seeds": 3}, r"seeds must be a list, got 3"),
     ({"seeds": [1, "2"]}, r"seeds must be a list of integers >= 0"),
     ({"seeds": [1, 1]}, r"duplicate seeds in \[1, 1\]"),
@@ -132,7 +133,7 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *a
 
 
 MALFORMED = [
-    ('members = 4000', 'members = "4000"', "members must be an integer >= 1"),
+    ('members = 4000', 'members = "4000"', "members must be an integer in [1, "),
     ('days = 28', 'days = "28"', "days must be a number > 0"),
     ('seeds = [1, 2, 3]', 'seeds = 3', "seeds must be a list"),
     ('cost = 2.0', 'cost = "2.0"', "offer 'home-10': cost must be a number"),
@@ -142,10 +143,25 @@ MALFORMED = [
     ('offer = "fashion-30"', 'offer = "fashion30"', "policy 'batch_and_blast': unknown offers ['fashion30']"),
     ('prior_variance = 0.05,', 'prior_variance = -1,', "policy 'lin_ts': lin_ts: prior_variance must be"),
     ('name = "segment_rules"', 'name = "segment rules (v2)"', "policy 'segment rules (v2)': a policy name is"),
+    # sizes a run cannot hold: a 7 TiB allocation error, a run drawing members without end, an
+    # int64 overflow of the simulated clock ("time cannot go backwards") -- tracebacks all
+    ('decisions = 20000', 'decisions = 1000000000000',
+     "decisions must be an integer in [1, 10_000_000]"),
+    ('members = 4000', 'members = 100000000000', "members must be an integer in [1, 1_000_000]"),
+    ('days = 28', 'days = 1e12', "days must be a number > 0 and <= 3660"),
+    ('days = 28', 'days = 28\nstart_ms = 9223372036854775807',
+     "start_ms must be epoch ms from 1970 to"),
+    # a key a table does not take read "OfferSpec.__init__() got an unexpected keyword argument"
+    ('margin = 9.0', 'margin = 9.0\nmargn = 1',
+     "offer 'home-10': unknown fields ['margn']; known: ["),
+    ('fatigue = 0.3', 'fatigue = 0.3\nfatige = 1', "[world]: unknown fields ['fatige']; known: ["),
+    ('baseline = "segment_rules"', 'baseline = "segment_rules"\nofer = "x"',
+     "policies[4] ('segment_rules'): unknown fields ['ofer']; known: ["),
 ]
 
 
-@pytest.mark.parametrize(("old", "new", "message"), MALFORMED, ids=[m[1].split()[0] + "-" + m[1].split()[-1] for m in MALFORMED])
+@pytest.mark.parametrize(("old", "new", "message"), MALFORMED,
+                         ids=[m[1].split()[0] + "-" + m[1].split()[-1][:24] for m in MALFORMED])
 def test_malformed_scenario_files_are_one_line_errors_with_exit_2(
     old: str, new: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
@@ -191,13 +207,34 @@ def test_repeated_policies_and_seeds_run_once() -> None:
 
 def test_numeric_options_are_range_checked() -> None:
     """``--decisions 0`` ran the scenario's full count, ``-1`` crashed; seeds must be >= 0."""
-    with pytest.raises(InvalidArgument, match="decisions must be an integer >= 1"):
+    with pytest.raises(InvalidArgument, match=r"decisions must be an integer in \[1, "):
         Simulator(Scenario.default(), decisions=0)
-    for args in (["--decisions", "0"], ["--decisions", "-1"], ["--jobs", "0"], ["--seeds", "-1"]):
+    with pytest.raises(InvalidArgument, match=r"seeds must be integers >= 0 .*got \[-1\]"):
+        Simulator(Scenario.default().with_(members=100), decisions=10).compare([-1])
+    for args in (["--decisions", "0"], ["--decisions", "-1"], ["--jobs", "0"], ["--seeds", "-1"],
+                 ["--decisions", "10000001"]):  # fmt: skip
         result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"), *args,
                                            "--no-tracking", "--no-progress"])  # fmt: skip
         assert result.exit_code == 2, (args, result.output)
         assert "Invalid value" in result.output and "Traceback" not in result.output, args
+
+
+def test_json_out_that_cannot_be_written_fails_before_simulating(tmp_path: Path) -> None:
+    """Permission bits passed every path for root, so a file that cannot be created was found
+    only after the whole simulation; the check opens it, and leaves nothing behind."""
+    for target in ("/proc/nope.json", str(tmp_path / "x.json")):
+        result = CliRunner().invoke(main, [
+            "simulate", str(ROOT / "simulations/default.toml"), "--policies", "segment_rules",
+            "--seeds", "1", "--decisions", "100", "--no-tracking", "--no-progress",
+            "--json-out", target,
+        ])  # fmt: skip
+        if target.startswith("/proc"):
+            assert result.exit_code == 2, result.output
+            assert "'--json-out'" in result.output and "cannot be written" in result.output
+            assert "| policy |" not in result.output
+        else:  # a writable path: written once, after the run
+            assert result.exit_code == 0, result.output
+            assert json.loads(Path(target).read_text())[0]["policy"]
 
 
 def test_json_out_into_a_missing_directory_fails_before_simulating(tmp_path: Path) -> None:
@@ -453,9 +490,16 @@ def test_simulate_command_prints_a_table(tmp_path: Path) -> None:
     assert len(comp.runs) == Simulator(sc, decisions=50).total_runs(1, ceiling=True) == 6
 
 
-def test_simulate_command_rejects_bad_seeds() -> None:
-    result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"), "--seeds", "x", "--no-tracking"])
-    assert result.exit_code != 0 and "comma-separated integers" in result.output
+@pytest.mark.parametrize("seeds", ["x", ",", "1,,2", "", "2,"])
+def test_simulate_command_rejects_bad_seeds(seeds: str) -> None:
+    """An empty item was skipped: "," ran the scenario's own seeds and "1,,2" ran 1 and 2."""
+    result = CliRunner().invoke(main, ["simulate", str(ROOT / "simulations/default.toml"),
+                                       "--seeds", seeds, "--policies", "random",
+                                       "--decisions", "50", "--no-tracking",
+                                       "--no-progress"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--seeds': expected comma-separated integers" in result.output
+    assert "| policy |" not in result.output
 
 
 # the context carries the signal; over-contact has a cost ---------------------------------------

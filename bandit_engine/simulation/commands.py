@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -12,38 +11,54 @@ from pathlib import Path
 import click
 
 from ..errors import BanditEngineError
+from .scenario import MAX_DECISIONS
 
 
 def _ints(value: str | None) -> list[int] | None:
     """Comma-separated seeds (integers >= 0, what the worlds' generators take); a seed given
-    twice runs once."""
-    if not value:
+    twice runs once. An empty item is a mistake (``1,,2``, ``,``), not a seed to skip: ``,``
+    ran the scenario's own seeds."""
+    if value is None:
         return None
     try:
-        seeds = [int(v) for v in value.split(",") if v.strip()]
+        seeds = [int(v) for v in value.split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+        raise click.BadParameter(
+            f"expected comma-separated integers, got {value!r}", param_hint="'--seeds'"
+        ) from None
     if any(s < 0 for s in seeds):
-        raise click.BadParameter(f"seeds must be integers >= 0, got {value!r}")
-    return list(dict.fromkeys(seeds)) or None
+        raise click.BadParameter(
+            f"seeds must be integers >= 0, got {value!r}", param_hint="'--seeds'"
+        )
+    return list(dict.fromkeys(seeds))
 
 
 def _check_writable(path: Path | None) -> None:
-    """Fail before the simulation, not after it, when its output cannot be written."""
+    """Fail before the simulation, not after it, when its output cannot be written: by opening
+    it for appending (and removing it again if that created it). Permission bits alone do not
+    tell (root passes every check, and /proc refuses root too)."""
     if path is None:
         return
     parent = path.resolve().parent
     if not parent.is_dir():
         raise click.BadParameter(f"directory {str(parent)!r} does not exist", param_hint="'--json-out'")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise click.BadParameter(f"{str(path)!r} is not writable", param_hint="'--json-out'")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"{str(path)!r} cannot be written: {exc.strerror or exc}",
+                                 param_hint="'--json-out'") from None  # fmt: skip
+    if not existed:
+        path.unlink()
 
 
 @click.command()
 @click.argument("scenario_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--policies", default=None, help="Comma-separated policy names of the scenario (default: all).")
 @click.option("--seeds", default=None, help="Comma-separated seeds (default: the scenario's).")
-@click.option("--decisions", type=click.IntRange(min=1), default=None, help="Decisions per run (default: the scenario's).")
+@click.option("--decisions", type=click.IntRange(min=1, max=MAX_DECISIONS), default=None,
+              help="Decisions per run (default: the scenario's).")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $BANDIT_ENGINE_MLFLOW_URI or sqlite:///mlruns/mlflow.db).")
 @click.option("--no-tracking", is_flag=True, help="Do not log to MLflow.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the summary rows as JSON.")
@@ -64,7 +79,7 @@ def simulate(scenario_file: Path, policies: str | None, seeds: str | None, decis
     scenario = Scenario.load(scenario_file)
     if policies:
         scenario = scenario.select_policies([p.strip() for p in policies.split(",") if p.strip()])
-    seed_list = _ints(seeds) or list(scenario.seeds)
+    seed_list = _ints(seeds) or list(scenario.seeds)  # None: the scenario's
     sim = Simulator(scenario, decisions=decisions)
     total = sim.total_runs(len(seed_list), ceiling=ceiling) * sim.decisions
     bar = tqdm(total=total, unit="dec", disable=not progress, desc=scenario.name)
@@ -166,6 +181,9 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
         raise click.BadParameter(f"--policy: {exc}") from None
     if dsjson is not None and archives:
         raise click.UsageError("--dsjson and --archive are two different sources; give one")
+    if dsjson is not None and channel is not None:  # it was ignored: every line was evaluated
+        raise click.UsageError("--channel selects the ledger's decisions; a dsjson file is "
+                               "evaluated whole (export one channel with export-dsjson --channel)")
     if dsjson is not None:
         data = from_dsjson(dsjson)
         if data.unlabeled:  # not an error: a log may hold decisions whose outcome is still to come
@@ -180,8 +198,10 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
             data = from_engine(engine, channel, archives=archives)
         finally:
             engine.ledger.close()
-    if len(data) < 2:
-        raise click.ClickException(f"only {len(data)} settled decisions to evaluate")
+    if len(data) < 2:  # the one-line "error: ..." and exit 2 of every other refusal
+        raise BanditEngineError(
+            f"only {len(data)} settled decisions to evaluate; at least 2 are needed"
+        )
     train, test = data.split(train_fraction)
     report = run_eval(test, policy_target(spec, train, seed=seed, floor=floor), seed=seed)
     click.echo(f"candidate {spec.family} {dict(spec.params)} on {report.n:,} decisions "

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..catalog import ChannelConfig, MemberCap, Offer, PolicySpec, Rule, is_finite_number
+from ..catalog import (
+    MAX_EPOCH_MS,
+    ChannelConfig,
+    MemberCap,
+    Offer,
+    PolicySpec,
+    Rule,
+    is_finite_number,
+)
 from ..clock import MS_PER_DAY
 from ..errors import InvalidArgument, UnknownPolicy
 
@@ -32,9 +40,25 @@ BAYES_ORACLE = "bayes_oracle"
 BAYES_BUDGET_ORACLE = "bayes_budget_oracle"
 RESERVED = (ORACLE, BUDGET_ORACLE, TRUTH_PACED, BAYES_ORACLE, BAYES_BUDGET_ORACLE)
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
+# sizes a run can hold: a run allocates its arrivals up front (1e12 decisions asked for 7 TiB),
+# a million members take ~1.6 GB and a minute and a half to draw, and a campaign's clock must
+# stay within the years a decision's time can be written in (int64 milliseconds overflowed)
+MAX_DECISIONS = 10_000_000
+MAX_MEMBERS = 1_000_000
+MAX_DAYS = 3_660
 # what MLflow takes in a metric key, of which a policy name is the first part ("<name>.spend"):
 # letters, digits, _ - . space and /, not read as a path (MLflow's colon is refused on Windows)
 POLICY_NAME = re.compile(r"[\w.\- /]+")
+
+
+def _known_fields(
+    where: str, table: Mapping[str, Any], cls: type, skip: Sequence[str] = ()
+) -> None:
+    """A key the table's dataclass does not take is named with the table, in the file's terms
+    (it was ``OfferSpec.__init__() got an unexpected keyword argument 'foo'``)."""
+    known = [f for f in cls.__dataclass_fields__ if f not in skip]  # type: ignore[attr-defined]
+    unknown = sorted(set(table) - set(known))
+    _check(not unknown, f"{where}: unknown fields {unknown}; known: {known}")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -242,16 +266,24 @@ class Scenario:
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name), f"name must be a string, got {self.name!r}")
         _check(isinstance(self.description, str), f"description must be a string, got {self.description!r}")
-        _check(_is_int(self.decisions) and self.decisions >= 1, f"decisions must be an integer >= 1, got {self.decisions!r}")
-        _check(_is_num(self.days) and self.days > 0, f"days must be a number > 0, got {self.days!r}")
-        _check(_is_int(self.members) and self.members >= 1, f"members must be an integer >= 1, got {self.members!r}")
+        _check(_is_int(self.decisions) and 1 <= self.decisions <= MAX_DECISIONS,
+               f"decisions must be an integer in [1, {MAX_DECISIONS:_}], "
+               f"got {self.decisions!r}")  # fmt: skip
+        _check(_is_num(self.days) and 0 < self.days <= MAX_DAYS,
+               f"days must be a number > 0 and <= {MAX_DAYS}, got {self.days!r}")  # fmt: skip
+        _check(_is_int(self.members) and 1 <= self.members <= MAX_MEMBERS,
+               f"members must be an integer in [1, {MAX_MEMBERS:_}], "
+               f"got {self.members!r}")  # fmt: skip
         _check(_names(self.channels) and bool(self.channels),
                f"channels must be a list of channel names, got {self.channels!r}")  # fmt: skip
         _check(len(set(self.channels)) == len(self.channels), f"duplicate channels in {list(self.channels)}")
         _check(isinstance(self.seeds, tuple | list) and bool(self.seeds) and all(_is_int(x) and x >= 0 for x in self.seeds),
                f"seeds must be a list of integers >= 0, got {self.seeds!r}")  # fmt: skip
         _check(len(set(self.seeds)) == len(self.seeds), f"duplicate seeds in {list(self.seeds)}")
-        _check(_is_int(self.start_ms) and self.start_ms >= 0, f"start_ms must be epoch ms, got {self.start_ms!r}")
+        last = MAX_EPOCH_MS - int(self.days * MS_PER_DAY)  # the campaign ends by the year 9999
+        _check(_is_int(self.start_ms) and 0 <= self.start_ms <= last,
+               f"start_ms must be epoch ms from 1970 to {last} (the campaign ends by the year "
+               f"9999), got {self.start_ms!r}")  # fmt: skip
         _check(self.aggregation in ("first", "sum"), f"aggregation must be 'first' or 'sum', got {self.aggregation!r}")
         _check(self.provisional_reward is None or _is_num(self.provisional_reward),
                f"provisional_reward must be a number, got {self.provisional_reward!r}")  # fmt: skip
@@ -314,13 +346,20 @@ class Scenario:
                 oid = o.pop("id")
                 channels = _list(f"offer {oid!r}: channels", o.pop("channels", d.get("channels", cls.channels)))
                 rules = _list(f"offer {oid!r}: rules", o.pop("rules", ()))
+                skip = ("offer_id", "channels", "rules")  # given as id, and taken above
+                _known_fields(f"offer {oid!r}", o, OfferSpec, skip=skip)
                 offers.append(OfferSpec(offer_id=oid, channels=tuple(channels), rules=tuple(rules), **o))
-            policies = tuple(PolicyEntry(**_table(f"policies[{i}]", p))
-                             for i, p in enumerate(_list("policies", d.pop("policies", ())), 1))  # fmt: skip
-            world = WorldConfig(**_table("world", d.pop("world", {})))
+            policies = []
+            for i, p in enumerate(_list("policies", d.pop("policies", ())), 1):
+                p = _table(f"policies[{i}]", p)
+                _known_fields(f"policies[{i}] ({p.get('name', '?')!r})", p, PolicyEntry)
+                policies.append(PolicyEntry(**p))
+            world = _table("world", d.pop("world", {}))
+            _known_fields("[world]", world, WorldConfig)
+            world = WorldConfig(**world)
         except TypeError as exc:
             raise InvalidArgument(f"bad scenario: {exc}") from None
-        return cls(offers=tuple(offers), policies=policies, world=world, source=source, **d)
+        return cls(offers=tuple(offers), policies=tuple(policies), world=world, source=source, **d)
 
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
