@@ -102,3 +102,29 @@ def test_a_redemption_on_a_summing_channel_prices_as_one_on_a_first_reward_chann
     clock.advance(days=2)
     engine.expire()
     assert counters("push") == counters("email") == (400, 0, 800)
+
+
+def test_the_price_follows_its_formula_and_stays_in_0_1() -> None:
+    """The price, computed by hand from the module's formula: committed reservations count in
+    the redemption rate's denominator (without them an offer whose liability was still open
+    priced out at the campaign's start), behind pace the price is 0 (a negative price would
+    raise the offer's weight), and a budget or a cost of 0 prices without dividing by zero."""
+    from bandit_engine.ledger.records import OfferState
+    from bandit_engine.pacing import DEFAULT_GAIN, PRIOR_RATE, PRIOR_WEIGHT, price
+
+    o = Offer("x", ["email"], cost=1, budget=100, starts_at=0, ends_at=1000)  # 100 and 10 000 ct
+
+    def by_hand(spent: int, settled: int, committed: int, frac: float) -> float:
+        rate = (spent + PRIOR_RATE * PRIOR_WEIGHT * 100) / (settled + committed + PRIOR_WEIGHT * 100)
+        projected = spent + committed * min(1.0, rate)
+        return min(1.0, max(0.0, DEFAULT_GAIN * (projected - 10_000 * frac) / 10_000))
+
+    assert price(o, OfferState("x", committed_cents=4000), now_ms=0) == pytest.approx(
+        by_hand(0, 0, 4000, 0.0)) == pytest.approx(0.1818, abs=1e-4)  # fmt: skip
+    state = OfferState("x", spent_cents=1000, settled_cents=3000, committed_cents=2000)
+    assert price(o, state, now_ms=100) == pytest.approx(by_hand(1000, 3000, 2000, 0.1))
+    assert 0.5 < price(o, state, now_ms=100) < 1.0
+    assert price(o, OfferState("x", spent_cents=1000), now_ms=500) == 0.0  # 10 % spent at 50 %
+    for free in (Offer("x", ["email"], cost=0, budget=100, starts_at=0, ends_at=1000),
+                 Offer("x", ["email"], cost=1, budget=0, starts_at=0, ends_at=1000)):  # fmt: skip
+        assert price(free, OfferState("x"), now_ms=0) == 0.0
