@@ -115,7 +115,8 @@ def test_the_price_follows_its_formula_and_stays_in_0_1() -> None:
     o = Offer("x", ["email"], cost=1, budget=100, starts_at=0, ends_at=1000)  # 100 and 10 000 ct
 
     def by_hand(spent: int, settled: int, committed: int, frac: float) -> float:
-        rate = (spent + PRIOR_RATE * PRIOR_WEIGHT * 100) / (settled + committed + PRIOR_WEIGHT * 100)
+        prior = PRIOR_WEIGHT * 100  # cents of the prior's reservations
+        rate = (spent + PRIOR_RATE * prior) / (settled + committed + prior)
         projected = spent + committed * min(1.0, rate)
         return min(1.0, max(0.0, DEFAULT_GAIN * (projected - 10_000 * frac) / 10_000))
 
