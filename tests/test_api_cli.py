@@ -14,12 +14,14 @@ from click.testing import CliRunner
 from bandit_engine import Offer
 from bandit_engine.api import open_engine
 from bandit_engine.cli import main
-from bandit_engine.governance import Governance
+from bandit_engine.governance import Governance, UnknownKey
 from bandit_engine.ledger.sql import make_engine
 from tests.api_fixtures import free_port, stop_server
 
 
 def test_keys_create_list_revoke(tmp_path) -> None:
+    """Creating and revoking a key are audited, and revoking a key already revoked (or one that
+    never existed) is an error, not a second revocation in the audit log."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
     runner = CliRunner()
     r = runner.invoke(main, ["--database-url", url, "keys", "create", "--role", "analyst", "--name", "bi"])
@@ -34,6 +36,13 @@ def test_keys_create_list_revoke(tmp_path) -> None:
     assert runner.invoke(main, ["--database-url", url, "keys", "revoke", str(kid)]).exit_code == 0
     assert Governance(make_engine(url)).authenticate(key) is None
     assert "revoked" in runner.invoke(main, ["--database-url", url, "keys", "list"]).output
+    for again in (kid, 999):
+        r = runner.invoke(main, ["--database-url", url, "keys", "revoke", str(again)])
+        assert isinstance(r.exception, UnknownKey)
+        assert str(r.exception) == f"no active key with id {again}"
+    audit = [(e.actor, e.action, e.target, dict(e.detail)) for e in gov.audit_log()]
+    assert audit == [("cli", "key.create", f"key:{kid}", {"role": "analyst", "name": "bi"}),
+                     ("cli", "key.revoke", f"key:{kid}", {})]  # fmt: skip
     bad = runner.invoke(main, ["--database-url", url, "keys", "create", "--role", "root"])
     assert bad.exit_code != 0
 

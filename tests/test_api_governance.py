@@ -20,9 +20,18 @@ def choose(api: Api, member: str, channel: str = "email", **kw: object) -> dict:
 
 
 def test_proposer_can_never_approve(api: Api) -> None:
+    """Only an approver key decides a change, and never the proposer's: another admin key, of
+    another name, cannot approve or reject an admin's budget change (two admins cannot raise
+    budgets without an approver)."""
     r = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 80.0})
     assert r.status_code == 202
     cid = r.json["change_id"]
+    other_admin, _ = api.gov.create_key("admin", name="other-admin")
+    before = api.state()
+    for action in ("approve", "reject"):
+        r = api.call("POST", f"/v1/changes/{cid}/{action}", key=other_admin)
+        assert r.status_code == 403 and "role 'admin' may not" in r.json["error"]["message"], r.json
+    assert api.state() == before
     admin = api.gov.authenticate(api.keys["admin"])
     with pytest.raises(Forbidden):  # even if a proposer somehow reached the approve step
         api.gov.decide(cid, admin, approve=True)
@@ -90,6 +99,24 @@ def test_pending_budget_change_has_no_effect_until_approved(tmp_path) -> None:
         api.engine.ledger.close()
 
 
+def test_an_offers_member_cap_is_governed(api: Api) -> None:
+    """An offer's per-member cap is governed: an admin's PATCH of it, and an offer created with
+    one, wait for an approver (the offer is off until then)."""
+    cap = {"max": 1, "window_days": 7}
+    r = api.call("PATCH", "/v1/offers/plain-a", "admin", json={"member_cap": cap})
+    assert r.status_code == 202 and r.json["status"] == "pending", r.json
+    assert api.gov.get_change(r.json["change_id"]).settings == {"member_cap": cap}
+    assert api.call("GET", "/v1/offers/plain-a", "analyst").json["member_cap"] is None
+    r = api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver")
+    assert r.status_code == 200
+    assert api.call("GET", "/v1/offers/plain-a", "analyst").json["member_cap"] == cap
+    r = api.call("POST", "/v1/offers", "admin", json={
+        "offer_id": "once", "channels": ["email"], "cost": 1, "member_cap": cap})
+    assert r.status_code == 202 and r.json["status"] == "pending", r.json
+    got = api.call("GET", "/v1/offers/once", "analyst").json
+    assert (got["active"], got["member_cap"]) == (False, None)
+
+
 def test_an_older_change_cannot_undo_a_newer_approved_one(api: Api) -> None:
     """Two pending budget changes: once the newer one is approved, approving the older one
     would silently undo it, so it is refused (409, nothing changes) and can only be rejected.
@@ -109,18 +136,22 @@ def test_an_older_change_cannot_undo_a_newer_approved_one(api: Api) -> None:
 
 
 def test_rejected_change_and_pending_offer_cannot_be_activated(api: Api) -> None:
+    """A rejected creation change leaves its offer off and without its caps, and the audit log
+    keeps the approver's reason for rejecting it."""
     r = api.call("POST", "/v1/offers", "admin", json={
         "offer_id": "gated", "channels": ["email"], "cost": 1, "max_impressions": 3})
     cid = r.json["change_id"]
     r = api.call("PATCH", "/v1/offers/gated", "admin", json={"active": True})
     assert r.status_code == 409  # activation waits for the approval
-    assert api.call("POST", f"/v1/changes/{cid}/reject", "approver").status_code == 200
+    r = api.call("POST", f"/v1/changes/{cid}/reject", "approver", json={"reason": "no caps"})
+    assert r.status_code == 200
     got = api.call("GET", "/v1/offers/gated", "analyst").json
     assert got["active"] is False and got["max_impressions"] is None and got["pending_changes"] == []
     pending = api.call("GET", "/v1/changes?status=pending", "analyst").json["changes"]
     assert cid not in [c["change_id"] for c in pending]
     entries = api.call("GET", "/v1/audit", "approver").json["entries"]
-    assert any(e["action"] == "change.reject" and e["detail"]["change_id"] == cid for e in entries)
+    assert [e["detail"] for e in entries if e["action"] == "change.reject"] == [
+        {"change_id": cid, "reason": "no caps"}]
 
 
 def test_channel_holdout_is_governed(api: Api) -> None:
@@ -414,6 +445,39 @@ def test_redemption_rates_get_intervals_that_do_not_collapse_to_a_point(api: Api
     assert hi == pytest.approx(t["ci95"][1]) and lo < diff < hi  # the hold-out's rate: 0 to 0
 
 
+def test_reward_amounts_get_the_normal_interval_from_the_sample_variance(api: Api) -> None:
+    """Rewards that are amounts (points, mixed with 0 and 1) are not redemptions: a group of
+    them gets the normal interval from the sample variance (divided by n - 1), not Wilson's,
+    which is for 0/1 outcomes only."""
+    api.engine.set_channel(dataclasses.replace(api.engine.channel("push"), holdout_fraction=0.5))
+    decisions = [choose(api, f"m-amount-{i}", "push") for i in range(30)]
+    held = [d for d in decisions if d["group"] == "holdout"]
+    treated = [d for d in decisions if d["group"] == "treatment"]
+    assert len(held) >= 5 and len(treated) >= 5
+    given = {"holdout": [1.0, 3.0, 0.5], "treatment": [2.0, 1.0, 4.0, 0.0]}
+    for group, ds in (("holdout", held), ("treatment", treated)):
+        for d, value in zip(ds, given[group], strict=False):
+            body = {"event_id": d["event_id"], "reward": value}
+            r = api.call("POST", "/v1/reward", "decide", json=body)
+            assert r.status_code == 200, r.json
+    api.clock.advance(days=8)  # the windows close: the others count with the default reward, 0
+    report = api.call("GET", "/v1/reports/lift?channel=push", "analyst").json["channels"][0]
+    z = 1.959963984540054
+    stats: dict[str, tuple[float, float]] = {}
+    for group, ds in (("holdout", held), ("treatment", treated)):
+        values = given[group] + [0.0] * (len(ds) - len(given[group]))
+        n, m = len(values), sum(values) / len(values)
+        var = sum((x - m) ** 2 for x in values) / (n - 1)
+        half = z * (var / n) ** 0.5
+        assert report[group] == {"n": n, "rate": pytest.approx(m),
+                                 "ci95": [pytest.approx(m - half), pytest.approx(m + half)]}
+        stats[group] = (m, var / n)
+    diff = stats["treatment"][0] - stats["holdout"][0]
+    half = z * (stats["treatment"][1] + stats["holdout"][1]) ** 0.5
+    assert report["lift"] == {"difference": pytest.approx(diff),
+                              "ci95": [pytest.approx(diff - half), pytest.approx(diff + half)]}
+
+
 def test_one_outcome_has_a_rate_but_no_interval(api: Api) -> None:
     api.engine.add_offer(Offer("lone", ["site"], cost=1.0))
     e = choose(api, "m-lone", "site")["event_id"]
@@ -538,7 +602,7 @@ def test_an_offer_created_inactive_with_caps_cannot_be_switched_on_before_they_a
 
 def test_change_requests_are_listed_page_by_page(api: Api) -> None:
     """``GET /v1/changes`` stopped silently at the 10 000 oldest; it pages with ``after`` and
-    ``limit`` as the audit log does."""
+    ``limit`` as the audit log does, whose page after an entry starts with the next entry."""
     ids = [api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 60.0 + i}).json["change_id"]
            for i in range(5)]  # fmt: skip
     seen, after = [], 0
@@ -552,12 +616,16 @@ def test_change_requests_are_listed_page_by_page(api: Api) -> None:
     assert seen == ids
     r = api.call("GET", "/v1/changes?limit=0", "analyst")
     assert r.status_code == 422 and r.json["error"]["code"] == "invalid_argument"
+    audit = [e["audit_id"] for e in api.call("GET", "/v1/audit", "analyst").json["entries"]]
+    page = api.call("GET", f"/v1/audit?after={audit[2]}&limit=2", "analyst").json["entries"]
+    assert [e["audit_id"] for e in page] == audit[3:5]
 
 
 def test_an_offer_switched_on_with_a_budget_goes_live_when_the_budget_is_approved(api: Api) -> None:
     """A PATCH that switches an inactive offer on together with a governed setting used to
     switch it on at once, serving with no budget while the budget waited (and still after a
-    rejection). The switch now waits for the change, and a rejection leaves the offer off."""
+    rejection). The switch now waits for the change, and a rejection leaves the offer off; a
+    PATCH of ``active`` alone meanwhile is refused, as it would serve without the budget."""
     r = api.call("POST", "/v1/offers", "admin", json={
         "offer_id": "promo", "channels": ["sms"], "cost": 1.0, "budget": 10.0})
     assert api.call("POST", f"/v1/changes/{r.json['change_id']}/reject", "approver").status_code == 200
@@ -566,6 +634,10 @@ def test_an_offer_switched_on_with_a_budget_goes_live_when_the_budget_is_approve
         assert r.status_code == 202, r.json
         change = api.gov.get_change(r.json["change_id"])
         assert change.activate and dict(change.settings) == {"budget": 2.0}
+        before = api.state()
+        r = api.call("PATCH", "/v1/offers/promo", "admin", json={"active": True})
+        assert r.status_code == 409 and f"change {change.change_id}" in r.json["error"]["message"]
+        assert api.state() == before
         got = api.call("GET", "/v1/offers/promo", "analyst").json
         assert (got["active"], got["budget"]) == (False, None)
         assert choose(api, f"m-{attempt}", "sms")["offer_id"] == "solo"  # not promo
@@ -578,7 +650,8 @@ def test_an_offer_switched_on_with_a_budget_goes_live_when_the_budget_is_approve
 def test_a_cap_below_the_impressions_counted_is_refused_when_proposed(api: Api) -> None:
     """An impression cap the offer has already passed could never be approved (the approval
     fails with 409 and the change stays pending for ever): it is refused at once, as a budget
-    below what is spent and committed is, and nothing is recorded."""
+    below what is spent and committed is, and nothing is recorded. A budget of exactly what is
+    spent and committed is accepted and approved (it freezes the offer)."""
     for i in range(3):
         choose(api, f"m-cap-{i}", "sms")
     counted = api.engine.offer_state("solo").impressions
@@ -589,6 +662,13 @@ def test_a_cap_below_the_impressions_counted_is_refused_when_proposed(api: Api) 
     assert api.state() == before
     r = api.call("PATCH", "/v1/offers/solo", "admin", json={"max_impressions": counted})
     assert r.status_code == 202
+    st = api.engine.offer_state("solo")
+    held = (st.spent_cents + st.committed_cents) / 100
+    assert held >= 3
+    r = api.call("PATCH", "/v1/offers/solo", "admin", json={"budget": held})
+    assert r.status_code == 202, r.json
+    r = api.call("POST", f"/v1/changes/{r.json['change_id']}/approve", "approver")
+    assert r.status_code == 200 and api.engine.get_offer("solo").budget == held
 
 
 def test_the_proposer_withdraws_its_own_pending_change(api: Api) -> None:
@@ -674,7 +754,8 @@ def test_channel_settings_are_read_and_compared_as_stored_now(tmp_path) -> None:
 def test_a_creation_change_being_applied_still_holds_its_offer(api: Api) -> None:
     """While an approver applies a creation change (``applying``: for a minute if its process
     died) the offer was shown with no pending change and a PATCH could switch it on, serving
-    without the caps about to be applied."""
+    without the caps about to be applied. Its proposer cannot withdraw it meanwhile (a
+    withdrawn change whose caps were then applied)."""
     from sqlalchemy import update
 
     from bandit_engine.governance_models import ChangeRow
@@ -691,12 +772,17 @@ def test_a_creation_change_being_applied_still_holds_its_offer(api: Api) -> None
     r = api.call("PATCH", "/v1/offers/midway", "admin", json={"active": True})
     assert r.status_code == 409 and f"change {cid}" in r.json["error"]["message"]
     assert api.engine.get_offer("midway").active is False
+    before = api.state()
+    r = api.call("POST", f"/v1/changes/{cid}/withdraw", "admin")
+    assert r.status_code == 409 and "is being approved, not pending" in r.json["error"]["message"]
+    assert api.state() == before
 
 
 def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
     """An approval's entry held only the change's id, and an edit's the request body: the
     values in force before could not be read back from the log. Each entry now holds what was
-    written and what it replaced."""
+    written and what it replaced; an approval that also switches the offer on says it had been
+    off."""
     r = api.call("PATCH", "/v1/offers/capped", "admin",
                  json={"budget": 75.0, "cost": 1.5, "max_impressions": 500})  # fmt: skip
     cid = r.json["change_id"]
@@ -716,3 +802,12 @@ def test_the_audit_log_says_what_each_write_replaced(api: Api) -> None:
         ("change.approve", "channel:email", {"change_id": cap.json["change_id"],
          "settings": {"holdout_fraction": 0.2}, "before": {"holdout_fraction": 0.0}}),
     ]
+    r = api.call("PATCH", "/v1/offers/plain-b", "admin", json={"active": False})
+    assert r.status_code == 200
+    r = api.call("PATCH", "/v1/offers/plain-b", "admin", json={"active": True, "budget": 9.0})
+    cid = r.json["change_id"]
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    entry = api.call("GET", "/v1/audit", "analyst").json["entries"][-1]
+    assert (entry["action"], entry["detail"]) == ("change.approve", {
+        "change_id": cid, "reason": None, "settings": {"budget": 9.0},
+        "before": {"budget": None, "active": False}})  # fmt: skip

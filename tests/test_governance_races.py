@@ -199,14 +199,26 @@ def test_a_lapsed_claim_is_finished_by_approving_it_not_rejected(gov: Governance
     """An approver that died (or could not record the approval) after applying a change left it
     ``applying``; once lapsed it could be rejected, leaving a rejected change in force with no
     approval in the audit log. It can only be approved again now, which records the approval,
-    unless newer approved changes have since set everything it sets."""
+    unless newer approved changes have since set everything it sets. A re-approval whose apply
+    fails leaves the claim as it was (not pending, where it could be rejected)."""
     admin, a, b = principals(gov)
     applied = []
     cid = gov.propose("offer", "o", {"budget": 80.0}, admin).change_id
     with gov._engine.begin() as c:  # what the approving process left behind
         c.execute(update(ChangeRow).where(ChangeRow.id == cid)
                   .values(status="applying", decided_at=clock.now_ms()))  # fmt: skip
+    claimed = gov.get_change(cid).decided_at
     clock.advance(ms=APPLY_TIMEOUT_MS + 1)
+    with pytest.raises(ChangeNotApproved, match="may be in force"):
+        gov.decide(cid, b, approve=False)
+
+    def failing(ch: Change) -> None:
+        raise ValueError("apply failed")
+
+    with pytest.raises(ValueError):
+        gov.decide(cid, b, approve=True, apply=failing)
+    ch = gov.get_change(cid)
+    assert (ch.status, ch.decided_at) == ("applying", claimed)  # the lapsed claim, as it was
     with pytest.raises(ChangeNotApproved, match="may be in force"):
         gov.decide(cid, b, approve=False)
     assert gov.decide(cid, b, approve=True, apply=applied.append).status == "approved"
