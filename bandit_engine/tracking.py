@@ -158,8 +158,7 @@ class Tracker:
             if exp is None:
                 root = artifact_root(self.uri)
                 location = None
-                if root is not None:
-                    root.mkdir(parents=True, exist_ok=True)
+                if root is not None:  # the database's directory: _check_sqlite_store made it
                     location = root.as_uri()
                 exp_id = self._client.create_experiment(self.experiment, artifact_location=location)
             else:

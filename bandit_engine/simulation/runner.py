@@ -44,6 +44,7 @@ from .scenario import (
     TRUTH_PACED,
     PolicyEntry,
     Scenario,
+    _is_int,
 )
 from .world import World
 
@@ -158,10 +159,8 @@ class Simulator:
     """One scenario: a world per seed, references (random, oracles) and the policies to compare."""
 
     def __init__(self, scenario: Scenario, *, decisions: int | None = None) -> None:
-        if decisions is not None and (
-            isinstance(decisions, bool) or not isinstance(decisions, int)
-            or not 1 <= decisions <= MAX_DECISIONS
-        ):  # 0 is not "the scenario's"; the bound: see MAX_DECISIONS
+        if decisions is not None and not (_is_int(decisions) and 1 <= decisions <= MAX_DECISIONS):
+            # 0 is not "the scenario's"; the bound: see MAX_DECISIONS
             raise InvalidArgument(
                 f"decisions must be an integer in [1, {MAX_DECISIONS:_}], got {decisions!r}"
             )
@@ -426,12 +425,12 @@ class Simulator:
         in seed order. Engines cannot leave their process, so ``keep_engines`` needs
         ``jobs = 1``."""
         seeds = list(dict.fromkeys(seeds or self.scenario.seeds))  # a seed given twice runs once
-        bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        bad = [s for s in seeds if not (_is_int(s) and s >= 0)]
         if bad:  # numpy's own ValueError ("expected non-negative integer") named no seed
             raise InvalidArgument(
                 f"seeds must be integers >= 0 (the worlds' generators), got {bad}"
             )
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        if not (_is_int(jobs) and jobs >= 1):
             raise InvalidArgument(f"jobs must be an integer >= 1, got {jobs!r}")
         runs: list[RunResult] = []
         if jobs == 1 or len(seeds) == 1:
