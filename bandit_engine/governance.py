@@ -197,17 +197,38 @@ class Governance:
             rows = c.execute(select(ApiKeyRow).order_by(ApiKeyRow.id)).all()
         return [KeyRecord(r.id, r.name, r.role, r.prefix, r.created_at, r.revoked_at) for r in rows]
 
-    def revoke_key(self, key_id: int, *, actor: str = "cli") -> None:
+    def revoke_key(self, key_id: int, *, actor: str = "cli") -> list[int]:
+        """Revoke a key, and withdraw the changes it proposed that are still pending: a key is
+        revoked because its holder left or it leaked, and what it proposed should not go live
+        on an approver's click afterwards (its holder can no longer withdraw it). Returns the
+        ids of the withdrawn changes. A change already being applied is left to finish."""
+        now = self.clock.now_ms()
+        reason = f"withdrawn: the proposing key {key_id} was revoked"
         with self._tx(write=True) as c:
             n = c.execute(
                 update(ApiKeyRow).where(ApiKeyRow.id == key_id, ApiKeyRow.revoked_at.is_(None))
-                .values(revoked_at=self.clock.now_ms())
+                .values(revoked_at=now)
             ).rowcount  # fmt: skip
             if n == 0:
                 raise UnknownKey(f"no active key with id {key_id}")
             self._audit(c, actor, "key.revoke", f"key:{key_id}", {})
+            # in id order, as a decider locks them; a decider holding the lock has claimed its
+            # change (no longer pending) by the time this update sees the row
+            withdrawn = c.execute(
+                select(ChangeRow.id, ChangeRow.kind, ChangeRow.target)
+                .where(ChangeRow.proposed_by == key_id, ChangeRow.status == "pending")
+                .order_by(ChangeRow.id).with_for_update()
+            ).all()  # fmt: skip
+            for cid, kind, target in withdrawn:
+                c.execute(
+                    update(ChangeRow).where(ChangeRow.id == cid, ChangeRow.status == "pending")
+                    .values(status="withdrawn", decided_at=now, reason=reason)
+                )  # fmt: skip
+                self._audit(c, actor, "change.withdraw", f"{kind}:{target}",
+                            {"change_id": int(cid), "reason": reason})  # fmt: skip
         with self._cache_lock:
             self._cache.clear()
+        return [int(r[0]) for r in withdrawn]
 
     def authenticate(self, key: str | None) -> Principal | None:
         """The principal of an active key, or None. Cached for ``AUTH_CACHE_SECONDS``."""
@@ -334,9 +355,14 @@ class Governance:
                 raise Forbidden(f"change {change_id} was proposed by this key; another key must decide it")
             # a key's name says whose it is: one person's admin and approver keys are one pair
             # of eyes (an unnamed key is named after its role, so two unnamed keys differ)
-            proposer = c.execute(
-                select(ApiKeyRow.name).where(ApiKeyRow.id == ch.proposed_by)
-            ).scalar()
+            proposer, revoked_at = c.execute(
+                select(ApiKeyRow.name, ApiKeyRow.revoked_at).where(ApiKeyRow.id == ch.proposed_by)
+            ).one_or_none() or (None, None)
+            if approve and revoked_at is not None and ch.status == "pending":
+                raise ChangeNotApproved(  # revoked before revoking withdrew pending changes
+                    f"change {change_id} was proposed by key {ch.proposed_by}, since revoked; "
+                    "reject it, and propose it again with a live key if it is still wanted"
+                )
             if proposer == decider.name:
                 raise Forbidden(
                     f"change {change_id} was proposed by another key named {proposer!r}; "

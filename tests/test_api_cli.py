@@ -45,6 +45,14 @@ def test_keys_create_list_revoke(tmp_path) -> None:
                      ("cli", "key.revoke", f"key:{kid}", {})]  # fmt: skip
     bad = runner.invoke(main, ["--database-url", url, "keys", "create", "--role", "root"])
     assert bad.exit_code != 0
+    # revoking a key names the pending changes it withdrew
+    admin_key, admin = gov.create_key("admin", name="ops")
+    proposer = gov.authenticate(admin_key)
+    cid = gov.propose("settings", "engine", {"member_cap": None}, proposer).change_id
+    r = runner.invoke(main, ["--database-url", url, "keys", "revoke", str(admin.key_id)])
+    assert r.exit_code == 0 and r.output.splitlines() == [
+        f"revoked key {admin.key_id}", f"withdrew its pending changes: {cid}"], r.output
+    assert gov.get_change(cid).status == "withdrawn"
 
 
 def test_learner_publishes_a_snapshot(tmp_path) -> None:

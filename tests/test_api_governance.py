@@ -705,6 +705,53 @@ def test_the_proposer_withdraws_its_own_pending_change(api: Api) -> None:
     assert (got["active"], got["budget"], got["pending_changes"]) == (False, None, [])
 
 
+def test_revoking_a_key_withdraws_the_changes_it_left_pending(api: Api) -> None:
+    """A revoked key's proposals stayed approvable: a leaked or departed admin key's budget
+    raise went live on the next approver's click, and nobody could withdraw it. Revoking a key
+    withdraws its pending changes (audited), creation changes included; other keys' changes
+    stay pending. A change a revoked key left pending before this (an older store) can be
+    rejected but not approved."""
+    leaver, rec = api.gov.create_key("admin", name="leaver")
+    raise_cid = api.call("PATCH", "/v1/offers/capped", key=leaver,
+                         json={"budget": 5000.0}).json["change_id"]  # fmt: skip
+    r = api.call("POST", "/v1/offers", key=leaver, json={
+        "offer_id": "by-leaver", "channels": ["email"], "cost": 1, "budget": 5})
+    create_cid = r.json["change_id"]
+    others = api.call("PATCH", "/v1/offers/capped", "admin", json={"max_impressions": 900})
+    assert others.status_code == 202
+    assert api.gov.revoke_key(rec.key_id, actor="cli") == [raise_cid, create_cid]
+    for cid in (raise_cid, create_cid):
+        ch = api.gov.get_change(cid)
+        assert (ch.status, ch.reason) == (
+            "withdrawn", f"withdrawn: the proposing key {rec.key_id} was revoked")
+        r = api.call("POST", f"/v1/changes/{cid}/approve", "approver")
+        assert r.status_code == 409 and "withdrawn, not pending" in r.json["error"]["message"]
+    assert api.engine.get_offer("capped").budget == 50.0
+    got = api.call("GET", "/v1/offers/by-leaver", "analyst").json
+    assert (got["active"], got["budget"], got["pending_changes"]) == (False, None, [])
+    audit = [(e["actor"], e["action"], e["detail"].get("change_id"))
+             for e in api.call("GET", "/v1/audit", "analyst").json["entries"]]
+    assert audit[-3:] == [("cli", "key.revoke", None), ("cli", "change.withdraw", raise_cid),
+                          ("cli", "change.withdraw", create_cid)]  # fmt: skip
+    cid = others.json["change_id"]
+    assert api.call("POST", f"/v1/changes/{cid}/approve", "approver").status_code == 200
+    # a store where a key was revoked before revoking withdrew anything
+    from sqlalchemy import update
+
+    from bandit_engine.governance_models import ApiKeyRow
+
+    gone, gone_rec = api.gov.create_key("admin", name="gone")
+    stale = api.call("PATCH", "/v1/offers/capped", key=gone, json={"budget": 70.0})
+    with api.gov._tx(write=True) as c:
+        c.execute(update(ApiKeyRow).where(ApiKeyRow.id == gone_rec.key_id).values(revoked_at=1))
+    before = api.state()
+    r = api.call("POST", f"/v1/changes/{stale.json['change_id']}/approve", "approver")
+    assert r.status_code == 409 and "since revoked" in r.json["error"]["message"], r.json
+    assert api.state() == before
+    r = api.call("POST", f"/v1/changes/{stale.json['change_id']}/reject", "approver")
+    assert r.status_code == 200 and r.json["status"] == "rejected"
+
+
 def test_changes_are_filtered_by_kind_and_target(api: Api) -> None:
     """``kind`` and ``target`` were ignored: every change came back."""
     offer = api.call("PATCH", "/v1/offers/capped", "admin", json={"budget": 70.0}).json["change_id"]

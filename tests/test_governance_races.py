@@ -227,3 +227,51 @@ def test_a_lapsed_claim_is_finished_by_approving_it_not_rejected(gov: Governance
     with pytest.raises(InvalidArgument, match="NUL"):  # PostgreSQL text cannot hold it
         gov.decide(gov.propose("offer", "o", {"budget": 70.0}, admin).change_id, b, approve=False,
                    reason="ok\x00")  # fmt: skip
+
+
+def revoke_during_approvals(gov: Governance, approver: Principal, r: int) -> None:
+    """One round: a key's four changes (two targets, ids interleaved) are approved newest
+    first, each apply slow, while the key is revoked; either thread may start first."""
+    key, rec = gov.create_key("admin", name=f"leaver{r}")
+    p = gov.authenticate(key)
+    assert p is not None
+    cids = [gov.propose("offer", f"t{r}.{i % 2}", {"budget": float(i)}, p).change_id
+            for i in range(4)]  # fmt: skip
+    applied: list[int] = []
+    errors: list[BaseException] = []
+    withdrawn: list[int] = []
+
+    def slow(ch: Change) -> None:
+        time.sleep(0.002)
+        applied.append(ch.change_id)
+
+    def approve() -> None:
+        for cid in reversed(cids):  # the newest first: the older ones are then stale
+            try:
+                gov.decide(cid, approver, approve=True, apply=slow)
+            except ChangeNotApproved:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=approve),
+               threading.Thread(target=lambda: withdrawn.extend(gov.revoke_key(rec.key_id)))]
+    for t in threads[:: 1 if r % 2 else -1]:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads), (r, errors)
+    status = {cid: gov.get_change(cid).status for cid in cids}
+    assert "pending" not in status.values() and "applying" not in status.values(), (r, status)
+    assert sorted(withdrawn) == [c for c in cids if status[c] == "withdrawn"], (r, status)
+    assert sorted(applied) == [c for c in cids if status[c] == "approved"], (r, status)
+
+
+def test_revoking_a_proposer_while_its_change_is_approved_settles_it_one_way(gov: Governance) -> None:
+    """Real threads: an approver approves the changes of a key that is revoked at the same
+    moment, on each backend's store and its locks. Each change ends approved and applied, or
+    withdrawn and never applied; none stays pending, and revoking never deadlocks with the
+    decider's row locks."""
+    _, a, _b = principals(gov)
+    for r in range(8):
+        revoke_during_approvals(gov, a, r)

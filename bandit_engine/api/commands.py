@@ -213,9 +213,12 @@ def keys_list(ctx: click.Context) -> None:
 @click.argument("key_id", type=click.IntRange(1, 2**63 - 1))
 @click.pass_context
 def keys_revoke(ctx: click.Context, key_id: int) -> None:
-    """Revoke a key by id (effective on every worker within a second)."""
-    _gov(_existing_url(ctx), upgrade=False).revoke_key(key_id)
+    """Revoke a key by id (effective on every worker within a second); the changes it
+    proposed that are still pending are withdrawn."""
+    withdrawn = _gov(_existing_url(ctx), upgrade=False).revoke_key(key_id)
     click.echo(f"revoked key {key_id}")
+    if withdrawn:
+        click.echo("withdrew its pending changes: " + ", ".join(map(str, withdrawn)))
 
 
 def seed_demo(url: str) -> list[str]:
