@@ -1,6 +1,6 @@
 """``make bench``: every benchmark, each against a floor measured in the same run.
 
-    python -m benchmarks [--quick] [--only core,http,simulation]
+    python -m benchmarks [--quick] [--only core,http,simulation,ope]
 
 Prints one table per suite and writes ``benchmarks/results/latest.json``.
 """
@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-SUITES = ("core", "http", "simulation")
+SUITES = ("core", "http", "simulation", "ope")
 
 
 def print_table(name: str, rows: list[dict]) -> None:

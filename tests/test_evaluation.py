@@ -21,6 +21,7 @@ from bandit_engine.errors import BanditEngineError, InvalidArgument, UnknownChan
 from bandit_engine.evaluation import (
     LoggedData,
     LoggedRow,
+    dm,
     dr,
     evaluate,
     from_dsjson,
@@ -81,6 +82,33 @@ def test_unbiased_estimators_cover_the_truth_and_are_accurate(replications, name
     assert 0.86 <= coverage <= 1.0, coverage
     assert np.median(rel_err) < 0.08, np.median(rel_err)
     assert abs(bias) < 0.01 * TRUTH + 2 * np.std([e.value for e in est]) / np.sqrt(len(est))
+
+
+def test_dms_interval_carries_the_reward_models_error(replications) -> None:
+    """DM's interval came from the spread of its predictions alone, about 13 times too narrow
+    (it covered the truth in 10 % of these replications): the reward model's own error is
+    most of DM's. Its standard error now comes from a bootstrap that refits the model, and
+    matches DM's spread over replications."""
+    est = [r[0]["dm"] for r in replications]
+    spread = float(np.std([e.value for e in est]))
+    assert 0.8 <= np.mean([e.covers(TRUTH) for e in est]) <= 1.0
+    assert 0.6 * spread < np.mean([e.se for e in est]) < 1.5 * spread, (spread, est[0])
+    # without a standard error from the whole procedure, dm() claims no interval at all
+    bare = dm(np.array([0.2, 0.3, 0.4]))
+    assert bare.value == pytest.approx(0.3) and (bare.lo, bare.hi) == (-np.inf, np.inf)
+
+
+def test_terms_without_spread_have_no_interval() -> None:
+    """Every reward 0, or the only rows the candidate weights redeemed alike: the normal
+    interval collapsed to a point ([0, 0], or SNIPS [1, 1] from two rows), a certainty the logs
+    cannot give. The estimate stands; its interval is unbounded."""
+    pi, p = np.array([1.0, 0.0, 1.0, 0.0]), np.full(4, 0.5)
+    zero = np.zeros(4)
+    alike = np.array([1.0, 0.0, 1.0, 0.0])  # the two weighted rows both redeemed
+    for e in (ips(pi, p, zero), snips(pi, p, zero), snips(pi, p, alike)):
+        assert np.isfinite(e.value) and (e.lo, e.hi) == (-np.inf, np.inf), e
+    for e in (ips(pi, p, alike), snips(pi, p, np.array([1.0, 0.0, 0.0, 0.0]))):
+        assert 0 < e.se < np.inf, e  # IPS counts the unweighted rows as 0: a spread
 
 
 @pytest.mark.parametrize("name", ["ips", "snips"])
@@ -471,11 +499,29 @@ def test_inactive_decisions_are_neither_evaluated_nor_exported() -> None:
      r"'c._multi\[0\].A.offer' must be an offer id, got None"),
     (_record(c={"U": [1], "_multi": [{"A": {"offer": "o0"}}]}), r"'c.U' \(the context\) must be an object"),
     (_record(c={"U": {}, "_multi": [{"B": {}}]}), r"'c._multi' must list the eligible actions"),
+    ('{"c": {"U": {"x": NaN}, "_multi": [{"A": {"offer": "o0"}}]}, "a": [1], "p": [1.0], '
+     '"_label_cost": -1}', r"'c.U': context\['x'\] must be finite, got nan$"),
+    (_record(c={"U": {"x": None}, "_multi": [{"A": {"offer": "o0"}}]}, a=[1], p=[1.0]),
+     r"'c.U': context\['x'\] must be a number, string or bool, got None$"),
+    (_record(c={"U": {"x": [1, 2]}, "_multi": [{"A": {"offer": "o0"}}]}, a=[1], p=[1.0]),
+     r"'c.U': context\['x'\] must be a number"),
+    (_record(c={"U": {"x": 10**400}, "_multi": [{"A": {"offer": "o0"}}]}, a=[1], p=[1.0]),
+     r"'c.U': context\['x'\] must be an integer of magnitude <= 2\*\*53"),
+    (_record(c={"U": {"x\ud800": 1}, "_multi": [{"A": {"offer": "o0"}}]}, a=[1], p=[1.0]),
+     r"'c.U': context keys must be non-empty strings"),
+    (_record(c={"U": {}, "_multi": [{"A": {"offer": "o0", "kind": "other"}},
+                                    {"A": {"offer": "o1"}}, {"A": {"offer": "o2"}}]}),
+     r"offer 'o0' has other features \('c._multi\[0\].A'\) than on line 1: "
+     r"\{'kind': 'other'\} against \{\}"),
+    ("[" * 100_000 + "]" * 100_000, r"not a dsjson record \(JSON nested too deeply to read\)"),
 ])  # fmt: skip
 def test_malformed_dsjson_lines_are_errors_naming_the_line(line: str | dict, message: str) -> None:
     """They were skipped (not an object), read as a reward (``true``), counted twice (a
     repeated EventId), or read as the offer "None"; or they failed later in the estimators
-    with no line to look at (a wrong propensity, a NaN reward)."""
+    with no line to look at (a wrong propensity, a NaN reward). A context value a choose would
+    refuse (NaN, a list, an integer beyond 2**53) read as a feature, silently moving every
+    estimate, or crashed with a traceback; an offer's features on a later line were ignored;
+    JSON nested 100 000 deep was a RecursionError traceback."""
     text = line if isinstance(line, str) else json.dumps(line)
     with pytest.raises(InvalidArgument, match="^dsjson line 2: " + message):
         from_dsjson([json.dumps(_record(EventId="e0")), text])
@@ -578,6 +624,95 @@ def test_a_fixed_candidate_naming_an_offer_the_logs_do_not_have_is_an_error(tmp_
     ok = CliRunner().invoke(main, ["evaluate", "--dsjson", str(path), "--policy",
                                    '{"family": "fixed", "params": {"offers": ["o1"]}}'])  # fmt: skip
     assert ok.exit_code == 0, ok.output
+
+
+def test_too_few_decisions_left_after_the_training_share_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two lines, or 30 with --train-fraction 0.99, evaluated one decision (an unbounded
+    interval, DM from a model fitted on nothing) and exited 0."""
+    path = tmp_path / "log.json"
+    path.write_text("".join(json.dumps(_record(EventId=f"e{k}")) + "\n" for k in range(30)))
+    code, out, err = _cli(monkeypatch, capsys, "evaluate", "--dsjson", str(path), "--policy",
+                          "uniform", "--train-fraction", "0.99")  # fmt: skip
+    assert (code, out) == (2, ""), out
+    assert err.strip() == ("error: only 1 of the 30 settled decisions are left to evaluate once "
+                           "the candidate learns from the first 0.99 of them; at least 2 are "
+                           "needed (lower --train-fraction)")  # fmt: skip
+    code, out, err = _cli(monkeypatch, capsys, "evaluate", "--dsjson", str(path), "--policy",
+                          "uniform", "--train-fraction", "0.9")  # fmt: skip
+    assert code == 0 and "on 3 decisions (learned from 27)" in out, err
+
+
+def test_the_cli_notes_what_the_logs_cannot_show_a_candidate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A candidate that scores with the member x offer history (lin_ts), evaluated on the logs
+    of a policy that does not record it (uniform), was evaluated as if every member were new
+    to every offer, without a word; so was vw's member id on a dsjson file, which has none."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    clock = ManualClock()
+    engine = Engine.open(url, clock=clock, seed=3)
+    for oid in ("o1", "o2"):
+        engine.add_offer(Offer(oid, channels=["email"], cost=1.0))
+    engine.set_channel(ChannelConfig("email", policy=PolicySpec("uniform")))
+    for k in range(40):
+        if k == 20:  # half the log from a policy that records the history
+            engine.set_channel(ChannelConfig("email", policy=PolicySpec("lin_ts")))
+        d = engine.choose(f"m{k % 4}", "email", {"tier": "gold"}, event_id=f"e{k}")
+        engine.reward(d.event_id, float(k % 3 == 0))
+        clock.advance(seconds=60)
+    clock.advance(days=8)
+    engine.close()
+    code, out, err = _cli(monkeypatch, capsys, "--database-url", url, "evaluate", "--policy",
+                          "lin_ts", "--train-fraction", "0.25")  # fmt: skip
+    assert code == 0, err
+    assert err.strip() == ("note: 10 of 30 decisions were logged without the member x offer "
+                           "history (exposures and redemptions of each offer) that lin_ts scores "
+                           "with: their logging policy does not record it. It is evaluated on "
+                           "them as if every member were new to every offer, not as it would "
+                           "decide live")  # fmt: skip
+    code, out, err = _cli(monkeypatch, capsys, "--database-url", url, "evaluate", "--policy",
+                          "thompson")  # fmt: skip
+    assert (code, err) == (0, "")  # a candidate without history features: nothing to say
+    path = tmp_path / "log.json"
+    path.write_text("".join(json.dumps(_record(EventId=f"e{k}")) + "\n" for k in range(6)))
+    code, out, err = _cli(monkeypatch, capsys, "evaluate", "--dsjson", str(path), "--policy",
+                          '{"family": "vw", "params": {"member_id": true}}')  # fmt: skip
+    assert code == 0, err
+    assert err.splitlines() == [
+        "note: 3 of 3 decisions were logged without the member x offer history (exposures and "
+        "redemptions of each offer) that vw scores with: their logging policy does not record "
+        "it. It is evaluated on them as if every member were new to every offer, not as it "
+        "would decide live",
+        "note: the logs carry no member ids (a dsjson file does not): vw's member-id features "
+        "see every decision as one member's"]  # fmt: skip
+
+
+def test_an_edited_archive_line_is_a_one_line_error(tmp_path: Path) -> None:
+    """An archived decision the engine could not have logged crashed the evaluation (an offer
+    not among its eligible ones: ValueError; a null context value: TypeError), failed with no
+    line (a probability of 5), or was learned from (a reward of 1e300)."""
+    from bandit_engine.ledger.records import Decision, Pruned, read_archive
+
+    d = Decision("e", "m", "email", "treatment", "o1", 0.5, "uniform", 0, 0, 1,
+                 eligible=("o1", "o2"), pmf=(0.5, 0.5), status="closed", reward=1.0,
+                 context={"tier": "gold"}, learnable=True)  # fmt: skip
+    good = json.dumps(Pruned(d).to_json())
+    assert [p.decision for p in read_archive([good])] == [d]
+    for change, message in [
+        ({"offer_id": "zz"}, "offer 'zz' is not among its eligible offers ['o1', 'o2']"),
+        ({"context": {"x": None}}, "'context' must map names to finite numbers, strings or "),
+        ({"probability": 5.0}, "'probability' must be in (0, 1], got 5.0"),
+        ({"reward": 1e300}, "'reward' must be a number between -1e+12 and 1e+12, got 1e+300"),
+        ({"pmf": [0.5]}, "'pmf' must hold one probability per eligible offer, got [0.5]"),
+        ({"offer_context": {"o1": {"seen": "x"}}}, "'offer_context' must map offers to"),
+    ]:
+        rec = json.loads(good)
+        rec["decision"].update(change)
+        with pytest.raises(InvalidArgument) as exc:
+            list(read_archive([good.replace('"e"', '"e0"'), json.dumps(rec)]))
+        assert exc.value.message.startswith(f"archive line 2: {message}"), (change, exc.value)
 
 
 def test_the_dsjson_export_keeps_each_offers_member_history_features() -> None:

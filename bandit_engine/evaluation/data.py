@@ -11,19 +11,20 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..catalog import Offer, PolicySpec, is_finite_number
+from ..catalog import Offer, PolicySpec, check_features, is_finite_number, shown
 from ..errors import InvalidArgument
 from ..exploration import event_rng
 from ..features import FeatureHasher
-from ..ledger.records import Decision, read_archive
+from ..ledger.records import SETTLED_REWARD_LIMIT, Decision, read_archive
 from ..ledger.settle import settled_by
+from ..policies.registry import records_history
 from .estimators import Estimate, all_estimates
 
 if TYPE_CHECKING:
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 # |reward| of a dsjson label. The engine takes rewards up to 1e9 each (a sum-aggregated
 # decision adds several), so a larger label is a file written wrong; finite but huge (1e300),
 # it read as a reward and made every estimate and interval overflow (inf, nan, warnings).
-LABEL_LIMIT = 1e12
+# An archived decision's reward has the same bound.
+LABEL_LIMIT = SETTLED_REWARD_LIMIT
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class LoggedRow:
     propensity: float
     reward: float
     offer_context: tuple[Mapping[str, float], ...] = ()
+    history: bool = True  # the logging policy recorded the member x offer history
 
 
 @dataclass
@@ -66,6 +69,13 @@ class LoggedData:
     @property
     def reward(self) -> np.ndarray:
         return np.array([r.reward for r in self.rows])
+
+    @property
+    def without_history(self) -> int:
+        """Rows logged without the member x offer history (by a family that does not use it,
+        or from a dsjson file with no 'H' at all): a candidate that uses it sees them as if
+        every member were new to every offer."""
+        return sum(not r.history for r in self.rows)
 
     def split(self, fraction: float) -> tuple[LoggedData, LoggedData]:
         k = int(len(self.rows) * fraction)
@@ -101,6 +111,7 @@ def from_decisions(
             d.event_id, d.member_id, dict(d.context), tuple(d.eligible), np.asarray(d.pmf, dtype=float),
             i, float(d.probability or d.pmf[i]), float(d.reward),
             tuple(dict(d.offer_context.get(o, {})) for o in d.eligible),
+            records_history(d.policy_name) is not False,
         ))  # fmt: skip
     return LoggedData(rows, {o.offer_id: o for o in offers})
 
@@ -165,6 +176,7 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
     rows = []
     offers: dict[str, Offer] = {}
     seen: dict[str, int] = {}  # EventId -> its line
+    first_seen: dict[str, tuple[int, dict[str, Any]]] = {}  # offer -> its first line, features
     unlabeled = 0
     for n, line in enumerate(lines, 1):
         line = line.strip()
@@ -202,6 +214,10 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
             if not isinstance(context, dict):
                 raise InvalidArgument(f"dsjson line {n}: 'c.U' (the context) must be an object, "
                                       f"got {context!r}")  # fmt: skip
+            try:  # what a choose would take: a NaN or a list read as a feature, silently
+                check_features("context", context)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"dsjson line {n}: 'c.U': {exc.message}") from None
             eligible, history = [], []
             for j, m in enumerate(multi):
                 a = dict(m["A"])
@@ -223,6 +239,13 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
                     except InvalidArgument as exc:
                         msg = f"dsjson line {n}: offer {oid!r}: {exc.message}"
                         raise InvalidArgument(msg) from None
+                    first_seen[oid] = (n, a)
+                elif a != first_seen[oid][1]:  # one offer, one set of features: which to use?
+                    raise InvalidArgument(
+                        f"dsjson line {n}: offer {oid!r} has other features ('c._multi[{j}].A') "
+                        f"than on line {first_seen[oid][0]}: {shown(a)} against "
+                        f"{shown(first_seen[oid][1])}"
+                    )
             k = len(eligible)
             actions, probs = rec["a"], rec["p"]
             if not isinstance(actions, list) or not actions or not all(_is_int(a) and 1 <= a <= k for a in actions):
@@ -268,8 +291,13 @@ def from_dsjson(source: str | Path | IO[str] | Iterable[str]) -> LoggedData:
         except json.JSONDecodeError as exc:
             msg = f"dsjson line {n}: not JSON ({exc.msg}, column {exc.colno})"
             raise InvalidArgument(msg) from None
+        except RecursionError:
+            raise InvalidArgument(f"dsjson line {n}: not a dsjson record (JSON nested too "
+                                  f"deeply to read)") from None  # fmt: skip
         except (ValueError, TypeError) as exc:
             raise InvalidArgument(f"dsjson line {n}: {exc!r}"[:300]) from None
+    if not any(any(r.offer_context) for r in rows):  # no 'H' anywhere: not recorded
+        rows = [replace(r, history=False) for r in rows]
     return LoggedData(rows, offers, unlabeled)
 
 
@@ -291,50 +319,101 @@ def _is_int(v: object) -> bool:
 
 
 # reward model ------------------------------------------------------------------------------
-class RidgeRewardModel:
-    """Per-offer ridge regression on hashed context features, shrunk to the global mean."""
-
-    def __init__(self, dim: int = 64, alpha: float = 1.0) -> None:
-        self.hasher = FeatureHasher(dim)
-        self.alpha = alpha
-        self.mean = 0.0
-        self.weights: dict[str, np.ndarray] = {}
-        self.lo, self.hi = 0.0, 1.0
-
-    def x(self, row: LoggedRow) -> np.ndarray:
-        return self.hasher.vector(row.context)
-
-    def fit(self, rows: Sequence[LoggedRow], xs: np.ndarray) -> RidgeRewardModel:
-        r = np.array([row.reward for row in rows])
-        self.mean = float(r.mean()) if r.size else 0.0
-        self.lo, self.hi = (float(r.min()), float(r.max())) if r.size else (0.0, 1.0)
-        by_offer: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            by_offer.setdefault(row.eligible[row.chosen], []).append(i)
-        d = xs.shape[1]
-        for oid, idx in by_offer.items():
-            x = xs[idx]
-            self.weights[oid] = np.linalg.solve(x.T @ x + self.alpha * np.eye(d), x.T @ (r[idx] - self.mean))
-        return self
-
-    def predict(self, x: np.ndarray, offer_ids: Sequence[str]) -> np.ndarray:
-        out = np.array([self.mean + (float(x @ self.weights[o]) if o in self.weights else 0.0) for o in offer_ids])
-        return np.clip(out, self.lo, self.hi)
+# DM's standard error: this many bootstrap resamples of the rows, each refitting the cross-fitted
+# reward model (the se itself is then within ~5 % of its limit)
+DM_BOOTSTRAP = 200
 
 
-def cross_fit_predictions(data: LoggedData, folds: int = 2, seed: int = 0, dim: int = 64) -> list[np.ndarray]:
-    """q_hat(x_i, a) for every eligible a of every row, each from a model fitted without row i's fold."""
+@dataclass(frozen=True)
+class _Design:
+    """The rows as arrays: hashed context ``xs`` (n x dim), each row's chosen offer and eligible
+    offers as indexes into ``offer_ids`` (``eligible`` padded with 0 where ``mask`` is False)."""
+
+    xs: np.ndarray
+    reward: np.ndarray
+    chosen: np.ndarray
+    eligible: np.ndarray
+    mask: np.ndarray
+    offer_ids: tuple[str, ...]
+
+
+def _design(data: LoggedData, dim: int) -> _Design:
     rows = data.rows
-    model0 = RidgeRewardModel(dim)
-    xs = np.array([model0.x(r) for r in rows]) if rows else np.zeros((0, dim))
-    fold = np.random.default_rng(seed).permutation(len(rows)) % folds
-    out: list[np.ndarray] = [np.empty(0)] * len(rows)
+    hasher = FeatureHasher(dim)
+    xs = np.array([hasher.vector(r.context) for r in rows]) if rows else np.zeros((0, dim))
+    index: dict[str, int] = {}
+    for r in rows:
+        for o in r.eligible:
+            index.setdefault(o, len(index))
+    k = max((len(r.eligible) for r in rows), default=1)
+    eligible = np.zeros((len(rows), k), dtype=np.intp)
+    mask = np.zeros((len(rows), k), dtype=bool)
+    for i, r in enumerate(rows):
+        eligible[i, :len(r.eligible)] = [index[o] for o in r.eligible]
+        mask[i, :len(r.eligible)] = True
+    chosen = np.array([index[r.eligible[r.chosen]] for r in rows], dtype=np.intp)
+    return _Design(xs, np.array([r.reward for r in rows], dtype=float), chosen, eligible, mask,
+                   tuple(index))  # fmt: skip
+
+
+def _cross_fit(d: _Design, fold: np.ndarray, folds: int, counts: np.ndarray,
+               alpha: float = 1.0) -> np.ndarray:  # fmt: skip
+    """The reward model's prediction for every row and every offer (n x offers), each row's
+    from a model fitted without its fold: per offer, a ridge regression on the hashed context
+    of the rows that chose it, shrunk to the mean reward, clipped to the rewards' range. Rows
+    count ``counts`` times (a bootstrap resample; 1 each for the data as logged)."""
+    n, dim = d.xs.shape
+    q = np.zeros((n, len(d.offer_ids)))
     for k in range(folds):
-        train = np.flatnonzero(fold != k)
-        model = RidgeRewardModel(dim).fit([rows[i] for i in train], xs[train])
-        for i in np.flatnonzero(fold == k):
-            out[i] = model.predict(xs[i], rows[i].eligible)
-    return out
+        w = np.where(fold != k, counts, 0).astype(float)
+        train = w > 0
+        if train.any():
+            mean = float(w @ d.reward / w.sum())
+            lo, hi = float(d.reward[train].min()), float(d.reward[train].max())
+        else:
+            mean, lo, hi = 0.0, 0.0, 1.0
+        weights = np.zeros((dim, len(d.offer_ids)))
+        for o in np.unique(d.chosen[train]):
+            m = train & (d.chosen == o)
+            x, wm = d.xs[m], w[m]
+            weights[:, o] = np.linalg.solve((x * wm[:, None]).T @ x + alpha * np.eye(dim),
+                                            x.T @ (wm * (d.reward[m] - mean)))  # fmt: skip
+        test = fold == k
+        q[test] = np.clip(mean + d.xs[test] @ weights, lo, hi)
+    return q
+
+
+def _folds(n: int, folds: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(n) % folds
+
+
+def cross_fit_predictions(
+    data: LoggedData, folds: int = 2, seed: int = 0, dim: int = 64,
+) -> list[np.ndarray]:  # fmt: skip
+    """q_hat(x_i, a) for every eligible a of every row, each from a model fitted without row
+    i's fold."""
+    d = _design(data, dim)
+    q = _cross_fit(d, _folds(len(data.rows), folds, seed), folds, np.ones(len(data.rows)))
+    return [q[i, d.eligible[i, : len(r.eligible)]] for i, r in enumerate(data.rows)]
+
+
+def _dm_bootstrap_se(d: _Design, pis: np.ndarray, fold: np.ndarray, folds: int, seed: int,
+                     draws: int = DM_BOOTSTRAP) -> float:  # fmt: skip
+    """The standard error of DM (``mean_i sum_a pi(a|x_i) q(x_i, a)``) over bootstrap resamples
+    of the rows, each refitting the cross-fitted model: the reward model's own error is most
+    of DM's. A row keeps its fold in every resample, so no copy of it trains the model that
+    predicts it. ``pis`` is the target's pmf per row, padded like ``d.eligible``."""
+    n = d.xs.shape[0]
+    if n < 2:
+        return float("inf")
+    rng = np.random.default_rng([seed, 0x0D3])
+    values = np.empty(draws)
+    rows = np.arange(n)[:, None]
+    for b in range(draws):
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        q = _cross_fit(d, fold, folds, counts)
+        values[b] = counts @ (pis * q[rows, d.eligible]).sum(axis=1) / n
+    return float(values.std(ddof=1))
 
 
 # targets -----------------------------------------------------------------------------------
@@ -370,6 +449,27 @@ def policy_target(spec: PolicySpec | Mapping[str, Any], train: LoggedData, *, se
         return pol.pmf(scoring(row), event_rng(seed, row.event_id), floor)
 
     return target
+
+
+def candidate_notes(spec: PolicySpec | Mapping[str, Any], data: LoggedData) -> list[str]:
+    """What the logs cannot show a candidate that it would see live, one sentence each: the
+    member x offer history its features use, where the logging policy did not record it; the
+    member id, where a dsjson file does not carry it."""
+    from ..policies.registry import make_policy
+
+    pol = make_policy(spec)
+    notes = []
+    if pol.uses_offer_context and data.without_history:
+        notes.append(
+            f"{data.without_history:,} of {len(data):,} decisions were logged without the member "
+            f"x offer history (exposures and redemptions of each offer) that {pol.family} "
+            "scores with: their logging policy does not record it. It is evaluated on them as "
+            "if every member were new to every offer, not as it would decide live"
+        )
+    if getattr(pol, "member_id", False) is True and any(not r.member_id for r in data.rows):
+        notes.append(f"the logs carry no member ids (a dsjson file does not): {pol.family}'s "
+                     "member-id features see every decision as one member's")  # fmt: skip
+    return notes
 
 
 @dataclass
@@ -408,16 +508,23 @@ def evaluate(data: LoggedData, target: Target, *, folds: int = 2, seed: int = 0,
         raise InvalidArgument("no settled decisions to evaluate")
     pis = [_target_pmf(target, r) for r in data.rows]
     pi_chosen = np.array([pi[r.chosen] for pi, r in zip(pis, data.rows, strict=True)])
-    q = cross_fit_predictions(data, folds=folds, seed=seed)
-    dm_target = np.array([float(pi @ qi) for pi, qi in zip(pis, q, strict=True)])
-    q_chosen = np.array([qi[r.chosen] for qi, r in zip(q, data.rows, strict=True)])
+    d = _design(data, 64)
+    padded = np.zeros(d.eligible.shape)
+    for i, pi in enumerate(pis):
+        padded[i, : pi.size] = pi
+    fold = _folds(len(data.rows), folds, seed)
+    q = _cross_fit(d, fold, folds, np.ones(len(data.rows)))
+    rows = np.arange(len(data.rows))
+    dm_target = (padded * q[rows[:, None], d.eligible]).sum(axis=1)
+    q_chosen = q[rows, d.chosen]
     p = data.propensity if propensity is None else np.asarray(propensity, dtype=float)
-    est = all_estimates(pi_chosen, p, data.reward, dm_target, q_chosen)
+    dm_se = _dm_bootstrap_se(d, padded, fold, folds, seed)
+    est = all_estimates(pi_chosen, p, data.reward, dm_target, q_chosen, dm_se=dm_se)
     return Report(est, float(data.reward.mean()), len(data.rows))
 
 
 __all__ = [
-    "LABEL_LIMIT", "LoggedData", "LoggedRow", "Report", "RidgeRewardModel", "Target",
-    "cross_fit_predictions", "evaluate", "from_decisions", "from_dsjson", "from_engine",
-    "open_existing", "policy_target",
+    "DM_BOOTSTRAP", "LABEL_LIMIT", "LoggedData", "LoggedRow", "Report", "Target",
+    "candidate_notes", "cross_fit_predictions", "evaluate", "from_decisions", "from_dsjson",
+    "from_engine", "open_existing", "policy_target",
 ]  # fmt: skip

@@ -12,11 +12,18 @@ model-based estimators the reward model's predictions ``q_hat`` under the target
   are right. Use a cross-fitted model (:func:`.data.cross_fit_predictions`), never one fitted on
   the same rows.
 
-Intervals are normal 95 % intervals on the per-row terms (the delta method for SNIPS).
-``ess = (sum w)^2 / sum w^2`` is the effective sample size of the importance weights. With no
-weight at all (the target gives probability 0 to every logged action, ESS 0), IPS and SNIPS are
-undefined: ``nan`` with an unbounded interval. Moments are computed on scaled terms, so huge
-rewards or weights give finite estimates; one a float cannot hold is an error.
+Intervals are normal 95 % intervals on the per-row terms (the delta method for SNIPS), except
+DM's: its error is mostly the reward model's, which the spread of its predictions does not show
+(that interval covered the truth 10 % of the time where 95 % was claimed), so :func:`dm` takes a
+standard error from a bootstrap that refits the model (:func:`.data.evaluate` passes one) and
+gives an unbounded interval without one. ``ess = (sum w)^2 / sum w^2`` is the effective sample
+size of the importance weights. With no weight at all (the target gives probability 0 to every
+logged action, ESS 0), IPS and SNIPS are undefined: ``nan`` with an unbounded interval. Terms
+that are all equal (every reward 0, or the only weighted rows redeemed alike) have no spread
+to measure: the estimate stands, its interval is unbounded rather than the single point a
+normal interval collapses to (a certainty the logs cannot give). Moments are computed on
+scaled terms, so huge rewards or weights give finite estimates; one a float cannot hold is an
+error. Few effective samples (a small ESS) make any interval unreliable.
 
 >>> import numpy as np
 >>> pi, p, r = np.array([1.0, 0.0, 1.0, 0.0]), np.full(4, 0.5), np.array([1.0, 0.0, 0.0, 1.0])
@@ -97,8 +104,10 @@ def _mean_se(name: str, terms: np.ndarray, unit: float = 1.0) -> tuple[float, fl
     s = _scale(terms)
     u = terms / s
     v = float(u.mean()) * s * unit
-    se = float(u.std(ddof=1)) / math.sqrt(n) * s * unit if n > 1 else float("inf")
-    if not math.isfinite(v) or (n > 1 and not math.isfinite(abs(v) + Z95 * se)):
+    sd = float(u.std(ddof=1)) if n > 1 else 0.0
+    # no spread (one row, or every term alike): the logs cannot say how far off the mean is
+    se = sd / math.sqrt(n) * s * unit if sd > 0 else float("inf")
+    if not math.isfinite(v) or (sd > 0 and not math.isfinite(abs(v) + Z95 * se)):
         raise _overflow(name)
     return v, se
 
@@ -152,10 +161,18 @@ def snips(pi_chosen: np.ndarray, propensity: np.ndarray, reward: np.ndarray) -> 
     return Estimate("snips", v, se, v - Z95 * se, v + Z95 * se, n, _ess(w))
 
 
-def dm(dm_target: np.ndarray, pi_chosen: np.ndarray | None = None, propensity: np.ndarray | None = None) -> Estimate:
+def dm(
+    dm_target: np.ndarray, pi_chosen: np.ndarray | None = None,
+    propensity: np.ndarray | None = None, *, se: float | None = None,
+) -> Estimate:  # fmt: skip
+    """The mean of ``dm_target``, with the standard error ``se`` of the whole procedure (the
+    reward model's fit included: a bootstrap's); without one, the interval is unbounded."""
     q = np.asarray(dm_target, dtype=float)
     w = np.ones_like(q) if pi_chosen is None or propensity is None else np.asarray(pi_chosen) / np.asarray(propensity)
-    return _from_terms("dm", q, w)
+    v, _ = _mean_se("dm", q)
+    if se is None or not (math.isfinite(se) and se >= 0):
+        se = float("inf")
+    return Estimate("dm", v, se, v - Z95 * se, v + Z95 * se, q.size, _ess(w))
 
 
 def dr(
@@ -178,10 +195,12 @@ def all_estimates(
     reward: np.ndarray,
     dm_target: np.ndarray | None = None,
     q_chosen: np.ndarray | None = None,
+    *,
+    dm_se: float | None = None,
 ) -> dict[str, Estimate]:
     out = {"ips": ips(pi_chosen, propensity, reward), "snips": snips(pi_chosen, propensity, reward)}
     if dm_target is not None and q_chosen is not None:
-        out["dm"] = dm(dm_target, pi_chosen, propensity)
+        out["dm"] = dm(dm_target, pi_chosen, propensity, se=dm_se)
         out["dr"] = dr(pi_chosen, propensity, reward, dm_target, q_chosen)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -219,11 +220,50 @@ def read_archive(lines: Iterable[str]) -> Iterator[Pruned]:
             continue
         try:
             p = Pruned.from_json(json.loads(line))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:
             raise InvalidArgument(f"archive line {n}: not a pruned decision ({exc!r})"[:300]) from None
+        problem = _archived_problem(p.decision)
+        if problem:  # an edited line read as a crash (an offer not eligible) or a wrong estimate
+            raise InvalidArgument(f"archive line {n}: {problem}"[:300])
         if p.decision.event_id not in seen:
             seen.add(p.decision.event_id)
             yield p
+
+
+# a decision's settled reward: the engine takes rewards up to 1e9 each, and a sum of several
+SETTLED_REWARD_LIMIT = 1e12
+
+
+def _finite(v: object, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            and lo <= v <= hi)  # fmt: skip
+
+
+def _archived_problem(d: Decision) -> str | None:
+    """What makes an archived decision one the engine could not have logged, or None."""
+    strings = (d.event_id, d.member_id, d.channel, d.policy_name, *d.eligible)
+    if not all(isinstance(x, str) for x in strings):
+        return "its ids, channel, policy name and eligible offers must be strings"
+    if len(d.pmf) != len(d.eligible) or not all(_finite(x, 0.0, 1.0) for x in d.pmf):
+        return f"'pmf' must hold one probability per eligible offer, got {list(d.pmf)!r}"
+    if d.offer_id is not None and d.offer_id not in d.eligible:
+        return f"offer {d.offer_id!r} is not among its eligible offers {list(d.eligible)!r}"
+    if d.probability is not None and not (_finite(d.probability, 0.0, 1.0) and d.probability > 0):
+        return f"'probability' must be in (0, 1], got {d.probability!r}"
+    if d.reward is not None and not _finite(d.reward, -SETTLED_REWARD_LIMIT, SETTLED_REWARD_LIMIT):
+        return (f"'reward' must be a number between {-SETTLED_REWARD_LIMIT:g} and "
+                f"{SETTLED_REWARD_LIMIT:g}, got {d.reward!r}")  # fmt: skip
+    if not isinstance(d.context, Mapping) or not all(
+        isinstance(k, str) and (isinstance(v, str | bool) or _finite(v))
+        for k, v in d.context.items()
+    ):  # fmt: skip
+        return f"'context' must map names to finite numbers, strings or booleans, got {d.context!r}"
+    if not isinstance(d.offer_context, Mapping) or not all(
+        isinstance(f, Mapping) and all(isinstance(k, str) and _finite(v) for k, v in f.items())
+        for f in d.offer_context.values()
+    ):  # fmt: skip
+        return "'offer_context' must map offers to {name: finite number}"
+    return None
 
 
 def _utf8_lines(lines: Iterable[str]) -> Iterator[str]:

@@ -47,6 +47,15 @@ def make_policy(spec: PolicySpec | Mapping[str, Any], *, seed: int = 0) -> Polic
         raise InvalidArgument(f"bad parameters for policy {spec.family!r}: {detail}") from None
 
 
+def records_history(family: str) -> bool | None:
+    """Whether a family's decisions log the member x offer history it scores with
+    (``Policy.uses_offer_context``; the engine summarizes it only for such a family): None for a
+    family this process does not register, or whose factory does not say."""
+    _load_builtin()
+    flag = getattr(_FAMILIES.get(family), "uses_offer_context", None)
+    return flag if isinstance(flag, bool) else None
+
+
 _loaded = False
 _load_lock = threading.Lock()
 

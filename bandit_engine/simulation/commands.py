@@ -171,8 +171,8 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
              archives: tuple[Path, ...], train_fraction: float, floor: float, seed: int) -> None:  # fmt: skip
     """Off-policy evaluation (IPS, SNIPS, DM, DR) of a candidate policy against logged decisions."""
     from ..catalog import PolicySpec
+    from ..evaluation import candidate_notes, from_dsjson, from_engine, policy_target
     from ..evaluation import evaluate as run_eval
-    from ..evaluation import from_dsjson, from_engine, policy_target
 
     try:
         spec_d = json.loads(policy) if policy.strip().startswith("{") else {"family": policy}
@@ -203,7 +203,16 @@ def evaluate(ctx: click.Context, channel: str | None, policy: str, dsjson: Path 
             f"only {len(data)} settled decisions to evaluate; at least 2 are needed"
         )
     train, test = data.split(train_fraction)
-    report = run_eval(test, policy_target(spec, train, seed=seed, floor=floor), seed=seed)
+    if len(test) < 2:  # one row: no interval, and DM's model half of the folds fitted on nothing
+        raise BanditEngineError(
+            f"only {len(test)} of the {len(data):,} settled decisions are left to evaluate once "
+            f"the candidate learns from the first {train_fraction:g} of them; at least 2 are "
+            "needed (lower --train-fraction)"
+        )
+    target = policy_target(spec, train, seed=seed, floor=floor)
+    for note in candidate_notes(spec, test):
+        click.echo(f"note: {note}", err=True)
+    report = run_eval(test, target, seed=seed)
     click.echo(f"candidate {spec.family} {dict(spec.params)} on {report.n:,} decisions "
                f"(learned from {len(train):,})\n")  # fmt: skip
     click.echo(report.table())
