@@ -86,8 +86,10 @@ def test_learner_publishes_a_snapshot(tmp_path) -> None:
     assert bad.exit_code == 2 and "--poll" in bad.output
 
 
-def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
-    """Start `bandit-engine demo` and read the keys it prints."""
+def _demo(url: str, port: int, printed: list[str] | None = None,
+          ) -> tuple[subprocess.Popen[str], dict[str, str]]:  # fmt: skip
+    """Start `bandit-engine demo` and read the keys it prints (every line it printed before
+    serving goes to ``printed``)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bandit_engine.cli", "--database-url", url, "demo", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -95,6 +97,8 @@ def _demo(url: str, port: int) -> tuple[subprocess.Popen[str], dict[str, str]]:
     keys: dict[str, str] = {}
     assert proc.stdout is not None
     for line in proc.stdout:
+        if printed is not None:
+            printed.append(line.rstrip("\n"))
         parts = line.split()
         if len(parts) == 2 and parts[1].startswith("bek_"):
             keys[parts[0]] = parts[1]
@@ -124,10 +128,21 @@ def test_demo_serves_the_seeded_catalog_and_a_restart_replaces_its_keys(tmp_path
                              headers=h).json()["status"] == "recorded"  # fmt: skip
         metrics = requests.get(f"{base}/metrics").text
         assert 'bandit_engine_decisions_total{channel="email",group="' in metrics
+        r = requests.patch(f"{base}/v1/offers/home-10", json={"budget": 900.0},
+                           headers={"Authorization": f"Bearer {keys['admin']}"})  # fmt: skip
+        assert r.status_code == 202, r.text
+        cid = r.json()["change_id"]
     finally:
         stop_server(proc)
-    proc, new_keys = _demo(url, port := free_port())
+    printed: list[str] = []
+    proc, new_keys = _demo(url, port := free_port(), printed)
     try:
+        # revoking the previous start's keys withdrew their pending change, and says so
+        assert ("withdrew the pending changes of the previous start's demo keys: "
+                f"{cid}") in printed, printed  # fmt: skip
+        listed = requests.get(f"http://127.0.0.1:{port}/v1/changes?status=withdrawn",
+                              headers={"Authorization": f"Bearer {new_keys['analyst']}"}).json()
+        assert [c["change_id"] for c in listed["changes"]] == [cid], listed
         base = f"http://127.0.0.1:{port}"
         old = requests.get(f"{base}/v1/offers", headers={"Authorization": f"Bearer {keys['analyst']}"})
         assert old.status_code == 401  # the previous start's keys were revoked

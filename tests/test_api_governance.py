@@ -299,14 +299,28 @@ def test_policy_version_moves_after_reward(api: Api) -> None:
 
 
 def test_window_closed_and_activation(api: Api) -> None:
+    """Past its deadline (not yet expired), a decision can be neither rewarded nor activated,
+    and both say its window closed (activating said it was "already settled"); once a reward
+    settles it, both say it is settled."""
     d = choose(api, "m-w", activate=False)
     r = api.call("POST", f"/v1/events/{d['event_id']}/activate", "decide")
     assert r.status_code == 200 and r.json["active"] is True
+    late = choose(api, "m-w2", activate=False)
     api.clock.advance(days=8)
     before = api.state()
     r = api.call("POST", "/v1/reward", "decide", json={"event_id": d["event_id"], "reward": 1})
     assert r.status_code == 409 and r.json["error"]["code"] == "reward_window_closed"
+    r = api.call("POST", f"/v1/events/{late['event_id']}/activate", "decide")
+    assert r.status_code == 409 and r.json["error"]["code"] == "reward_window_closed"
+    assert r.json["error"]["message"].startswith(
+        f"the reward window of event {late['event_id']!r} closed at {late['deadline']} (now ")
     assert api.state() == before
+    fresh = choose(api, "m-w3")
+    assert api.call("POST", "/v1/reward", "decide",
+                    json={"event_id": fresh["event_id"], "reward": 1}).status_code == 200
+    r = api.call("POST", f"/v1/events/{fresh['event_id']}/activate", "decide")
+    assert r.status_code == 409, r.json
+    assert r.json["error"]["message"] == f"event {fresh['event_id']!r} is already settled (closed)"
 
 
 def test_reports(api: Api) -> None:

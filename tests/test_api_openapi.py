@@ -90,3 +90,24 @@ def test_the_documented_reward_bounds_are_the_ones_the_api_enforces(live: Api) -
         assert live.call("GET", "/v1/changes", "analyst").json == before
         ok = live.call("PUT", "/v1/channels/email", "admin", {name: bounds["maximum"]})
         assert ok.status_code in (200, 202), ok.json
+
+
+def test_the_documented_reserved_names_are_the_ones_the_api_refuses(live: Api) -> None:
+    """The document let through context keys the engine refuses (``o.*``, ``=``) and offer
+    feature names it refuses (``offer``, ``=``): a client validating against it got 422s. Each
+    name is accepted by the schema exactly when the API accepts it."""
+    from jsonschema import Draft202012Validator
+
+    doc = live.call("GET", "/openapi.json").json
+    choose = doc["paths"]["/v1/choose"]["post"]["requestBody"]["content"]["application/json"]
+    context = Draft202012Validator(choose["schema"]["properties"]["context"])
+    for key in ("tier", "o.x", "a=b", "channel", "member.x", "origin", "o", "membership"):
+        r = live.call("POST", "/v1/choose", "decide",
+                      {"member_id": "m1", "channel": "email", "context": {key: 1}})  # fmt: skip
+        assert context.is_valid({key: 1}) == (r.status_code == 200), (key, r.json)
+    create = doc["paths"]["/v1/offers"]["post"]["requestBody"]["content"]["application/json"]
+    features = Draft202012Validator(create["schema"]["properties"]["features"])
+    for k, name in enumerate(("kind", "offer", "a=b", "offers", "o.x")):
+        r = live.call("POST", "/v1/offers", "admin", {"offer_id": f"names-{k}", "channels":
+                                                     ["email"], "cost": 1, "features": {name: 1}})
+        assert features.is_valid({name: 1}) == (r.status_code == 201), (name, r.json)

@@ -121,6 +121,11 @@ def test_a_schema_newer_than_this_version_is_refused_with_a_clear_error(tmp_path
         r = _cli("--database-url", url, "db", "upgrade")
         assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-1500:]
         assert "does not know" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        # a command that only reads said to run `db upgrade`, which then refused as above
+        with pytest.raises(StorageError, match="which this version of bandit_engine does not "
+                           "know") as err:  # fmt: skip
+            SqlLedger(url, upgrade=False)
+        assert "run `bandit-engine db upgrade`" not in str(err.value)
         assert current_revision(engine) == "0099"  # nothing changed
     finally:
         engine.dispose()

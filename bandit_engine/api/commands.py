@@ -245,7 +245,8 @@ def seed_demo(url: str) -> list[str]:
 def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Seed a demo catalog (if empty), create one key per role (printed once), and serve.
 
-    Each start revokes the previous start's demo keys, so only the keys just printed work."""
+    Each start revokes the previous start's demo keys, so only the keys just printed work, and
+    withdraws the changes they left pending."""
     with multiprocess_metrics():  # before anything imports prometheus_client
         url = _url(ctx)
         gov = _gov(url)
@@ -253,9 +254,13 @@ def demo(ctx: click.Context, host: str, port: int, workers: int) -> None:
         if added:
             click.echo(f"seeded demo offers: {', '.join(added)} (budget {DEMO_BUDGET:.2f} each)")
         roles = ("decide", "analyst", "admin", "approver")
+        withdrawn = []
         for k in gov.list_keys():
             if k.revoked_at is None and k.name in {f"demo-{r}" for r in roles}:
-                gov.revoke_key(k.key_id)
+                withdrawn += gov.revoke_key(k.key_id)
+        if withdrawn:
+            click.echo("withdrew the pending changes of the previous start's demo keys: "
+                       + ", ".join(map(str, withdrawn)))  # fmt: skip
         click.echo("demo API keys (shown once; only hashes are stored; revoked at the next start):")
         for role in roles:
             key, _rec = gov.create_key(role, name=f"demo-{role}")

@@ -74,12 +74,15 @@ FEATURES = {"type": "object", "maxProperties": 64, "propertyNames": {"minLength"
                 {"type": "integer", "minimum": -(2**53), "maximum": 2**53},
                 {"type": "string", "maxLength": 256}]}}  # fmt: skip
 # a choose's context: the engine's own feature names are refused (the history's ``member.*``
-# and the request's ``channel``)
-CONTEXT = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1,
-           "not": {"anyOf": [{"const": "channel"}, {"pattern": r"^member\."}]}}}  # fmt: skip
+# and ``o.*``, the request's ``channel``), and so is ``=`` (a string feature is named key=value)
+CONTEXT = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1, "not": {"anyOf": [
+    {"const": "channel"}, {"pattern": r"^member\."}, {"pattern": r"^o\."}, {"pattern": "="}]}}}
+# a new offer's feature names: not ``offer`` (the id's name in exports), no ``=``
+OFFER_FEATURES = {**FEATURES, "propertyNames": {"maxLength": 64, "minLength": 1, "not": {
+    "anyOf": [{"const": "offer"}, {"pattern": "="}]}}}  # fmt: skip
 OFFER_PROPS: dict[str, Any] = {
     "channels": {"type": "array", "items": ID, "minItems": 1},
-    "features": FEATURES, "cost": MONEY, "budget": OPT_MONEY,
+    "features": OFFER_FEATURES, "cost": MONEY, "budget": OPT_MONEY,
     "max_impressions": {"type": ["integer", "null"], "minimum": 0, "maximum": 10**12},
     "member_cap": MEMBER_CAP, "starts_at": TIME, "ends_at": TIME,
     "active": {"type": "boolean"}, "rules": {"type": "array", "items": RULE},
@@ -133,7 +136,7 @@ def openapi_document() -> dict[str, Any]:
         "/v1/events/{event_id}/activate": {
             "parameters": [_path("event_id")],
             "post": _op("Activate a deferred decision", ["decide"], {
-                "200": _ok("activated"), "404": _err("unknown event"), "409": _err("already settled")},
+                "200": _ok("activated"), "404": _err("unknown event"), "409": _err("already settled, or its reward window has passed")},
                 _body({"type": "object", "additionalProperties": False, "properties": {}}, required=False))},  # fmt: skip
         "/v1/offers": {
             "get": _op("List offers with live state", READERS, {"200": _ok("offers")}),

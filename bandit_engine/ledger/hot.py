@@ -52,9 +52,15 @@ except ImportError:  # pragma: no cover - not on Windows: SQLite's own busy hand
     fcntl = None  # type: ignore[assignment]
 
 from ..catalog import MemberCap, Offer
-from ..errors import CapExceeded, RewardWindowClosed, StorageError, UnknownEvent
+from ..errors import CapExceeded, StorageError, UnknownEvent
 from .records import Decision, Feedback, FeedbackKind, HistoryItem, OfferState, RewardOutcome
-from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
+from .settle import (
+    OfferDelta,
+    check_window_open,
+    settle_expiry,
+    settle_reward,
+    settlement_kind,
+)
 
 T = TypeVar("T")
 MAX_CAS_ATTEMPTS = 16
@@ -753,8 +759,7 @@ class HotPath:
             if row is None:
                 raise UnknownEvent(f"unknown event {event_id!r}")
             d = decision_from_row(row)
-            if d.status in ("closed", "expired") or now_ms > d.deadline:
-                raise RewardWindowClosed(f"event {event_id!r} is already settled")
+            check_window_open(d, now_ms)
             if not d.active:
                 d = d.with_(active=True)
                 self._update_decision(conn, d)

@@ -16,11 +16,16 @@ from ..errors import (
     CatalogChanged,
     Conflict,
     InvalidArgument,
-    RewardWindowClosed,
     UnknownEvent,
 )
 from .records import Decision, Feedback, HistoryItem, OfferState, Pruned, RewardOutcome, Snapshot
-from .settle import OfferDelta, settle_expiry, settle_reward, settlement_kind
+from .settle import (
+    OfferDelta,
+    check_window_open,
+    settle_expiry,
+    settle_reward,
+    settlement_kind,
+)
 
 
 class MemoryLedger:
@@ -236,8 +241,7 @@ class MemoryLedger:
             d = self._decisions.get(event_id)
             if d is None:
                 raise UnknownEvent(f"unknown event {event_id!r}")
-            if d.status in ("closed", "expired") or now_ms > d.deadline:
-                raise RewardWindowClosed(f"event {event_id!r} is already settled")
+            check_window_open(d, now_ms)
             if not d.active:
                 d = d.with_(active=True)
                 self._replace(d)

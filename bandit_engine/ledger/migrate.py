@@ -40,15 +40,20 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
     current, head = current_revision(engine), head_revision()
     if revision == "head" and current == head:
         return
+    _refuse_unknown(current, head)
+    command.upgrade(alembic_config(engine), revision)
+
+
+def _refuse_unknown(current: str | None, head: str) -> None:
+    """A schema at a revision this version does not have: Alembic's own message ("Can't locate
+    revision") does not say what happened, and `db upgrade` cannot help."""
     if current is not None and not _known(current):
-        # Alembic's own message ("Can't locate revision") does not say what happened
         raise StorageError(
             f"the database's schema is at revision {current!r}, which this version of "
             f"bandit_engine does not know (its newest is {head!r}): a newer version upgraded it "
             "(run that version, or undo its migrations with its `bandit-engine db downgrade "
             f"--revision {head}`), or the database belongs to another application"
         )
-    command.upgrade(alembic_config(engine), revision)
 
 
 def require_head(engine: Engine) -> None:
@@ -57,6 +62,7 @@ def require_head(engine: Engine) -> None:
     downgraded it for the older servers, must not see ``keys list`` upgrade it again)."""
     current, head = current_revision(engine), head_revision()
     if current != head:
+        _refuse_unknown(current, head)  # newer: `db upgrade` would refuse it too
         raise StorageError(
             f"the database's schema is at revision {current or 'base (empty)'!r}, not this "
             f"version of bandit_engine's {head!r}: run `bandit-engine db upgrade` (with this "

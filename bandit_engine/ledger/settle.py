@@ -35,6 +35,17 @@ def _delta(old: Decision, new: Decision) -> OfferDelta:
     )
 
 
+def check_window_open(d: Decision, now_ms: int) -> None:
+    """Refuse a reward or an activation of a decision that is settled, or whose window has
+    passed (not yet expired: it still reads ``open``), each saying which."""
+    if d.status in ("closed", "expired"):
+        raise RewardWindowClosed(f"event {d.event_id!r} is already settled ({d.status})")
+    if now_ms > d.deadline:
+        raise RewardWindowClosed(
+            f"the reward window of event {d.event_id!r} closed at {d.deadline} (now {now_ms})"
+        )
+
+
 def settle_reward(
     d: Decision,
     value: float,
@@ -44,10 +55,7 @@ def settle_reward(
 ) -> tuple[Decision, OfferDelta, float | None]:
     """Apply one (non-duplicate) reward. Returns (new decision, offer delta, feedback reward or
     None). Raises without side effects if the reward is not acceptable."""
-    if d.status in ("closed", "expired") or now_ms > d.deadline:
-        raise RewardWindowClosed(
-            f"the reward window of event {d.event_id!r} closed at {d.deadline} (now {now_ms})"
-        )
+    check_window_open(d, now_ms)
     if d.status == "none":
         raise InvalidArgument(f"event {d.event_id!r} served no offer; there is nothing to reward")
     if d.offer_id is None and cost_cents:
