@@ -96,6 +96,7 @@ def test_dms_interval_carries_the_reward_models_error(replications) -> None:
     # without a standard error from the whole procedure, dm() claims no interval at all
     bare = dm(np.array([0.2, 0.3, 0.4]))
     assert bare.value == pytest.approx(0.3) and (bare.lo, bare.hi) == (-np.inf, np.inf)
+    assert dm(np.zeros(3), se=0.0).hi == np.inf  # resamples without spread: no interval either
 
 
 def test_terms_without_spread_have_no_interval() -> None:
@@ -705,6 +706,7 @@ def test_an_edited_archive_line_is_a_one_line_error(tmp_path: Path) -> None:
         ({"context": {"x": None}}, "'context' must map names to finite numbers, strings or "),
         ({"probability": 5.0}, "'probability' must be in (0, 1], got 5.0"),
         ({"reward": 1e300}, "'reward' must be a number between -1e+12 and 1e+12, got 1e+300"),
+        ({"reward": 10**400}, "'reward' must be a number between -1e+12 and 1e+12, got 1000"),
         ({"pmf": [0.5]}, "'pmf' must hold one probability per eligible offer, got [0.5]"),
         ({"offer_context": {"o1": {"seen": "x"}}}, "'offer_context' must map offers to"),
     ]:

@@ -24,7 +24,7 @@ from ..exploration import event_rng
 from ..features import FeatureHasher
 from ..ledger.records import SETTLED_REWARD_LIMIT, Decision, read_archive
 from ..ledger.settle import settled_by
-from ..policies.registry import records_history
+from ..policies.registry import make_policy, records_history
 from .estimators import Estimate, all_estimates
 
 if TYPE_CHECKING:
@@ -327,13 +327,12 @@ DM_BOOTSTRAP = 200
 @dataclass(frozen=True)
 class _Design:
     """The rows as arrays: hashed context ``xs`` (n x dim), each row's chosen offer and eligible
-    offers as indexes into ``offer_ids`` (``eligible`` padded with 0 where ``mask`` is False)."""
+    offers as indexes into ``offer_ids`` (``eligible`` padded with 0 past a row's own offers)."""
 
     xs: np.ndarray
     reward: np.ndarray
     chosen: np.ndarray
     eligible: np.ndarray
-    mask: np.ndarray
     offer_ids: tuple[str, ...]
 
 
@@ -347,12 +346,10 @@ def _design(data: LoggedData, dim: int) -> _Design:
             index.setdefault(o, len(index))
     k = max((len(r.eligible) for r in rows), default=1)
     eligible = np.zeros((len(rows), k), dtype=np.intp)
-    mask = np.zeros((len(rows), k), dtype=bool)
     for i, r in enumerate(rows):
         eligible[i, :len(r.eligible)] = [index[o] for o in r.eligible]
-        mask[i, :len(r.eligible)] = True
     chosen = np.array([index[r.eligible[r.chosen]] for r in rows], dtype=np.intp)
-    return _Design(xs, np.array([r.reward for r in rows], dtype=float), chosen, eligible, mask,
+    return _Design(xs, np.array([r.reward for r in rows], dtype=float), chosen, eligible,
                    tuple(index))  # fmt: skip
 
 
@@ -425,7 +422,6 @@ def policy_target(spec: PolicySpec | Mapping[str, Any], train: LoggedData, *, se
     """A candidate policy configuration, warmed up on ``train`` logs (learning from the logged
     action, propensity and reward), then frozen: its pmf on each evaluated row."""
     from ..policies.base import Scoring
-    from ..policies.registry import make_policy
 
     pol = make_policy(spec, seed=seed)
     offers = train.offers
@@ -455,8 +451,6 @@ def candidate_notes(spec: PolicySpec | Mapping[str, Any], data: LoggedData) -> l
     """What the logs cannot show a candidate that it would see live, one sentence each: the
     member x offer history its features use, where the logging policy did not record it; the
     member id, where a dsjson file does not carry it."""
-    from ..policies.registry import make_policy
-
     pol = make_policy(spec)
     notes = []
     if pol.uses_offer_context and data.without_history:

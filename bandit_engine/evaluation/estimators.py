@@ -170,7 +170,7 @@ def dm(
     q = np.asarray(dm_target, dtype=float)
     w = np.ones_like(q) if pi_chosen is None or propensity is None else np.asarray(pi_chosen) / np.asarray(propensity)
     v, _ = _mean_se("dm", q)
-    if se is None or not (math.isfinite(se) and se >= 0):
+    if se is None or not (math.isfinite(se) and se > 0):  # none, or no spread to measure
         se = float("inf")
     return Estimate("dm", v, se, v - Z95 * se, v + Z95 * se, q.size, _ess(w))
 

@@ -235,8 +235,11 @@ SETTLED_REWARD_LIMIT = 1e12
 
 
 def _finite(v: object, lo: float = -math.inf, hi: float = math.inf) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            and lo <= v <= hi)  # fmt: skip
+    """A number within [lo, hi] (an int beyond a float's range is compared as an int: it has
+    no ``math.isfinite``)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return (not isinstance(v, float) or math.isfinite(v)) and lo <= v <= hi
 
 
 def _archived_problem(d: Decision) -> str | None:
