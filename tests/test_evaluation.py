@@ -703,7 +703,8 @@ def test_an_edited_archive_line_is_a_one_line_error(tmp_path: Path) -> None:
     assert [p.decision for p in read_archive([good])] == [d]
     for change, message in [
         ({"offer_id": "zz"}, "offer 'zz' is not among its eligible offers ['o1', 'o2']"),
-        ({"context": {"x": None}}, "'context' must map names to finite numbers, strings or "),
+        ({"context": {"x": None}}, "'context': context['x'] must be a number, string or "
+                                   "bool, got None"),
         ({"probability": 5.0}, "'probability' must be in (0, 1], got 5.0"),
         ({"reward": 1e300}, "'reward' must be a number between -1e+12 and 1e+12, got 1e+300"),
         ({"reward": 10**400}, "'reward' must be a number between -1e+12 and 1e+12, got 1000"),

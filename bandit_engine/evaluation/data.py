@@ -322,6 +322,7 @@ def _is_int(v: object) -> bool:
 # DM's standard error: this many bootstrap resamples of the rows, each refitting the cross-fitted
 # reward model (the se itself is then within ~5 % of its limit)
 DM_BOOTSTRAP = 200
+DIM = 64  # hashed context features of the reward model
 
 
 @dataclass(frozen=True)
@@ -385,13 +386,19 @@ def _folds(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def cross_fit_predictions(
-    data: LoggedData, folds: int = 2, seed: int = 0, dim: int = 64,
+    data: LoggedData, folds: int = 2, seed: int = 0, dim: int = DIM,
 ) -> list[np.ndarray]:  # fmt: skip
     """q_hat(x_i, a) for every eligible a of every row, each from a model fitted without row
     i's fold."""
     d = _design(data, dim)
     q = _cross_fit(d, _folds(len(data.rows), folds, seed), folds, np.ones(len(data.rows)))
     return [q[i, d.eligible[i, : len(r.eligible)]] for i, r in enumerate(data.rows)]
+
+
+def _dm_terms(d: _Design, pis: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per row, ``sum_a pi(a|x_i) q(x_i, a)`` over its eligible offers (``pis`` padded with 0
+    like ``d.eligible``)."""
+    return (pis * q[np.arange(len(q))[:, None], d.eligible]).sum(axis=1)
 
 
 def _dm_bootstrap_se(d: _Design, pis: np.ndarray, fold: np.ndarray, folds: int, seed: int,
@@ -405,11 +412,9 @@ def _dm_bootstrap_se(d: _Design, pis: np.ndarray, fold: np.ndarray, folds: int, 
         return float("inf")
     rng = np.random.default_rng([seed, 0x0D3])
     values = np.empty(draws)
-    rows = np.arange(n)[:, None]
     for b in range(draws):
         counts = np.bincount(rng.integers(0, n, n), minlength=n)
-        q = _cross_fit(d, fold, folds, counts)
-        values[b] = counts @ (pis * q[rows, d.eligible]).sum(axis=1) / n
+        values[b] = counts @ _dm_terms(d, pis, _cross_fit(d, fold, folds, counts)) / n
     return float(values.std(ddof=1))
 
 
@@ -502,15 +507,14 @@ def evaluate(data: LoggedData, target: Target, *, folds: int = 2, seed: int = 0,
         raise InvalidArgument("no settled decisions to evaluate")
     pis = [_target_pmf(target, r) for r in data.rows]
     pi_chosen = np.array([pi[r.chosen] for pi, r in zip(pis, data.rows, strict=True)])
-    d = _design(data, 64)
+    d = _design(data, DIM)
     padded = np.zeros(d.eligible.shape)
     for i, pi in enumerate(pis):
         padded[i, : pi.size] = pi
     fold = _folds(len(data.rows), folds, seed)
     q = _cross_fit(d, fold, folds, np.ones(len(data.rows)))
-    rows = np.arange(len(data.rows))
-    dm_target = (padded * q[rows[:, None], d.eligible]).sum(axis=1)
-    q_chosen = q[rows, d.chosen]
+    dm_target = _dm_terms(d, padded, q)
+    q_chosen = q[np.arange(len(data.rows)), d.chosen]
     p = data.propensity if propensity is None else np.asarray(propensity, dtype=float)
     dm_se = _dm_bootstrap_se(d, padded, fold, folds, seed)
     est = all_estimates(pi_chosen, p, data.reward, dm_target, q_chosen, dm_se=dm_se)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from ..catalog import check_features, is_finite_number
 from ..errors import InvalidArgument
 
 Group = Literal["treatment", "holdout"]
@@ -234,35 +234,30 @@ def read_archive(lines: Iterable[str]) -> Iterator[Pruned]:
 SETTLED_REWARD_LIMIT = 1e12
 
 
-def _finite(v: object, lo: float = -math.inf, hi: float = math.inf) -> bool:
-    """A number within [lo, hi] (an int beyond a float's range is compared as an int: it has
-    no ``math.isfinite``)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    return (not isinstance(v, float) or math.isfinite(v)) and lo <= v <= hi
-
-
 def _archived_problem(d: Decision) -> str | None:
-    """What makes an archived decision one the engine could not have logged, or None."""
+    """What makes an archived decision one the engine could not have logged, or None. Its
+    context is checked as a choose checks one (it passed that check when it was logged)."""
     strings = (d.event_id, d.member_id, d.channel, d.policy_name, *d.eligible)
     if not all(isinstance(x, str) for x in strings):
         return "its ids, channel, policy name and eligible offers must be strings"
-    if len(d.pmf) != len(d.eligible) or not all(_finite(x, 0.0, 1.0) for x in d.pmf):
+    if len(d.pmf) != len(d.eligible) or not all(is_finite_number(x) and 0 <= x <= 1 for x in d.pmf):
         return f"'pmf' must hold one probability per eligible offer, got {list(d.pmf)!r}"
     if d.offer_id is not None and d.offer_id not in d.eligible:
         return f"offer {d.offer_id!r} is not among its eligible offers {list(d.eligible)!r}"
-    if d.probability is not None and not (_finite(d.probability, 0.0, 1.0) and d.probability > 0):
-        return f"'probability' must be in (0, 1], got {d.probability!r}"
-    if d.reward is not None and not _finite(d.reward, -SETTLED_REWARD_LIMIT, SETTLED_REWARD_LIMIT):
+    p = d.probability
+    if p is not None and not (is_finite_number(p) and 0 < p <= 1):
+        return f"'probability' must be in (0, 1], got {p!r}"
+    r = d.reward
+    if r is not None and not (is_finite_number(r) and abs(r) <= SETTLED_REWARD_LIMIT):
         return (f"'reward' must be a number between {-SETTLED_REWARD_LIMIT:g} and "
-                f"{SETTLED_REWARD_LIMIT:g}, got {d.reward!r}")  # fmt: skip
-    if not isinstance(d.context, Mapping) or not all(
-        isinstance(k, str) and (isinstance(v, str | bool) or _finite(v))
-        for k, v in d.context.items()
-    ):  # fmt: skip
-        return f"'context' must map names to finite numbers, strings or booleans, got {d.context!r}"
+                f"{SETTLED_REWARD_LIMIT:g}, got {r!r}")  # fmt: skip
+    try:
+        check_features("context", d.context)
+    except InvalidArgument as exc:
+        return f"'context': {exc.message}"
     if not isinstance(d.offer_context, Mapping) or not all(
-        isinstance(f, Mapping) and all(isinstance(k, str) and _finite(v) for k, v in f.items())
+        isinstance(f, Mapping)
+        and all(isinstance(k, str) and is_finite_number(v) for k, v in f.items())
         for f in d.offer_context.values()
     ):  # fmt: skip
         return "'offer_context' must map offers to {name: finite number}"
